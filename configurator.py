@@ -1,0 +1,114 @@
+"""
+nanoGPT's configurator, with early and clear errors. A script's config is its module-level globals;
+the command line overrides them, left to right:
+
+    python sample.py config/sample_gpt2.py --num_samples=3 --temperature=0.8
+
+A config file is plain Python whose top-level assignments become overrides; --key=value sets one key,
+its value read as a Python literal (True, 3, 1e-5, 'text') or else taken as a plain string.
+A key the script does not have, a value of the wrong type or a broken file stops the run with one
+sentence naming the key or the file and line.
+"""
+
+import ast
+import difflib
+import os
+import sys
+import traceback
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or a --key=value argument; the message says which and where."""
+
+
+def config_keys(namespace):
+    """The names a script's globals offer as config: plain values, not modules or functions."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def check_value(key, value, default, source):
+    """value as the type of default (an int is accepted for a float key, as 1e-5 and 0 are both
+    numbers to a user); a mismatch names the key, the type and the value given."""
+    if default is None:  # a key that defaults to None (off) takes any value
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to users
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be a {type(default).__name__} (default {default!r}), "
+                          f"got {value!r}")
+    return value
+
+
+def unknown_key(key, known, source):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def parse_value(text, default):
+    """A --key=value value as users type it: Python literals, true/false in any case, or a string."""
+    if isinstance(default, str) and not (len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"'):
+        return text  # a string key takes the text as it is: --out_dir=123 is the directory '123'
+    if text.lower() in ('true', 'false'):
+        return text.lower() == 'true'
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_config_file(path):
+    """The top-level assignments of a Python config file, as a dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        source = f.read()
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    return config_keys(namespace)
+
+
+def apply_overrides(namespace, args):
+    """Apply config files and --key=value arguments (in order) to namespace, a script's globals().
+    Returns the dict of overrides applied; raises ConfigError on the first mistake."""
+    known = config_keys(namespace)
+    applied = {}
+    for arg in args:
+        if arg.startswith('--'):
+            if '=' not in arg:
+                raise ConfigError(f"argument {arg}: expected --key=value")
+            key, text = arg[2:].split('=', 1)
+            if key not in known:
+                raise unknown_key(key, known, f"argument {arg}")
+            overrides, source = {key: parse_value(text, known[key])}, f"argument {arg}"
+        else:
+            overrides, source = read_config_file(arg), f"config file {arg}"
+            for key in overrides:
+                if key not in known:
+                    raise unknown_key(key, known, source)
+        for key, value in overrides.items():
+            applied[key] = namespace[key] = check_value(key, value, known[key], source)
+    return applied
+
+
+def configure(namespace, args=None):
+    """apply_overrides for a script's __main__: prints what changed, or the one-line error and exits."""
+    try:
+        applied = apply_overrides(namespace, sys.argv[1:] if args is None else args)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    for key, value in applied.items():
+        print(f"config: {key} = {value!r}")
+    return applied

@@ -1,0 +1,464 @@
+"""
+GPT-2 in one file: the architecture, loading and saving the official weights in the Hugging Face
+hub layout, per-token log-probabilities for training and scoring, and KV-cached generation.
+
+This module knows nothing about datasets, losses or distributed training.
+References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every document, and every response here
+
+# the four official sizes, by their short names, and where the hub keeps them
+OFFICIAL_MODELS = {
+    'gpt2':        'openai-community/gpt2',         # 124M
+    'gpt2-medium': 'openai-community/gpt2-medium',  # 350M
+    'gpt2-large':  'openai-community/gpt2-large',   # 774M
+    'gpt2-xl':     'openai-community/gpt2-xl',      # 1558M
+}
+
+# GPT-2 was written with a "Conv1D" layer whose weight is (in, out), the transpose of nn.Linear's
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# the official files also hold each layer's causal-mask buffer, which is not a weight
+MASK_BUFFER = re.compile(r'h\.\d+\.attn\.(masked_)?bias$')
+
+
+class LoadError(ValueError):
+    """A model or checkpoint that cannot be loaded as asked; the message names the file and key."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # longest sequence, = the number of learned positions
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim), allocated on the first write, in the dtype the
+    attention computes in (so it follows autocast or a bf16 model).
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.pos = 0  # positions filled so far; GPT.hidden_states advances it after the last layer
+
+    def update(self, layer, k, v):
+        # k, v: (B, n_head, T, head_dim) for the T new positions
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, H, self.max_len, D)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, pos+T, D) each
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D), S = positions so far
+        # attn_mask None means plain causal attention over positions 0..T-1 (no cache, no padding):
+        # is_causal lets scaled_dot_product_attention pick the flash kernel where there is one
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2 used the tanh approximation ("gelu_new")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        # GPT-2's initialisation: N(0, 0.02), residual projections scaled down by sqrt(2 * n_layer)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameters, counted once despite the tying. Positions are left out by default: they
+        cost no matmul, while the token embedding does, as the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # ---------------------------------------------------------------- forward passes
+
+    def hidden_states(self, idx, position_ids=None, attn_mask=None, kv_cache=None):
+        """Final-LayerNorm outputs (B, T, n_embd) for token ids idx (B, T).
+
+        position_ids: (B, T), or None for kv_cache.pos + 0..T-1 (0..T-1 without a cache).
+        attn_mask: (B, 1, T, S) bool, True where a query may look at a key (S = keys, cached ones
+        included), or None for plain causal attention over a sequence that starts at position 0.
+        """
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)  # (T,), broadcast over B
+        if attn_mask is None and past > 0:
+            if T > 1:  # a chunk after cached positions: causal, shifted by the cache (bottom-right)
+                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
+            else:  # one new token may look at everything before it
+                attn_mask = torch.ones(1, 1, dtype=torch.bool, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, position_ids=None, attn_mask=None, kv_cache=None, last_only=False):
+        """Logits (B, T, vocab) at every position, or (B, 1, vocab) at the last with last_only."""
+        x = self.hidden_states(idx, position_ids, attn_mask, kv_cache)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]) as a (B, T) tensor; exactly 0 where targets == -1.
+
+        The vocabulary projection runs only at positions that have a target, so prompt and padding
+        positions cost no (T, vocab) logits, and no fp32 copy of all logits is ever made.
+        """
+        x = self.hidden_states(idx)  # (B, T, C)
+        keep = targets != -1  # (B, T)
+        logits = self.lm_head(x[keep])  # (N, vocab) for the N positions with a target
+        logp = -F.cross_entropy(logits, targets[keep], reduction='none')  # (N,)
+        out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
+        return out.masked_scatter(keep, logp)  # (B, T)
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=EOT_TOKEN, generator=None, use_cache=True):
+        """Continue each prompt by up to max_new_tokens tokens; returns the new tokens of each row
+        as a list of lists, each ending at its first eos_token_id (kept) if one was drawn.
+
+        prompts: a list of token-id lists of any lengths, or a (B, T) tensor.
+        temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p. generator: a torch.Generator on the model's device, for a seed.
+        Prompts of different lengths are left-padded, with an attention mask that hides the padding
+        and position ids that start at 0 on each row's first real token, so a row gives the same
+        tokens in a batch as alone. Past block_size the context is cropped to its last block_size
+        tokens, as in nanoGPT; from there on each step recomputes the window without the cache.
+        """
+        rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+        device = self.lm_head.weight.device
+        B, T0 = len(rows), max(len(r) for r in rows)
+        idx = torch.zeros(B, T0, dtype=torch.long, device=device)    # (B, T0) left-padded prompts
+        valid = torch.zeros(B, T0, dtype=torch.bool, device=device)  # (B, T0) False on padding
+        for b, r in enumerate(rows):
+            idx[b, T0 - len(r):] = torch.tensor(r, device=device)
+            valid[b, T0 - len(r):] = True
+        block_size = self.config.block_size
+        kv_cache = KVCache(self.config.n_layer, min(block_size, T0 + max_new_tokens)) if use_cache else None
+        out = [[] for _ in range(B)]
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            if kv_cache is not None and idx.size(1) > kv_cache.max_len:
+                kv_cache = None  # the window has to slide: positions shift, cached keys are stale
+            if kv_cache is not None:
+                new = idx[:, kv_cache.pos:]  # the whole prompt first, then one token at a time
+                logits = self(new, *self._positions_and_mask(valid, kv_cache.pos), kv_cache, last_only=True)
+            else:
+                window, window_valid = idx[:, -block_size:], valid[:, -block_size:]
+                logits = self(window, *self._positions_and_mask(window_valid, 0), last_only=True)
+            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
+            next_token = torch.where(finished, eos_token_id if eos_token_id is not None else 0, next_token)
+            for b, t in enumerate(next_token.tolist()):
+                if not finished[b]:
+                    out[b].append(t)
+            if eos_token_id is not None:
+                finished |= next_token == eos_token_id
+            idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T+1)
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            if finished.all():
+                break
+        return out
+
+    @staticmethod
+    def _positions_and_mask(valid, past):
+        """Position ids and attention mask for the positions past.. of rows whose padding valid
+        marks (B, S). Returns ((B, T) positions, (B, 1, T, S) mask or None when nothing is padded)."""
+        B, S = valid.shape
+        position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T): 0 at the first real token
+        if valid.all():
+            return position_ids, None
+        T = S - past
+        causal = torch.ones(T, S, dtype=torch.bool, device=valid.device).tril(past)  # (T, S)
+        mask = causal & valid[:, None, :]  # (B, T, S): no query looks at padding
+        # a padding query would see no key at all and give NaN; let it see itself (its output is unused)
+        query_pos = torch.arange(past, S, device=valid.device)  # (T,)
+        mask |= query_pos[:, None] == torch.arange(S, device=valid.device)  # (T, S) the diagonal
+        return position_ids, mask[:, None]  # (B, 1, T, S)
+
+    # ---------------------------------------------------------------- weights in the hub layout
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0, cache_dir=None):
+        """A GPT-2 from the hub or a local directory in the hub layout (config.json + model.safetensors).
+
+        name_or_dir: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id ('openai-community/gpt2'),
+        or a directory. Downloads go to the normal hub cache (or cache_dir) and are reused from it.
+        """
+        config_path, weights_path = resolve_pretrained_files(name_or_dir, cache_dir)
+        model = cls(config_from_hub_json(config_path, dropout))
+        from safetensors.torch import load_file  # safetensors holds only tensors: nothing runs on load
+        try:
+            state_dict = load_file(weights_path)
+        except Exception as e:
+            raise LoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        model.load_hub_state_dict(state_dict, weights_path)
+        return model
+
+    def load_hub_state_dict(self, state_dict, path='state dict'):
+        """Copy in weights whose keys follow either layout found in the wild: the official repos'
+        ('h.0.attn.c_attn.weight', with mask buffers, no lm_head) or transformers' save_pretrained
+        ('transformer.h.0...'). Conv1D weights are transposed to nn.Linear's (out, in)."""
+        ours = self.state_dict()
+        ours.pop('lm_head.weight')  # the same tensor as transformer.wte.weight
+        found, lm_head = {}, None  # our key -> (key in the file, tensor)
+        for key, t in state_dict.items():
+            if key == 'lm_head.weight':
+                lm_head = t
+                continue
+            name = key if key.startswith('transformer.') else 'transformer.' + key
+            if MASK_BUFFER.search(name):
+                continue
+            if name not in ours:
+                raise LoadError(f"{path}: unexpected key '{key}', which is not part of a GPT-2")
+            found[name] = (key, t.t() if name.endswith(CONV1D_WEIGHTS) else t)
+        prefix = 'transformer.' if any(k.startswith('transformer.') for k in state_dict) else ''
+        for name, param in ours.items():
+            if name not in found:
+                raise LoadError(f"{path}: missing key '{prefix}{name.removeprefix('transformer.')}'")
+            key, t = found[name]
+            if t.shape != param.shape:
+                raise LoadError(f"{path}: key '{key}' has shape {tuple(t.shape)} (as stored), "
+                                f"but the config asks for {tuple(param.shape)}")
+        if lm_head is not None and not torch.equal(lm_head, found['transformer.wte.weight'][1]):
+            raise LoadError(f"{path}: lm_head.weight differs from the token embedding; "
+                            "GPT-2 ties them and this model does too")
+        with torch.no_grad():
+            for name, param in ours.items():
+                param.copy_(found[name][1])
+
+    def save_pretrained(self, save_dir):
+        """Write config.json and model.safetensors in the layout transformers' save_pretrained uses,
+        so GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it. Each file is
+        written under a temporary name and then renamed, so a crash never leaves half a file."""
+        if not self.config.bias:
+            raise ValueError("a model with bias=False has no GPT-2 hub layout (GPT-2 has biases everywhere)")
+        from safetensors.torch import save_file
+        os.makedirs(save_dir, exist_ok=True)
+        tensors = {}
+        for name, t in self.state_dict().items():
+            if name == 'lm_head.weight':
+                continue  # tied: transformers rebuilds it from the token embedding
+            tensors[name] = (t.t() if name.endswith(CONV1D_WEIGHTS) else t).detach().cpu().contiguous()
+        c = self.config
+        hub_config = dict(
+            model_type='gpt2', architectures=['GPT2LMHeadModel'],
+            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+            n_ctx=c.block_size, vocab_size=c.vocab_size, n_inner=None, activation_function='gelu_new',
+            layer_norm_epsilon=1e-5, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+            tie_word_embeddings=True, scale_attn_weights=True,
+            torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix('torch.'))
+        if EOT_TOKEN < c.vocab_size:
+            hub_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+        weights_path, config_path = os.path.join(save_dir, 'model.safetensors'), os.path.join(save_dir, 'config.json')
+        save_file(tensors, weights_path + '.tmp', metadata={'format': 'pt'})
+        os.replace(weights_path + '.tmp', weights_path)
+        with open(config_path + '.tmp', 'w') as f:
+            json.dump(hub_config, f, indent=2)
+        os.replace(config_path + '.tmp', config_path)
+
+    # ---------------------------------------------------------------- training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (matmul weights, embeddings) only, never on biases
+        or LayerNorm gains; the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def flops_per_token(self, seq_len, backward=True):
+        """Matmul FLOPs per token at sequence length seq_len (PaLM appendix B, as in nanoGPT):
+        2N for the weights plus 4 * n_layer * n_embd * seq_len for attention's QK^T and AV, forward;
+        the backward pass costs twice the forward."""
+        c = self.config
+        forward = 2 * self.num_params() + 4 * c.n_layer * c.n_embd * seq_len
+        return 3 * forward if backward else forward
+
+    @staticmethod
+    def estimate_mfu(flops_done, seconds, peak_flops):
+        """Model FLOPs utilisation: the FLOPs the model needed, per second, over the device's peak
+        (e.g. 989e12 for an H100 SXM in bf16; on a CPU, a measured matmul rate)."""
+        return flops_done / seconds / peak_flops
+
+
+# -------------------------------------------------------------------- loading helpers
+
+def resolve_pretrained_files(name_or_dir, cache_dir=None):
+    """Paths (config.json, model.safetensors) of a local hub-layout directory, or of a hub model
+    fetched with huggingface_hub (only these two files, into the normal hub cache)."""
+    if os.path.isdir(name_or_dir):
+        paths = tuple(os.path.join(name_or_dir, f) for f in ('config.json', 'model.safetensors'))
+        for p in paths:
+            if not os.path.isfile(p):
+                raise LoadError(f"{p} does not exist: a model directory needs config.json and "
+                                "model.safetensors (the Hugging Face hub layout)")
+        return paths
+    repo_id = OFFICIAL_MODELS.get(name_or_dir, name_or_dir)
+    if name_or_dir.startswith(('.', '/', '~')) or os.path.exists(name_or_dir) or repo_id.count('/') != 1:
+        raise LoadError(f"'{name_or_dir}' is not a directory, nor a model name ({', '.join(OFFICIAL_MODELS)}) "
+                        "nor a hub id like openai-community/gpt2")
+    from huggingface_hub import hf_hub_download
+    paths = []
+    for filename in ('config.json', 'model.safetensors'):
+        try:
+            paths.append(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        except Exception as e:  # offline, unknown repo, no safetensors file, ...
+            raise LoadError(f"could not get {filename} of {repo_id} from the Hugging Face hub "
+                            f"or its cache: {type(e).__name__}: {e}") from e
+    return tuple(paths)
+
+
+def config_from_hub_json(path, dropout=0.0):
+    """GPTConfig from a transformers GPT2Config file; refuses variants this model does not compute."""
+    try:
+        with open(path) as f:
+            hub = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} is not a readable JSON file: {e}") from e
+    for key in ('n_layer', 'n_head', 'n_embd', 'n_positions', 'vocab_size'):
+        if key not in hub:
+            raise LoadError(f"{path}: missing key '{key}'")
+    same_math = {  # key: (value GPT-2 has, values this implementation accepts)
+        'model_type': ('gpt2', ('gpt2',)),
+        'activation_function': ('gelu_new', ('gelu_new', 'gelu_pytorch_tanh')),
+        'layer_norm_epsilon': (1e-5, (1e-5,)),
+        'n_inner': (None, (None, 4 * hub['n_embd'])),
+        'scale_attn_weights': (True, (True,)),
+        'scale_attn_by_inverse_layer_idx': (False, (False,)),
+        'tie_word_embeddings': (True, (True,)),
+    }
+    for key, (default, accepted) in same_math.items():
+        if hub.get(key, default) not in accepted:
+            raise LoadError(f"{path}: {key}={hub[key]!r} is not supported (this GPT-2 computes {default!r})")
+    return GPTConfig(block_size=hub['n_positions'], vocab_size=hub['vocab_size'], n_layer=hub['n_layer'],
+                     n_head=hub['n_head'], n_embd=hub['n_embd'], dropout=dropout, bias=True)
+
+
+# -------------------------------------------------------------------- sampling
+
+def top_k_filter(logits, k):
+    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th kept)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p_filter(logits, p):
+    """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability
+    reaches p (nucleus sampling); the likeliest token is always kept."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float('-inf'))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): greedy at temperature 0, else drawn from the
+    temperature-scaled distribution after the top-k and top-p filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)

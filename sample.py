@@ -1,0 +1,80 @@
+"""
+Sample from a trained checkpoint (init_from='resume' reads out_dir/ckpt.pt) or from a GPT-2 by
+name, hub id or hub-layout directory:
+
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=3 --top_p=0.9
+
+All samples are drawn together as one batch, with the KV cache.
+"""
+
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from data import decode, encode
+from model import EOT_TOKEN, LoadError
+from runtime import DTYPES, load_model, resolve_device, resolve_dtype
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id or a directory
+out_dir = 'out'
+start = ''  # the prompt, or 'FILE:path' to read it from a file; '' starts from <|endoftext|> (unconditional)
+num_samples = 3
+max_new_tokens = 256
+temperature = 1.0  # 0 is greedy; below 1 sharper, above 1 more random
+top_k = None  # e.g. 50: sample only among the 50 likeliest tokens
+top_p = None  # e.g. 0.9: sample only among the likeliest tokens that make up 90% of the probability
+seed = 1337
+device = 'auto'  # 'auto' (cuda if there is one, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the forward pass (pays off for long or many samples on a GPU)
+use_cache = True  # False recomputes the whole context for every new token (for comparison only)
+# -----------------------------------------------------------------------------
+
+
+def read_prompt(start):
+    """The prompt text: start itself, or the contents of the file that 'FILE:path' names."""
+    if not start.startswith('FILE:'):
+        return start
+    path = start[len('FILE:'):]
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except OSError as e:
+        raise LoadError(f"cannot read the prompt file {path}: {e.strerror}") from None
+
+
+def main():
+    run_device = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, run_device)
+    print(f"device {run_device}, dtype {run_dtype}")
+    model = load_model(init_from, out_dir, run_device)
+    model.eval()
+    # sampling only: cast the weights themselves (no autocast), so each step reads half the bytes
+    model.to(DTYPES[run_dtype])
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+
+    prompt = read_prompt(start)
+    prompt_ids = encode(prompt) or [EOT_TOKEN]  # GPT-2's unconditional samples start after <|endoftext|>
+    generator = torch.Generator(device=run_device).manual_seed(seed)
+    t0 = time.perf_counter()
+    samples = model.generate([prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
+    seconds = time.perf_counter() - t0
+    for i, tokens in enumerate(samples):
+        print(f"\n==================== sample {i + 1}/{num_samples}")
+        print(prompt + decode([t for t in tokens if t != EOT_TOKEN]))
+    n_tokens = sum(len(s) for s in samples)
+    print(f"\n{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
+          f"({num_samples} samples as one batch, {'with' if use_cache else 'without'} KV cache)")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    try:
+        main()
+    except (LoadError, ValueError) as e:
+        sys.exit(f"error: {e}")

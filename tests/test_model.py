@@ -1,0 +1,243 @@
+"""model.py against transformers' GPT2LMHeadModel, against itself by a second code path, and
+against hand-computed values."""
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, edit_json
+from model import GPT, GPTConfig, LoadError, top_k_filter, top_p_filter
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+# ---------------------------------------------------------------- transformers as the oracle
+
+@pytest.mark.parametrize('layout', ['hf_dir', 'official_dir'])
+def test_logits_equal_transformers_in_both_layouts(layout, hf_model, request):
+    ours = GPT.from_pretrained(request.getfixturevalue(layout)).eval()
+    idx = torch.randint(0, TINY['vocab_size'], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        got = ours(idx)
+    assert got.shape == (3, 40, TINY['vocab_size'])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(hf_dir, hf_model):
+    ours = GPT.from_pretrained(hf_dir).eval()
+    prompts = torch.randint(1, TINY['vocab_size'], (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = hf_model.generate(prompts, max_new_tokens=25, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[:, 6:]
+    got = ours.generate(prompts, max_new_tokens=25, temperature=0, eos_token_id=None)
+    assert got == expected.tolist()
+
+
+def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+    ours = tiny_gpt()
+    ours.save_pretrained(tmp_path)
+    theirs, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+    idx = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs.eval()(idx).logits, atol=1e-4, rtol=0)
+    again = GPT.from_pretrained(str(tmp_path))  # and back: the exact same tensors
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']  # no temp files left
+
+
+def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
+    """from_pretrained('gpt2') goes through hf_hub_download; offline, it finds the files in a hub
+    cache laid out by the test exactly as huggingface_hub lays it out."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    repo = tmp_path / 'models--openai-community--gpt2'
+    snapshot = repo / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    for name in ('config.json', 'model.safetensors'):
+        shutil.copy(os.path.join(hf_dir, name), snapshot)
+    from_hub = GPT.from_pretrained('gpt2', cache_dir=str(tmp_path))
+    from_dir = GPT.from_pretrained(hf_dir)
+    for a, b in zip(from_hub.state_dict().values(), from_dir.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(LoadError, match='could not get config.json of openai-community/gpt2-medium'):
+        GPT.from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- loading errors
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+    file = os.path.join(path, 'model.safetensors')
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+def test_missing_key_is_named(official_dir, tmp_path):
+    path = copy_dir(official_dir, tmp_path / 'm')
+    rewrite_weights(path, lambda t: t.pop('h.1.mlp.c_fc.bias'))
+    with pytest.raises(LoadError, match=r"model.safetensors: missing key 'h\.1\.mlp\.c_fc\.bias'"):
+        GPT.from_pretrained(path)
+
+
+def test_unexpected_key_is_named(hf_dir, tmp_path):
+    path = copy_dir(hf_dir, tmp_path / 'm')
+    rewrite_weights(path, lambda t: t.update({'transformer.h.0.attn.rotary.weight': torch.zeros(2)}))
+    with pytest.raises(LoadError, match=r"unexpected key 'transformer\.h\.0\.attn\.rotary\.weight'"):
+        GPT.from_pretrained(path)
+
+
+def test_shape_mismatch_is_named(hf_dir, tmp_path):
+    path = copy_dir(hf_dir, tmp_path / 'm')
+    edit_json(os.path.join(path, 'config.json'), n_positions=32)  # the file has 64 positions
+    with pytest.raises(LoadError, match=r"key 'transformer\.wpe\.weight' has shape \(64, 32\).*\(32, 32\)"):
+        GPT.from_pretrained(path)
+
+
+def test_missing_file_and_unknown_name(hf_dir, tmp_path):
+    path = copy_dir(hf_dir, tmp_path / 'm')
+    os.remove(os.path.join(path, 'model.safetensors'))
+    with pytest.raises(LoadError, match=r"model\.safetensors does not exist"):
+        GPT.from_pretrained(path)
+    with pytest.raises(LoadError, match="'./no/such/dir' is not a directory"):
+        GPT.from_pretrained('./no/such/dir')
+
+
+def test_unsupported_config_is_refused(hf_dir, tmp_path):
+    path = copy_dir(hf_dir, tmp_path / 'm')
+    edit_json(os.path.join(path, 'config.json'), activation_function='relu')
+    with pytest.raises(LoadError, match="activation_function='relu' is not supported"):
+        GPT.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- log-probs
+
+def test_token_logprobs_masked_zero_and_equal_log_softmax():
+    model = tiny_gpt()
+    idx = torch.randint(0, 96, (3, 12))
+    targets = torch.randint(0, 96, (3, 12))
+    targets[0, :5] = -1   # a prompt
+    targets[1, 9:] = -1   # padding
+    targets[2, :] = -1    # nothing at all
+    with torch.no_grad():
+        got = model.token_logprobs(idx, targets)
+        logp = F.log_softmax(model(idx).double(), dim=-1)  # (B, T, V) by hand, in float64
+    assert got.shape == (3, 12)
+    masked = targets == -1
+    assert torch.all(got[masked] == 0.0)
+    expected = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(got[~masked].double(), expected[~masked], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- generation: cache, batching, filters
+
+def test_kv_cache_logits_equal_recompute():
+    model = tiny_gpt()
+    idx = torch.randint(0, 96, (2, 20))
+    from model import KVCache
+    with torch.no_grad():
+        full = model(idx)  # (2, 20, V)
+        cache = KVCache(model.config.n_layer, 20)
+        steps = [model(idx[:, :7], kv_cache=cache)]           # a prompt of 7 at once
+        steps.append(model(idx[:, 7:10], kv_cache=cache))     # a chunk of 3 after the cache
+        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(10, 20)]  # then one by one
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('prompt_len,new', [(5, 20), (10, 40)])  # the second slides past block_size 32
+def test_sampling_with_cache_equals_without(prompt_len, new):
+    model = tiny_gpt()
+    prompts = torch.randint(0, 96, (3, prompt_len))
+    runs = [model.generate(prompts, new, temperature=1.0, top_k=40, eos_token_id=None, use_cache=c,
+                           generator=torch.Generator().manual_seed(5)) for c in (True, False)]
+    assert runs[0] == runs[1]
+    assert all(len(r) == new for r in runs[0])
+
+
+def test_ragged_batch_equals_one_by_one():
+    model = tiny_gpt()
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (3, 9, 1, 6)]
+    batched = model.generate(prompts, 30, temperature=0, eos_token_id=None)
+    alone = [model.generate([p], 30, temperature=0, eos_token_id=None)[0] for p in prompts]
+    assert batched == alone
+    # and the logits themselves, through the left-padded mask and position ids
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    with torch.no_grad():
+        padded = model(idx, *model._positions_and_mask(valid, 0))[:, -1]
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(padded[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=0)
+
+
+def test_generation_stops_each_row_at_eos():
+    model = tiny_gpt()
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    free = model.generate(prompts, 12, temperature=0, eos_token_id=None)
+    eos = free[0][3]  # a token row 0 draws as its 4th
+    stopped = model.generate(prompts, 12, temperature=0, eos_token_id=eos)
+    for row, out in zip(free, stopped):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        assert out == row[:end]
+
+
+def test_top_k_by_hand():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, -1.0, 5.0, 1.0]])
+    inf = float('-inf')
+    assert top_k_filter(logits, 2).tolist() == [[inf, 4.0, inf, 3.0], [inf, inf, 5.0, 1.0]]
+    assert torch.equal(top_k_filter(logits, 10), logits)
+
+
+def test_top_p_by_hand():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+    inf = float('-inf')
+    # sorted: 0.5, 0.3, 0.15, 0.05; the mass before each: 0, 0.5, 0.8, 0.95
+    kept = lambda p: (top_p_filter(logits, p) != inf).tolist()[0]
+    assert kept(0.75) == [False, True, False, True]   # 0.5 + 0.3 reaches 0.75
+    assert kept(0.85) == [True, True, False, True]    # needs 0.15 too
+    assert kept(0.3) == [False, True, False, False]   # the top token alone
+    assert kept(0.01) == [False, True, False, False]
+    assert kept(0.0) == [False, True, False, False]   # never empty
+
+
+# ---------------------------------------------------------------- counting
+
+def test_param_count_and_flops_by_hand():
+    model = tiny_gpt()
+    V, C, L, T = 96, 16, 2, 32
+    per_layer = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C  # attn, proj, mlp, 2 LN
+    N = V * C + L * per_layer + 2 * C  # token embedding (= lm_head), blocks, final LN; no positions
+    assert model.num_params() == N
+    assert model.num_params(non_embedding=False) == N + T * C
+    assert model.flops_per_token(T) == 6 * N + 12 * L * C * T
+    assert model.flops_per_token(T, backward=False) == 2 * N + 4 * L * C * T
+    assert GPT.estimate_mfu(2e12, 4.0, 1e12) == 0.5
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = tiny_gpt()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() == 2 for p in decay['params']) and all(p.dim() == 1 for p in no_decay['params'])
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.num_params(non_embedding=False)
