@@ -97,6 +97,14 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
             assert abs(sums[n].item() - expected.item()) < 1e-4
 
 
+def test_worker_processes_tokenize_exactly_as_one_process():
+    texts = [f"text {i} " * (i % 7) for i in range(9000)]  # 3 chunks, one of them empty-ish
+    serial, parallel = data.encode_all(texts, 'x', workers=1), data.encode_all(texts, 'x', workers=2)
+    assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
+    tokens, offsets = parallel
+    assert tokens[offsets[5000]:offsets[5001]].tolist() == encode(texts[5000])
+
+
 def test_sft_batch_is_prompt_plus_chosen():
     pairs = data.tokenize_pairs([{'prompt': 'a', 'chosen': ' b c', 'rejected': ' d', 'where': 'x'}], 64, 32)
     idx, targets = data.sft_batch(pairs, [0])
