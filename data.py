@@ -299,8 +299,8 @@ class PairData:
     ('{field}_tokens', '{field}_offsets'); stats holds what was read, dropped and truncated."""
     FIELDS = ('prompt', 'chosen', 'rejected')
 
-    def __init__(self, arrays, stats):
-        self.arrays, self.stats = arrays, stats
+    def __init__(self, arrays, stats, path=None):
+        self.arrays, self.stats, self.path = arrays, stats, path  # path: its file in the token cache
 
     def __len__(self):
         return len(self.arrays['prompt_offsets']) - 1
@@ -371,12 +371,13 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
     if os.path.exists(path):
         data = PairData.load(path)
         data.stats['cache'] = f"loaded {path}"
-        return data
-    pairs, dropped = read()
-    data = tokenize_pairs(pairs, max_length, max_prompt_length)
-    data.stats['dropped'] = dict(dropped)
-    data.save(path)
-    data.stats['cache'] = f"wrote {path}"
+    else:
+        pairs, dropped = read()
+        data = tokenize_pairs(pairs, max_length, max_prompt_length)
+        data.stats['dropped'] = dict(dropped)
+        data.save(path)
+        data.stats['cache'] = f"wrote {path}"
+    data.path = path
     return data
 
 

@@ -185,18 +185,17 @@ class GPT(nn.Module):
             kv_cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, position_ids=None, attn_mask=None, kv_cache=None, last_only=False):
-        """Logits (B, T, vocab) at every position, or (B, 1, vocab) at the last with last_only."""
-        x = self.hidden_states(idx, position_ids, attn_mask, kv_cache)
-        return self.lm_head(x[:, -1:] if last_only else x)
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, kv_cache=None, last_only=False):
+        """Without targets: logits (B, T, vocab) at every position, or (B, 1, vocab) with last_only.
 
-    def token_logprobs(self, idx, targets):
-        """log p(targets[b, t] | idx[b, :t+1]) as a (B, T) tensor; exactly 0 where targets == -1.
-
-        The vocabulary projection runs only at positions that have a target, so prompt and padding
-        positions cost no (T, vocab) logits, and no fp32 copy of all logits is ever made.
+        With targets (B, T): log p(targets[b, t] | idx[b, :t+1]) as a (B, T) tensor, exactly 0 where
+        targets == -1. The vocabulary projection then runs only at positions that have a target, so
+        prompt and padding positions cost no logits, and no fp32 copy of all logits is ever made.
+        (One method for both, so that DDP, which hooks forward, sees the training computation.)
         """
-        x = self.hidden_states(idx)  # (B, T, C)
+        x = self.hidden_states(idx, position_ids, attn_mask, kv_cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x)
         keep = targets != -1  # (B, T)
         logits = self.lm_head(x[keep])  # (N, vocab) for the N positions with a target
         logp = -F.cross_entropy(logits, targets[keep], reduction='none')  # (N,)
@@ -238,10 +237,10 @@ class GPT(nn.Module):
                 kv_cache = None  # the window has to slide: positions shift, cached keys are stale
             if kv_cache is not None:
                 new = idx[:, kv_cache.pos:]  # the whole prompt first, then one token at a time
-                logits = self(new, *self._positions_and_mask(valid, kv_cache.pos), kv_cache, last_only=True)
+                logits = self(new, None, *self._positions_and_mask(valid, kv_cache.pos), kv_cache, last_only=True)
             else:
                 window, window_valid = idx[:, -block_size:], valid[:, -block_size:]
-                logits = self(window, *self._positions_and_mask(window_valid, 0), last_only=True)
+                logits = self(window, None, *self._positions_and_mask(window_valid, 0), last_only=True)
             next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
             next_token = torch.where(finished, eos_token_id if eos_token_id is not None else 0, next_token)
             for b, t in enumerate(next_token.tolist()):
@@ -362,13 +361,20 @@ class GPT(nn.Module):
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
-    def flops_per_token(self, seq_len, backward=True):
-        """Matmul FLOPs per token at sequence length seq_len (PaLM appendix B, as in nanoGPT):
-        2N for the weights plus 4 * n_layer * n_embd * seq_len for attention's QK^T and AV, forward;
-        the backward pass costs twice the forward."""
+    def flops(self, n_tokens, n_targets, seq_len, backward=True):
+        """Matmul FLOPs (PaLM appendix B, as in nanoGPT) of a forward, and with backward also the
+        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which n_targets
+        have a target: per token 2 per weight of the blocks plus 4 * n_layer * n_embd * seq_len for
+        attention's QK^T and AV; per target 2 * vocab * n_embd for the vocabulary projection."""
         c = self.config
-        forward = 2 * self.num_params() + 4 * c.n_layer * c.n_embd * seq_len
+        head = 2 * c.vocab_size * c.n_embd
+        body = 2 * self.num_params() - head + 4 * c.n_layer * c.n_embd * seq_len
+        forward = n_tokens * body + n_targets * head
         return 3 * forward if backward else forward
+
+    def flops_per_token(self, seq_len, backward=True):
+        """FLOPs per token when every position has a target (plain language modelling)."""
+        return self.flops(1, 1, seq_len, backward)
 
     @staticmethod
     def estimate_mfu(flops_done, seconds, peak_flops):

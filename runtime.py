@@ -1,14 +1,25 @@
 """
-Plumbing that the scripts share: device and dtype choice, autocast, and checkpoint files.
-(The training issue adds DDP set-up, the LR schedule and metric logging here.)
+Plumbing that the scripts share: device and dtype choice, DDP set-up, the learning-rate schedule,
+the optimizer step, checkpoint files, metric logging and the device's peak FLOPs for MFU.
+The training loops themselves stay in sft.py and dpo.py, flat and readable top to bottom.
 """
 
+import json
+import math
 import os
+import time
 from contextlib import nullcontext
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig, LoadError
+
+
+class TrainingError(RuntimeError):
+    """A run that has to stop (a NaN loss, a mismatched reference); the message says why and where."""
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -78,19 +89,203 @@ def load_checkpoint(path, map_location='cpu'):
         raise LoadError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
 
 
-def load_model(init_from, out_dir='out', device='cpu'):
-    """The model a script starts from: 'resume' is out_dir/ckpt.pt (its 'model_args' and 'model'),
-    anything else goes to GPT.from_pretrained (a GPT-2 name, hub id or hub-layout directory)."""
-    if init_from == 'resume':
-        path = os.path.join(out_dir, 'ckpt.pt')
-        checkpoint = load_checkpoint(path, map_location=device)
+def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None):
+    """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
+    already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
+    else goes to GPT.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory)."""
+    if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
+        checkpoint = checkpoint or load_checkpoint(path, map_location=device)
         if 'model_args' not in checkpoint or 'model' not in checkpoint:
             raise LoadError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of this project")
-        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
         try:
             model.load_state_dict(checkpoint['model'])
         except RuntimeError as e:
             raise LoadError(f"{path}: the weights do not fit its model_args: {e}") from e
     else:
-        model = GPT.from_pretrained(init_from)
+        model = GPT.from_pretrained(init_from, dropout=dropout)
     return model.to(device)
+
+
+def training_state(raw_model, optimizer, scaler, iter_num, loader, config):
+    """What ckpt.pt holds: enough to continue exactly where the run stands."""
+    return dict(model=raw_model.state_dict(), model_args=asdict(raw_model.config), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), iter_num=iter_num, loader=loader.state_dict(), rng=rng_states(),
+                config=config)
+
+
+def restore_training_state(checkpoint, optimizer, scaler, loader):
+    """Put a checkpoint's optimizer, scaler, data order and RNG states back; returns its iteration."""
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    loader.load_state_dict(checkpoint['loader'])
+    set_rng_states(checkpoint['rng'])
+    return checkpoint['iter_num']
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+# -------------------------------------------------------------------- training set-up
+
+def setup(device, dtype, seed):
+    """Start DDP when torchrun launched us (RANK is set): nccl on CUDA, one GPU per process; gloo
+    on CPU. Seeds torch with seed + rank. Returns a namespace: ddp, rank, local_rank, world_size,
+    master (rank 0: the one that logs and saves), device, device_type, dtype, autocast."""
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    device = resolve_device(device)
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    dtype = resolve_dtype(dtype, device)
+    torch.manual_seed(seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores where there are some
+    torch.backends.cudnn.allow_tf32 = True
+    device_type = device.split(':')[0]
+    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
+                           device=device, device_type=device_type, dtype=dtype, autocast=autocast(device, dtype))
+
+
+def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
+    """Linear warmup from 0 over warmup_iters, then constant (decay_lr=False, the DPO paper's
+    schedule) or cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def set_lr(optimizer, it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
+    lr = get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale (fp16), clip, step, zero the gradients; returns the gradient norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def all_reduce_sum(t, run):
+    """t summed over the ranks (t itself without DDP)."""
+    if run.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def stop_unless_finite(loss_sum, iter_num, run, what='loss'):
+    """Raise TrainingError, on every rank at once, when the loss is NaN or infinite: checked before
+    each optimizer step, so nothing broken reaches the weights, and on the held-out loss before each
+    save, so a checkpoint never holds weights that an earlier step broke."""
+    loss_sum = all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32, device=run.device).clone(), run)
+    if not torch.isfinite(loss_sum):
+        raise TrainingError(f"iteration {iter_num}: the {what} is {loss_sum.item()}; stopped, and the last "
+                            "checkpoint is untouched (try a lower learning_rate, or dtype=float32)")
+
+
+def rng_states():
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def finish(run):
+    if run.ddp:  # wait for the master's last save: a rank that leaves early can abort the others
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------- measuring and logging
+
+PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs as TF32 at half of it)
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'L4': 121e12, '4090': 165e12,
+}
+
+
+def device_peak_flops(device, dtype):
+    """The peak that MFU is measured against: a GPU's published figure, or, on a CPU, the rate of a
+    large matmul measured here in the same dtype (a CPU has no one published figure)."""
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        return peak / 2 if peak and dtype == 'float32' else peak
+    n, reps = 1024, 8
+    generator = torch.Generator().manual_seed(0)  # its own: the run's RNG stream stays as it was
+    a, b = (torch.randn(n, n, dtype=DTYPES[dtype], generator=generator) for _ in range(2))
+    a @ b  # warm up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def speed(t0, pairs, tokens, flops, peak_flops, run):
+    """Throughput of the step that started at t0: pairs (or sequences) and real tokens per second
+    over all ranks, and MFU, this rank's model FLOPs over its device's peak."""
+    if run.device_type == 'cuda':
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {'pairs_per_sec': pairs / seconds, 'tokens_per_sec': tokens * run.world_size / seconds,
+            'mfu': flops / seconds / peak_flops if peak_flops else float('nan')}
+
+
+def write_eval(metrics, iter_num, out_dir, run):
+    """eval_only: print the held-out metrics and write them to out_dir/eval.json."""
+    if run.master:
+        print(', '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        write_json(os.path.join(out_dir, 'eval.json'), {'iter': iter_num, **metrics})
+
+
+class MetricLog:
+    """One line per logged step on stdout, and one JSON object per step in out_dir/metrics.jsonl
+    (and wandb when asked), from the master process only. Resuming at start_iter first drops the
+    lines a stopped run had logged after start_iter, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out_dir, master, start_iter=0, wandb_log=False, wandb_project='', wandb_run_name='', config=None):
+        self.path, self.master, self.wandb = os.path.join(out_dir, 'metrics.jsonl'), master, None
+        if not master:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if start_iter > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)['iter'] <= start_iter]
+            with open(self.path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(self.path + '.tmp', self.path)
+        elif start_iter == 0 and os.path.exists(self.path):
+            os.remove(self.path)  # a new run in this out_dir
+        if wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
+
+    def log(self, iter_num, metrics):
+        if not self.master:
+            return
+        print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in metrics.items()), flush=True)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=iter_num)

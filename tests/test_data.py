@@ -87,7 +87,7 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     with torch.no_grad():
-        sums = model.token_logprobs(idx, targets).sum(dim=1)
+        sums = model(idx, targets).sum(dim=1)
         for n, (i, field) in enumerate(rows):
             prompt, response = pairs.get('prompt', i).tolist(), pairs.get(field, i).tolist()
             seq = torch.tensor([prompt + response])

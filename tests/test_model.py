@@ -131,7 +131,7 @@ def test_unsupported_config_is_refused(hf_dir, tmp_path):
 
 # ---------------------------------------------------------------- log-probs
 
-def test_token_logprobs_masked_zero_and_equal_log_softmax():
+def test_logprobs_masked_zero_and_equal_log_softmax():
     model = tiny_gpt()
     idx = torch.randint(0, 96, (3, 12))
     targets = torch.randint(0, 96, (3, 12))
@@ -139,7 +139,7 @@ def test_token_logprobs_masked_zero_and_equal_log_softmax():
     targets[1, 9:] = -1   # padding
     targets[2, :] = -1    # nothing at all
     with torch.no_grad():
-        got = model.token_logprobs(idx, targets)
+        got = model(idx, targets)
         logp = F.log_softmax(model(idx).double(), dim=-1)  # (B, T, V) by hand, in float64
     assert got.shape == (3, 12)
     masked = targets == -1
@@ -184,7 +184,7 @@ def test_ragged_batch_equals_one_by_one():
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
     with torch.no_grad():
-        padded = model(idx, *model._positions_and_mask(valid, 0))[:, -1]
+        padded = model(idx, None, *model._positions_and_mask(valid, 0))[:, -1]
         for b, p in enumerate(prompts):
             torch.testing.assert_close(padded[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=0)
 
@@ -231,6 +231,8 @@ def test_param_count_and_flops_by_hand():
     assert model.num_params(non_embedding=False) == N + T * C
     assert model.flops_per_token(T) == 6 * N + 12 * L * C * T
     assert model.flops_per_token(T, backward=False) == 2 * N + 4 * L * C * T
+    # 10 tokens of which 3 have a target: the vocabulary projection (2 V C per token) only for those 3
+    assert model.flops(10, 3, T, backward=False) == 10 * (2 * (N - V * C) + 4 * L * C * T) + 3 * 2 * V * C
     assert GPT.estimate_mfu(2e12, 4.0, 1e12) == 0.5
 
 

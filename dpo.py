@@ -1,0 +1,281 @@
+"""
+Direct Preference Optimization (Rafailov et al., 2023), the second stage: a policy trained on
+preference pairs against a frozen reference, usually both the SFT model.
+
+    python dpo.py config/dpo_synthetic.py
+    torchrun --standalone --nproc_per_node=8 dpo.py config/hh.py
+
+The loss family is one pure function, preference_loss; the run is the flat loop in main().
+"""
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from configurator import ConfigError, config_keys, configure
+from data import DataError, PairLoader, dpo_batch, load_dataset
+from model import LoadError
+
+# -----------------------------------------------------------------------------
+# the models
+init_from = 'out-sft'  # the policy: an SFT out_dir (its ckpt.pt), a GPT-2 name, hub id or hub-layout directory, or 'resume'
+ref_from = ''  # the frozen reference, as init_from; '' is the same as init_from (the usual choice)
+dropout = 0.0  # the reference runs without dropout; the DPO paper's code turns it off in the policy too
+# the data
+dataset = 'synthetic'  # 'hh', 'jsonl' or 'synthetic'
+data_path = ''  # dataset='jsonl': the training pairs
+eval_data_path = ''  # dataset='jsonl': the held-out pairs
+hh_subsets = 'all'  # dataset='hh': 'all' or a comma-separated list of subsets
+max_length = 512  # prompt + response tokens
+max_prompt_length = 256
+group_by_length = True  # batches of pairs of similar length: less padding
+# the loss
+beta = 0.1  # the KL penalty's strength: the reward is beta * log(pi / pi_ref)
+loss_type = 'sigmoid'  # 'sigmoid' (DPO), 'ipo', 'hinge' or 'simpo'
+label_smoothing = 0.0  # sigmoid only: conservative DPO, the assumed probability that a label is flipped
+rpo_alpha = 0.0  # > 0 adds rpo_alpha times the chosen response's NLL per token (RPO)
+simpo_gamma = 0.5  # simpo only: the target reward margin
+precompute_ref_logps = False  # compute the reference's log-probs once (cached with the tokens), then train without it in memory
+# training
+out_dir = 'out-dpo'
+batch_size = 8  # pairs per micro-batch per rank
+gradient_accumulation_steps = 8  # pairs per optimizer step: batch_size * gradient_accumulation_steps * ranks
+max_iters = 1000
+learning_rate = 1e-6
+warmup_iters = 150
+decay_lr = False  # False: constant after warmup, as in the paper; True: cosine decay to min_lr
+lr_decay_iters = 1000
+min_lr = 1e-7
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 10.0  # clip the gradient norm to this; 0 turns clipping off
+# evaluation, logging, saving
+eval_interval = 100  # evaluate on the held-out pairs and save ckpt.pt every this many iterations
+eval_iters = 20  # batches per evaluation; -1 for the whole held-out set
+eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
+log_interval = 10
+wandb_log = False
+wandb_project = 'nanodpo'
+wandb_run_name = 'dpo'
+# the system
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the policy and the reference
+seed = 1337
+# -----------------------------------------------------------------------------
+
+LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
+METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
+           'logps/chosen', 'logps/rejected')
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    loss_type='sigmoid', label_smoothing=0.0, rpo_alpha=0.0, simpo_gamma=0.5,
+                    chosen_lengths=None, rejected_lengths=None):
+    """The DPO loss and its variants for B pairs.
+
+    *_logps: (B,) log-probabilities of each response, summed over its tokens, under the policy and
+    the reference (simpo ignores the reference). *_lengths: (B,) tokens of each response, for simpo
+    and rpo_alpha. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are
+    detached from the graph: they are for logging.
+    """
+    if loss_type == 'simpo':  # reference-free: the reward is the length-normalised log-prob
+        chosen_rewards = beta * policy_chosen_logps / chosen_lengths
+        rejected_rewards = beta * policy_rejected_logps / rejected_lengths
+    else:  # the paper's implicit reward, beta * log(pi(y|x) / pi_ref(y|x))
+        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    margins = chosen_rewards - rejected_rewards  # (B,)
+    if loss_type == 'sigmoid':  # DPO; label smoothing makes it conservative DPO
+        losses = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    elif loss_type == 'ipo':  # IPO (Azar et al.): the log-ratio margin regressed onto 1 / (2 beta)
+        losses = (margins / beta - 1 / (2 * beta)) ** 2
+    elif loss_type == 'hinge':  # SLiC (Zhao et al.)
+        losses = torch.relu(1 - margins)
+    elif loss_type == 'simpo':  # SimPO (Meng et al.): a target margin gamma
+        losses = -F.logsigmoid(margins - simpo_gamma)
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    if rpo_alpha:  # RPO (Pang et al.): plus the chosen response's negative log-likelihood per token
+        losses = losses + rpo_alpha * -policy_chosen_logps / chosen_lengths
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def chosen_rejected_logps(model, idx, targets):
+    """One forward over the stacked (2B, T) batch: summed response log-probs, (B,) chosen and (B,) rejected."""
+    logps = model(idx, targets).sum(dim=1)  # (2B,)
+    return logps.chunk(2)
+
+
+def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """Sums over the pairs of each of METRICS, to average over micro-batches and ranks later.
+    Accuracy counts a tie as one half, so it starts at 0.5 when the policy is the reference."""
+    accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,
+             chosen_logps, rejected_logps)
+    return torch.stack([p.detach().float().sum() for p in parts])  # (len(METRICS),)
+
+
+def pair_step(model, ref, ref_logps, data, indices, run):
+    """Losses (B,) and metric sums of the pairs indices: the policy's forward over chosen and
+    rejected together, the reference's under no_grad (or its precomputed log-probs). Also returns
+    the batch's (tokens, targets, T) for the FLOPs count."""
+    idx, targets = (t.to(run.device, non_blocking=True) for t in dpo_batch(data, indices))
+    with run.autocast:
+        chosen_logps, rejected_logps = chosen_rejected_logps(model, idx, targets)
+        if ref_logps is not None:
+            ref_chosen, ref_rejected = torch.from_numpy(ref_logps[indices]).to(run.device).unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = chosen_rejected_logps(ref, idx, targets)
+        lengths = (targets != -1).sum(dim=1).chunk(2)  # response tokens, EOS included
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
+            rpo_alpha, simpo_gamma, *lengths)
+    sums = metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    real_tokens = int((targets != -1).sum() + sum(len(data.get('prompt', i)) - 1 for i in indices) * 2)
+    return losses, sums, (real_tokens, int((targets != -1).sum()), idx.size(1))
+
+
+@torch.no_grad()
+def evaluate(model, ref, ref_logps, data, run):
+    """Held-out means of METRICS over eval_iters batches (all with -1), over all ranks."""
+    model.eval()
+    batches = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
+                         shuffle=False).epoch_batches(0)
+    sums, pairs = torch.zeros(len(METRICS), device=run.device), torch.zeros((), device=run.device)
+    for indices in batches[:eval_iters] if eval_iters > 0 else batches:
+        sums += pair_step(model, ref, ref_logps, data, indices, run)[1]
+        pairs += len(indices)
+    model.train()
+    sums, pairs = runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(pairs, run)
+    return {f'eval/{name}': (s / pairs).item() for name, s in zip(METRICS, sums)}
+
+
+@torch.no_grad()
+def reference_logps(ref, data, run):
+    """(N, 2) float32: the reference's summed log-probs of every pair's chosen and rejected response,
+    computed once (each rank its share) and cached next to the token cache, keyed by the
+    reference's weights and the dtype."""
+    weights = hashlib.sha256()
+    for name, t in ref.state_dict().items():
+        weights.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    path = f"{data.path[:-len('.npz')]}-ref-{weights.hexdigest()[:12]}-{run.dtype}.npy"
+    if os.path.exists(path):
+        return np.load(path)
+    ref.eval()
+    shares = PairLoader(np.zeros(len(data)), batch_size * 4, rank=run.rank, world_size=run.world_size,
+                        shuffle=False).epoch_batches(0)
+    indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
+    values = []
+    for share in shares:
+        idx, targets = (t.to(run.device) for t in dpo_batch(data, share))
+        with run.autocast:
+            values.append(torch.stack(chosen_rejected_logps(ref, idx, targets), dim=1).float())  # (b, 2)
+    values = torch.cat(values)
+    if run.ddp:  # every rank holds an equal share: gather them all
+        gathered = [(torch.empty_like(indices), torch.empty_like(values)) for _ in range(run.world_size)]
+        runtime.dist.all_gather([g[0] for g in gathered], indices)
+        runtime.dist.all_gather([g[1] for g in gathered], values)
+        indices, values = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    out = np.zeros((len(data), 2), dtype=np.float32)
+    out[indices.cpu().numpy()] = values.cpu().numpy()
+    if run.master:
+        with open(path + '.tmp', 'wb') as f:
+            np.save(f, out)
+        os.replace(path + '.tmp', path)
+    return out
+
+
+def main(config):
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    run = runtime.setup(device, dtype, seed)
+    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device) if init_from == 'resume' else None
+    # the models first: a wrong init_from or ref_from stops before any data is read
+    policy = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
+    ref_source = ref_from or init_from
+    if checkpoint:  # resuming: the reference of the run that wrote the checkpoint
+        ref_source = ref_from or checkpoint['config']['ref_from'] or checkpoint['config']['init_from']
+    ref = runtime.load_model(ref_source, out_dir, run.device).eval().requires_grad_(False)
+    if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
+        raise LoadError(f"the reference ({ref_source}) has the shape {asdict(ref.config)}, "
+                        f"but the policy ({init_from}) has {asdict(policy.config)}")
+    if max_length > policy.config.block_size:
+        raise ConfigError(f"max_length={max_length} is longer than the model's block_size {policy.config.block_size}")
+    train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    train_ref = eval_ref = None
+    if precompute_ref_logps:
+        train_ref, eval_ref = reference_logps(ref, train_data, run), reference_logps(ref, eval_data, run)
+        ref = None  # trained without the reference in memory from here on
+    loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
+                        group_by_length=group_by_length)
+    optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
+    start_iter, raw_policy = iter_num, policy  # the unwrapped model is the one saved
+    if compile:
+        policy = torch.compile(policy)
+        ref = torch.compile(ref) if ref is not None else None
+    ddp_policy = DDP(policy, device_ids=[run.local_rank] if run.device_type == 'cuda' else None) if run.ddp else policy
+    log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
+    peak_flops = runtime.device_peak_flops(run.device, run.dtype)
+    pairs_per_step = batch_size * gradient_accumulation_steps * run.world_size
+    if run.master:
+        print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
+              f"{len(train_data)} train / {len(eval_data)} held-out pairs; {pairs_per_step} pairs per step; "
+              f"loss {loss_type}, beta {beta}; peak {peak_flops / 1e12 if peak_flops else float('nan'):.2f} TFLOP/s")
+
+    while True:
+        due = iter_num % eval_interval == 0 or iter_num == max_iters
+        if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
+            metrics = evaluate(policy, ref, eval_ref, eval_data, run)
+            if eval_only:
+                runtime.write_eval(metrics, iter_num, out_dir, run)
+                break
+            log.log(iter_num, metrics)
+            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # after all ranks' evaluate
+            if iter_num > start_iter and run.master:
+                runtime.save_checkpoint(runtime.training_state(raw_policy, optimizer, scaler, iter_num, loader, config),
+                                        os.path.join(out_dir, 'ckpt.pt'))
+        if iter_num >= max_iters:
+            break
+        lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        t0 = time.perf_counter()
+        sums, flops, tokens = torch.zeros(len(METRICS), device=run.device), 0, 0
+        for micro_step in range(gradient_accumulation_steps):
+            if run.ddp:  # all-reduce the gradients only once, after the last micro-step
+                ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            losses, batch_sums, (n_tokens, n_targets, T) = pair_step(ddp_policy, ref, train_ref, train_data, next(loader), run)
+            scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
+            sums += batch_sums
+            tokens += n_tokens
+            flops += raw_policy.flops(n_tokens, n_targets, T) + (raw_policy.flops(n_tokens, n_targets, T, backward=False)
+                                                                  if ref is not None else 0)
+        runtime.stop_unless_finite(sums[0], iter_num, run)
+        grad_norm = runtime.optimizer_step(ddp_policy, optimizer, scaler, grad_clip)
+        iter_num += 1
+        if iter_num % log_interval == 0:
+            sums = runtime.all_reduce_sum(sums, run)
+            metrics = {name: (s / pairs_per_step).item() for name, s in zip(METRICS, sums)}
+            log.log(iter_num, {**metrics, **runtime.speed(t0, pairs_per_step, tokens, flops, peak_flops, run),
+                               'grad_norm': grad_norm, 'lr': lr})
+    runtime.finish(run)
+
+
+if __name__ == '__main__':
+    configure(globals())
+    try:
+        main(config_keys(globals()))
+    except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,170 @@
+"""
+Supervised fine-tuning, the DPO paper's first stage ("Preferred-FT"): maximise the likelihood of the
+chosen responses, loss on response tokens only. Its out_dir is the start and the reference of DPO.
+
+    python sft.py config/sft_synthetic.py
+    torchrun --standalone --nproc_per_node=8 sft.py config/sft_hh.py
+"""
+
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from configurator import ConfigError, config_keys, configure
+from data import DataError, PairLoader, load_dataset, sft_batch
+from model import GPT, GPTConfig, LoadError
+
+# -----------------------------------------------------------------------------
+# the model
+init_from = 'gpt2'  # a GPT-2 name, hub id or hub-layout directory, 'scratch' (a new model of the shape below), or 'resume'
+n_layer = 4  # init_from='scratch' only: the shape of the new model
+n_head = 4
+n_embd = 128
+block_size = 256
+dropout = 0.0
+# the data
+dataset = 'synthetic'  # 'hh', 'jsonl' or 'synthetic'
+data_path = ''  # dataset='jsonl': the training pairs (their chosen responses)
+eval_data_path = ''  # dataset='jsonl': the held-out pairs
+hh_subsets = 'all'  # dataset='hh': 'all' or a comma-separated list of subsets
+max_length = 512  # prompt + response tokens
+max_prompt_length = 256
+group_by_length = True  # batches of sequences of similar length: less padding
+# training
+out_dir = 'out-sft'
+batch_size = 16  # sequences (prompt + chosen) per micro-batch per rank
+gradient_accumulation_steps = 4  # sequences per optimizer step: batch_size * gradient_accumulation_steps * ranks
+max_iters = 1000
+learning_rate = 1e-5
+warmup_iters = 100
+decay_lr = True  # cosine decay to min_lr at lr_decay_iters after the warmup
+lr_decay_iters = 1000
+min_lr = 1e-6
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient norm to this; 0 turns clipping off
+# evaluation, logging, saving
+eval_interval = 100  # evaluate on the held-out chosen responses and save ckpt.pt every this many iterations
+eval_iters = 20  # batches per evaluation; -1 for the whole held-out set
+eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
+log_interval = 10
+wandb_log = False
+wandb_project = 'nanodpo'
+wandb_run_name = 'sft'
+# the system
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the model
+seed = 1337
+# -----------------------------------------------------------------------------
+
+METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob per chosen response
+
+
+def sft_step(model, data, indices, run):
+    """The loss (mean NLL over the batch's response tokens) and the sums of METRICS' parts:
+    (NLL summed over tokens, log-prob summed over sequences, response tokens), plus the batch's
+    (tokens, targets, T) for the FLOPs count."""
+    idx, targets = (t.to(run.device, non_blocking=True) for t in sft_batch(data, indices))
+    n_targets = (targets != -1).sum()
+    with run.autocast:
+        logps = model(idx, targets)  # (B, T), 0 off the response
+        loss = -logps.sum() / n_targets
+    sums = torch.stack([-logps.detach().sum(), logps.detach().sum(), n_targets.float()])
+    real_tokens = int(n_targets + sum(len(data.get('prompt', i)) - 1 for i in indices))
+    return loss, sums, (real_tokens, int(n_targets), idx.size(1))
+
+
+def sums_to_metrics(sums, sequences):
+    return {'loss': (sums[0] / sums[2]).item(), 'logps/chosen': (sums[1] / sequences).item()}
+
+
+@torch.no_grad()
+def evaluate(model, data, run):
+    """Held-out NLL per token of the chosen responses, over eval_iters batches (all with -1), all ranks."""
+    model.eval()
+    batches = PairLoader(data.pair_lengths(), batch_size, rank=run.rank, world_size=run.world_size,
+                         shuffle=False).epoch_batches(0)
+    sums, sequences = torch.zeros(3, device=run.device), torch.zeros((), device=run.device)
+    for indices in batches[:eval_iters] if eval_iters > 0 else batches:
+        sums += sft_step(model, data, indices, run)[1]
+        sequences += len(indices)
+    model.train()
+    metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(sequences, run))
+    return {f'eval/{k}': v for k, v in metrics.items()}
+
+
+def main(config):
+    run = runtime.setup(device, dtype, seed)
+    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device) if init_from == 'resume' else None
+    if init_from == 'scratch':
+        model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                              dropout=dropout)).to(run.device)
+    else:  # a wrong init_from stops here, before any data is read
+        model = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
+    if max_length > model.config.block_size:
+        raise ConfigError(f"max_length={max_length} is longer than the model's block_size {model.config.block_size}")
+    train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
+    loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
+    start_iter, raw_model = iter_num, model  # the unwrapped model is the one saved
+    if compile:
+        model = torch.compile(model)
+    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None) if run.ddp else model
+    log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
+    peak_flops = runtime.device_peak_flops(run.device, run.dtype)
+    per_step = batch_size * gradient_accumulation_steps * run.world_size
+    if run.master:
+        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
+              f"{len(train_data)} train / {len(eval_data)} held-out sequences; {per_step} sequences per step")
+
+    while True:
+        due = iter_num % eval_interval == 0 or iter_num == max_iters
+        if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
+            metrics = evaluate(model, eval_data, run)
+            if eval_only:
+                runtime.write_eval(metrics, iter_num, out_dir, run)
+                break
+            log.log(iter_num, metrics)
+            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # after all ranks' evaluate
+            if iter_num > start_iter and run.master:
+                runtime.save_checkpoint(runtime.training_state(raw_model, optimizer, scaler, iter_num, loader, config),
+                                        os.path.join(out_dir, 'ckpt.pt'))
+        if iter_num >= max_iters:
+            break
+        lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        t0 = time.perf_counter()
+        sums, flops, tokens = torch.zeros(3, device=run.device), 0, 0
+        for micro_step in range(gradient_accumulation_steps):
+            if run.ddp:  # all-reduce the gradients only once, after the last micro-step
+                ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            loss, batch_sums, (n_tokens, n_targets, T) = sft_step(ddp_model, train_data, next(loader), run)
+            scaler.scale(loss / gradient_accumulation_steps).backward()
+            sums += batch_sums
+            tokens += n_tokens
+            flops += raw_model.flops(n_tokens, n_targets, T)
+        runtime.stop_unless_finite(sums[0], iter_num, run)
+        grad_norm = runtime.optimizer_step(ddp_model, optimizer, scaler, grad_clip)
+        iter_num += 1
+        if iter_num % log_interval == 0:
+            metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), per_step)
+            log.log(iter_num, {**metrics, **runtime.speed(t0, per_step, tokens, flops, peak_flops, run),
+                               'grad_norm': grad_norm, 'lr': lr})
+    runtime.finish(run)
+
+
+if __name__ == '__main__':
+    configure(globals())
+    try:
+        main(config_keys(globals()))
+    except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
+        sys.exit(f"error: {e}")

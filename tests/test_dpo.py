@@ -1,0 +1,115 @@
+"""dpo.py's pure parts: each loss by hand, the gradient's closed form, ln 2 at step 0, the stacked
+forward against separate ones, and precomputed reference log-probs against live ones."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import dpo
+import runtime
+from data import dpo_batch, sft_batch, tokenize_pairs
+from model import GPT, GPTConfig
+from synthetic import synthetic_pairs
+
+B = dict(policy_chosen_logps=torch.tensor([-1.0]), policy_rejected_logps=torch.tensor([-2.0]),
+         ref_chosen_logps=torch.tensor([-1.5]), ref_rejected_logps=torch.tensor([-1.5]),
+         chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))
+softplus = lambda x: math.log1p(math.exp(x))  # -log sigmoid(-x)
+
+
+@pytest.mark.parametrize('kw,expected', [
+    # rewards 0.1 * (-1 + 1.5) = 0.05 and 0.1 * (-2 + 1.5) = -0.05: margin 0.1
+    (dict(loss_type='sigmoid'), softplus(-0.1)),
+    (dict(loss_type='sigmoid', label_smoothing=0.2), 0.8 * softplus(-0.1) + 0.2 * softplus(0.1)),
+    (dict(loss_type='ipo'), (0.1 / 0.1 - 1 / 0.2) ** 2),  # (1 - 5)^2 = 16
+    (dict(loss_type='hinge'), 1 - 0.1),
+    (dict(loss_type='sigmoid', rpo_alpha=0.5), softplus(-0.1) + 0.5 * 1.0 / 2),  # + alpha * NLL per chosen token
+    # simpo: rewards 0.1 * -1 / 2 = -0.05 and 0.1 * -2 / 4 = -0.05: margin 0, minus gamma 0.5
+    (dict(loss_type='simpo', simpo_gamma=0.5), softplus(0.5)),
+])
+def test_losses_by_hand(kw, expected):
+    losses, chosen_rewards, rejected_rewards = dpo.preference_loss(**B, beta=0.1, **kw)
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert not chosen_rewards.requires_grad
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type must be one of sigmoid, ipo, hinge, simpo; got 'dpo'"):
+        dpo.preference_loss(**B, beta=0.1, loss_type='dpo')
+
+
+@pytest.fixture(scope='module')
+def pairs():
+    return tokenize_pairs(synthetic_pairs(6, seed=0), 64, 32)
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_step_zero_loss_is_ln2_and_margins_zero(pairs, model):
+    idx, targets = dpo_batch(pairs, [0, 1, 2, 3])
+    chosen, rejected = dpo.chosen_rejected_logps(model, idx, targets)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(model, idx, targets)  # the reference is the policy
+    losses, chosen_rewards, rejected_rewards = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
+    assert torch.all(losses == math.log(2))
+    sums = dpo.metric_sums(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+    assert dict(zip(dpo.METRICS, (sums / 4).tolist()))['rewards/accuracies'] == 0.5  # ties count one half
+    assert torch.all(chosen_rewards - rejected_rewards == 0)
+
+
+def test_gradient_is_the_closed_form(pairs, model):
+    """d loss = -beta * sigmoid(r_l - r_w) * (d logp(y_w) - d logp(y_l)), for a policy away from its reference."""
+    ref = model
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    beta, params = 0.1, list(policy.parameters())
+    idx, targets = dpo_batch(pairs, [2])
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(ref, idx, targets)
+    chosen, rejected = dpo.chosen_rejected_logps(policy, idx, targets)
+    loss = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum()
+    grad_loss = torch.autograd.grad(loss, params, retain_graph=True)
+    grad_chosen = torch.autograd.grad(chosen.sum(), params, retain_graph=True)
+    grad_rejected = torch.autograd.grad(rejected.sum(), params)
+    r_w, r_l = beta * (chosen - ref_chosen).item(), beta * (rejected - ref_rejected).item()
+    weight = -beta / (1 + math.exp(-(r_l - r_w)))  # -beta * sigmoid(r_l - r_w)
+    assert abs(r_w - r_l) > 1e-3  # a real test: the weight is not the step-0 value
+    for g, gw, gl in zip(grad_loss, grad_chosen, grad_rejected):
+        torch.testing.assert_close(g, weight * (gw - gl), atol=1e-6, rtol=1e-4)
+
+
+def test_stacked_forward_equals_separate_forwards(pairs, model):
+    indices = [0, 3, 5]
+    with torch.no_grad():
+        chosen, rejected = dpo.chosen_rejected_logps(model, *dpo_batch(pairs, indices))
+        alone_chosen = model(*sft_batch(pairs, indices)).sum(dim=1)  # prompt + chosen only, its own padding
+        # the rejected rows on their own: the second half of a batch made of rejected responses only
+        swapped = copy.copy(pairs)
+        swapped.arrays = {**pairs.arrays, 'chosen_tokens': pairs.arrays['rejected_tokens'],
+                          'chosen_offsets': pairs.arrays['rejected_offsets']}
+        alone_rejected = model(*sft_batch(swapped, indices)).sum(dim=1)
+    torch.testing.assert_close(chosen, alone_chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, alone_rejected, atol=1e-5, rtol=0)
+
+
+def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
+    monkeypatch.setattr(dpo, 'batch_size', 2)
+    run = runtime.setup('cpu', 'float32', 0)
+    pairs = copy.copy(pairs)
+    pairs.path = str(tmp_path / 'pairs.npz')
+    precomputed = dpo.reference_logps(model, pairs, run)
+    cached = [p.name for p in tmp_path.iterdir()]
+    assert len(cached) == 1 and cached[0].startswith('pairs-ref-') and cached[0].endswith('-float32.npy')
+    again = dpo.reference_logps(model, pairs, run)  # read back from the file
+    assert (precomputed == again).all()
+    with torch.no_grad():
+        live = torch.stack(dpo.chosen_rejected_logps(model, *dpo_batch(pairs, list(range(len(pairs))))), dim=1)
+    torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
