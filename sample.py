@@ -14,6 +14,7 @@ import torch
 
 from configurator import configure
 from data import decode, encode
+from evaluate import sequence_logps
 from model import EOT_TOKEN, LoadError
 from runtime import DTYPES, load_model, resolve_device, resolve_dtype
 
@@ -31,6 +32,8 @@ device = 'auto'  # 'auto' (cuda if there is one, else cpu), 'cpu', 'cuda', 'cuda
 dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the forward pass (pays off for long or many samples on a GPU)
 use_cache = True  # False recomputes the whole context for every new token (for comparison only)
+ref_from = ''  # a reference model: order the samples by the implicit reward beta * log(pi / pi_ref), best first
+beta = 0.1
 # -----------------------------------------------------------------------------
 
 
@@ -64,13 +67,20 @@ def main():
     samples = model.generate([prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
     seconds = time.perf_counter() - t0
-    for i, tokens in enumerate(samples):
-        print(f"\n==================== sample {i + 1}/{num_samples}")
+    rewards = [None] * num_samples
+    if ref_from:  # "your language model is secretly a reward model": rank by beta * log(pi / pi_ref)
+        ref = load_model(ref_from, out_dir, run_device).eval().to(DTYPES[run_dtype])
+        rows = [prompt_ids] * num_samples
+        rewards = beta * (sequence_logps(model, rows, samples) - sequence_logps(ref, rows, samples))
+        order = sorted(range(num_samples), key=lambda i: -rewards[i])
+        samples, rewards = [samples[i] for i in order], [float(rewards[i]) for i in order]
+    for i, (tokens, reward) in enumerate(zip(samples, rewards)):
+        print(f"\n==================== sample {i + 1}/{num_samples}" +
+              (f" (implicit reward {reward:.3f})" if reward is not None else ""))
         print(prompt + decode([t for t in tokens if t != EOT_TOKEN]))
     n_tokens = sum(len(s) for s in samples)
     print(f"\n{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
           f"({num_samples} samples as one batch, {'with' if use_cache else 'without'} KV cache)")
-
 
 if __name__ == '__main__':
     configure(globals())

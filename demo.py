@@ -1,0 +1,87 @@
+"""
+The whole path on the embedded task, offline, on a CPU: a small GPT trained from scratch by SFT on
+the task's demonstrations, DPO on its preference pairs, then both scored on held-out prompts with
+sampled responses and the task's true reward.
+
+    python demo.py
+    python demo.py --betas=0.05,0.1,0.2,0.5 --frontier_png=frontier.png   # the reward-vs-KL frontier
+
+Each stage is the command a user would type (sft.py, dpo.py, evaluate.py with the configs in
+config/), run one after the other; the results land in out_dir/demo.json.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-demo'
+seed = 1337
+sft_iters = 600  # config/sft_synthetic.py's schedule, cut or stretched to this many steps
+dpo_iters = 300  # config/dpo_synthetic.py's
+betas = '0.1'  # one DPO run per comma-separated value
+num_prompts = 200  # held-out prompts, each answered samples_per_prompt times by each policy
+samples_per_prompt = 4
+num_pairs = 1000  # held-out pairs for the implicit reward's accuracy
+device = 'auto'
+dtype = 'auto'
+frontier_png = ''  # also draw true reward against KL for the SFT and every DPO policy
+# -----------------------------------------------------------------------------
+
+COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
+
+
+def stage(name, *command):
+    """Run one script as its own process, the way a user would, and stop the demo if it fails."""
+    print(f"\n=== {name}: python {' '.join(command)}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([sys.executable, *command], cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode != 0:
+        sys.exit(f"error: the {name} stage failed (exit code {result.returncode}); its output is above")
+    print(f"=== {name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def table(rows):
+    """A markdown table of the policies' results."""
+    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['mean_true_reward']:.3f} | {r['win_rate']:.3f} | {r['kl']:.2f} | "
+                     f"{r['preference_accuracy']:.3f} |")
+    return '\n'.join(lines)
+
+
+def main():
+    t0 = time.time()
+    system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
+    sft_dir = os.path.join(out_dir, 'sft')
+    stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
+          f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', *system)
+    policies = [('SFT', sft_dir)]
+    for beta in betas.split(','):
+        dpo_dir = os.path.join(out_dir, f'dpo-beta{beta}')
+        stage(f'DPO beta={beta}', 'dpo.py', 'config/dpo_synthetic.py', f'--init_from={sft_dir}', f'--out_dir={dpo_dir}',
+              f'--beta={beta}', f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', *system)
+        policies.append((f'DPO beta={beta}', dpo_dir))
+    rows = []
+    for name, policy_dir in policies:  # every policy against the SFT model: its reference and baseline
+        summary_path = os.path.join(policy_dir, 'summary.json')
+        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--ref_from={sft_dir}',
+              f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}', f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}',
+              f'--summary_out={summary_path}', *system)
+        with open(summary_path) as f:
+            rows.append({'policy': name, **json.load(f)})
+    with open(os.path.join(out_dir, 'demo.json'), 'w') as f:
+        json.dump({'seed': seed, 'seconds': time.time() - t0, 'policies': rows}, f, indent=2)
+    print(f"\n{table(rows)}\n\n{rows[0]['samples']} samples per policy "
+          f"({num_prompts} held-out prompts x {samples_per_prompt}); seed {seed}; {time.time() - t0:.0f} s in all")
+    if frontier_png:
+        stage('plot', 'plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()

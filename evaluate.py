@@ -1,0 +1,188 @@
+"""
+Evaluation by sampling: draw responses to held-out prompts from a checkpoint and score them.
+
+    python evaluate.py --init_from=out-dpo-synthetic --ref_from=out-sft-synthetic --baseline_from=out-sft-synthetic
+    python evaluate.py --init_from=out-dpo-hh --ref_from=out-sft-hh --prompts=prompts.jsonl --out=samples.jsonl
+
+For every sample: log pi(y|x) under the policy, and with a reference log pi_ref(y|x) and the implicit
+reward beta * (log pi - log pi_ref) (the DPO paper's "your language model is secretly a reward
+model"); on the embedded task also its true reward. The summary: mean true reward, win rate against
+the baseline's samples for the same prompts, KL to the reference estimated from the samples as the
+mean of log pi(y|x) - log pi_ref(y|x), and the held-out preference accuracy of the implicit reward.
+Samples and scores go to a JSONL file, ready for an external judge.
+"""
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import runtime
+from configurator import ConfigError, configure
+from data import DataError, EOT_TOKEN, decode, dpo_batch, encode, json_lines, load_dataset, pad_rows, string_fields
+from model import LoadError
+
+# -----------------------------------------------------------------------------
+init_from = 'out-dpo-synthetic'  # the policy: an out_dir, a GPT-2 name, hub id or hub-layout directory
+ref_from = ''  # the reference for KL and the implicit reward ('' for none)
+baseline_from = ''  # samples of this model are the other side of the win rate ('' for none)
+beta = 0.1  # of the implicit reward beta * log(pi / pi_ref)
+dataset = 'synthetic'  # held-out prompts from this source's test split, unless prompts is set
+data_path = ''
+eval_data_path = ''
+hh_subsets = 'all'
+max_length = 64  # as in training: prompts keep their last max_prompt_length tokens
+max_prompt_length = 32
+prompts = ''  # a JSONL file of {"prompt": ...} lines instead of the dataset's held-out prompts
+num_prompts = 200
+num_pairs = 1000  # held-out pairs for the implicit reward's preference accuracy
+samples_per_prompt = 4
+max_new_tokens = 48
+temperature = 1.0
+top_k = None
+top_p = None
+batch_size = 128  # rows per generation or scoring batch
+out = ''  # the samples' JSONL; '' writes samples.jsonl in init_from when it is a directory
+summary_out = ''  # also write the summary to this JSON file
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def win_rate(rewards, baseline_rewards):
+    """The share of paired samples where rewards beats baseline_rewards, a tie counting one half."""
+    a, b = np.asarray(rewards, dtype=float), np.asarray(baseline_rewards, dtype=float)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+@torch.no_grad()
+def sample_responses(model, prompt_ids, n, generator, ctx=nullcontext(), rows_per_batch=128, **sampling):
+    """n responses (token lists, ending at EOT when one was drawn) for each prompt: a list of
+    len(prompt_ids) * n, the n samples of a prompt side by side, generated rows_per_batch at a time."""
+    rows = [p for p in prompt_ids for _ in range(n)]
+    responses = []
+    for i in range(0, len(rows), rows_per_batch):
+        batch = rows[i:i + rows_per_batch]
+        room = model.config.block_size - max(map(len, batch))  # prompt + response must fit, to be scored
+        with ctx:
+            responses += model.generate(batch, generator=generator, **{**sampling, 'max_new_tokens': min(
+                sampling['max_new_tokens'], room)})
+    return responses
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_batch=128):
+    """log p(response | prompt) summed over each response's tokens, as a numpy array."""
+    device, out = model.lm_head.weight.device, []
+    for i in range(0, len(responses), rows_per_batch):
+        rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[i:i + rows_per_batch], responses[i:i + rows_per_batch])]
+        idx, targets = (t.to(device) for t in pad_rows(rows))
+        with ctx:
+            out.append(model(idx, targets).float().sum(dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def preference_accuracy(model, ref, pairs, run, n=None):
+    """Held-out accuracy of the implicit reward: how often beta * log(pi / pi_ref) ranks the chosen
+    response above the rejected one, a tie counting one half (so a policy equal to its reference
+    scores 0.5)."""
+    from dpo import chosen_rejected_logps
+    margins, n = [], min(n or len(pairs), len(pairs))
+    for i in range(0, n, batch_size // 2):
+        idx, targets = (t.to(run.device) for t in dpo_batch(pairs, range(i, min(i + batch_size // 2, n))))
+        with run.autocast:
+            chosen, rejected = chosen_rejected_logps(model, idx, targets)
+            ref_chosen, ref_rejected = chosen_rejected_logps(ref, idx, targets)
+        margins.append(((chosen - ref_chosen) - (rejected - ref_rejected)).float().cpu())
+    return win_rate(torch.cat(margins).numpy(), 0.0)
+
+
+def read_prompts(path):
+    """The 'prompt' field of each line of a JSONL file."""
+    found = [string_fields(row, ('prompt',), f"{path}, line {lineno}")[0] for lineno, row in json_lines(path)]
+    if not found:
+        raise DataError(f"{path} holds no prompts")
+    return found
+
+
+def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=None, true_reward=None):
+    """Sample, score and summarise; returns (summary dict, one record per sample)."""
+    prompt_ids = [encode(p)[-max_prompt_length:] or [EOT_TOKEN] for p in prompt_texts]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    responses = sample_responses(policy, prompt_ids, samples_per_prompt, torch.Generator(run.device).manual_seed(seed),
+                                 run.autocast, batch_size, **sampling)
+    rows = [p for p in prompt_ids for _ in range(samples_per_prompt)]
+    texts = [p for p in prompt_texts for _ in range(samples_per_prompt)]
+    records = [{'prompt': t, 'response': decode([x for x in r if x != EOT_TOKEN]), 'ended': r[-1:] == [EOT_TOKEN]}
+               for t, r in zip(texts, responses)]
+    for rec, logp in zip(records, sequence_logps(policy, rows, responses, run.autocast, batch_size)):
+        rec['logp'] = float(logp)
+    summary = {'samples': len(records)}
+    if true_reward is not None:
+        for rec in records:
+            rec['true_reward'] = true_reward(rec['prompt'], rec['response'])
+        summary['mean_true_reward'] = float(np.mean([rec['true_reward'] for rec in records]))
+    if ref is not None:
+        for rec, logp in zip(records, sequence_logps(ref, rows, responses, run.autocast, batch_size)):
+            rec['ref_logp'] = float(logp)
+            rec['implicit_reward'] = beta * (rec['logp'] - rec['ref_logp'])
+        summary['kl'] = float(np.mean([rec['logp'] - rec['ref_logp'] for rec in records]))
+        if pairs is not None:
+            summary['preference_accuracy'] = preference_accuracy(policy, ref, pairs, run, num_pairs)
+    if baseline is not None and true_reward is not None:
+        baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
+                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size, **sampling)
+        baseline_rewards = [true_reward(t, decode([x for x in r if x != EOT_TOKEN]))
+                            for t, r in zip(texts, baseline_responses)]
+        summary['win_rate'] = win_rate([rec['true_reward'] for rec in records], baseline_rewards)
+    return summary, records
+
+
+def ranking_agreement(records):
+    """How well the implicit reward ranks a prompt's samples by true reward: the true reward of the
+    sample it ranks first against the mean over all samples (what a random pick gets)."""
+    by_prompt = {}
+    for rec in records:
+        by_prompt.setdefault(rec['prompt'], []).append(rec)
+    top = [max(recs, key=lambda r: r['implicit_reward'])['true_reward'] for recs in by_prompt.values()]
+    return {'true_reward_of_top_ranked': float(np.mean(top)),
+            'true_reward_of_random': float(np.mean([r['true_reward'] for r in records]))}
+
+
+def main():
+    run = runtime.setup(device, dtype, seed)
+    policy = runtime.load_model(init_from, device=run.device).eval()
+    ref = runtime.load_model(ref_from, device=run.device).eval() if ref_from else None
+    baseline = runtime.load_model(baseline_from, device=run.device).eval() if baseline_from else None
+    pairs, true_reward = None, None
+    if prompts:
+        prompt_texts = read_prompts(prompts)[:num_prompts]
+    else:
+        pairs = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+        prompt_texts = list(dict.fromkeys(decode(pairs.get('prompt', i).tolist()) for i in range(len(pairs))))[:num_prompts]
+        if dataset == 'synthetic':
+            from synthetic import true_reward
+    summary, records = evaluate_policy(policy, prompt_texts, run, ref, baseline, pairs, true_reward)
+    if ref is not None and true_reward is not None:
+        summary.update(ranking_agreement(records))
+    path = out or os.path.join(init_from if os.path.isdir(init_from) else '.', 'samples.jsonl')
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(rec) + '\n' for rec in records)
+    os.replace(path + '.tmp', path)
+    if summary_out:
+        runtime.write_json(summary_out, summary)
+    print(json.dumps(summary, indent=2))
+    print(f"{len(records)} samples written to {path}")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    try:
+        main()
+    except (ConfigError, LoadError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,86 @@
+"""evaluate.py's numbers on hand-made cases, plot.py's pictures, and a shortened demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import runtime
+from data import tokenize_pairs
+from model import GPT, GPTConfig
+from synthetic import synthetic_pairs, true_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def test_win_rate_by_hand():
+    assert evaluate.win_rate([1.0, 0.0, 0.5, 2.0], [0.0, 0.0, 1.0, 1.0]) == (1 + 0.5 + 0 + 1) / 4
+    assert evaluate.win_rate([0.3, -1.0], [0.3, -1.0]) == 0.5  # all ties
+
+
+def test_ranking_agreement_by_hand():
+    records = [{'prompt': 'a', 'implicit_reward': 2.0, 'true_reward': 1.0},
+               {'prompt': 'a', 'implicit_reward': 1.0, 'true_reward': 0.0},
+               {'prompt': 'b', 'implicit_reward': -1.0, 'true_reward': 0.2},
+               {'prompt': 'b', 'implicit_reward': 3.0, 'true_reward': 0.6}]
+    assert evaluate.ranking_agreement(records) == {'true_reward_of_top_ranked': (1.0 + 0.6) / 2,
+                                                   'true_reward_of_random': (1.0 + 0.0 + 0.2 + 0.6) / 4}
+
+
+def test_a_policy_equal_to_its_reference_and_baseline():
+    """KL 0 and implicit reward 0 on every sample, win rate 0.5 against itself, accuracy 0.5."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    pairs = tokenize_pairs(synthetic_pairs(10, seed=5), 64, 32)
+    prompts = [p['prompt'] for p in synthetic_pairs(3, seed=6)]
+    run = runtime.setup('cpu', 'float32', 0)
+    summary, records = evaluate.evaluate_policy(model, prompts, run, ref=model, baseline=model, pairs=pairs,
+                                                true_reward=true_reward)
+    assert summary['samples'] == len(records) == 3 * evaluate.samples_per_prompt
+    assert summary['kl'] == 0.0 and all(r['implicit_reward'] == 0.0 for r in records)
+    assert summary['win_rate'] == 0.5 and summary['preference_accuracy'] == 0.5
+    assert summary['mean_true_reward'] == pytest.approx(sum(r['true_reward'] for r in records) / len(records))
+    assert all(r['true_reward'] == true_reward(r['prompt'], r['response']) for r in records)
+
+
+def test_bad_prompt_file_names_the_line(tmp_path):
+    path = tmp_path / 'p.jsonl'
+    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(evaluate.DataError, match=r"p\.jsonl, line 2: missing field 'prompt'"):
+        evaluate.read_prompts(str(path))
+
+
+def test_plots_write_pngs(tmp_path):
+    import plot
+    metrics = tmp_path / 'metrics.jsonl'
+    metrics.write_text(''.join(json.dumps(r) + '\n' for r in [
+        {'iter': 0, 'eval/loss': 0.69, 'eval/rewards/accuracies': 0.5},
+        {'iter': 1, 'loss': 0.6, 'rewards/accuracies': 0.7, 'rewards/margins': 0.1},
+        {'iter': 2, 'loss': 0.5, 'rewards/accuracies': 0.8, 'rewards/margins': 0.3, 'eval/loss': 0.55}]))
+    plot.plot_curves(str(metrics), str(tmp_path / 'curves.png'))
+    demo = tmp_path / 'demo.json'
+    demo.write_text(json.dumps({'policies': [{'policy': 'SFT', 'kl': 0.0, 'mean_true_reward': 0.3},
+                                             {'policy': 'DPO beta=0.1', 'kl': 2.0, 'mean_true_reward': 0.6}]}))
+    plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
+    for name in ('curves.png', 'frontier.png'):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_shortened_demo_end_to_end(tmp_path):
+    out = tmp_path / 'demo'
+    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4',
+                             '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
+                             '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '| policy | mean true reward | win rate vs SFT | KL to reference | held-out reward accuracy |' in result.stdout
+    with open(out / 'demo.json') as f:
+        rows = json.load(f)['policies']
+    assert [r['policy'] for r in rows] == ['SFT', 'DPO beta=0.1']
+    assert rows[0]['kl'] == 0.0 and rows[0]['win_rate'] == 0.5 and rows[0]['preference_accuracy'] == 0.5
+    assert (tmp_path / 'frontier.png').read_bytes()[:8] == PNG
