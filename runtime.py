@@ -224,14 +224,13 @@ PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs a
 }
 
 
-def device_peak_flops(device, dtype):
+def device_peak_flops(device, dtype, n=1024, reps=8):
     """The peak that MFU is measured against: a GPU's published figure, or, on a CPU, the rate of a
     large matmul measured here in the same dtype (a CPU has no one published figure)."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         return peak / 2 if peak and dtype == 'float32' else peak
-    n, reps = 1024, 8
     generator = torch.Generator().manual_seed(0)  # its own: the run's RNG stream stays as it was
     a, b = (torch.randn(n, n, dtype=DTYPES[dtype], generator=generator) for _ in range(2))
     a @ b  # warm up

@@ -1,0 +1,21 @@
+"""bench.py runs (tiny model, one step each) and reports what it promises; no timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_reports_every_step():
+    result = subprocess.run([sys.executable, 'bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
+                             '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s['step'] for s in report['steps']] == ['dpo', 'dpo_precomputed', 'sft', 'sample with KV cache',
+                                                    'sample without KV cache']
+    assert all(s['tokens_per_sec'] > 0 for s in report['steps'])
+    assert all(0 < s['mfu'] and s['pairs_per_sec'] > 0 for s in report['steps'][:3])
+    assert 0 <= report['padding'] < report['padding_plain'] < 1  # grouping by length pads less
