@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from bench import SHAPES
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -30,9 +31,6 @@ dtype = 'float32'  # 'float32' or 'bfloat16'
 out_dir = 'out-bench-trl'
 seed = 1337
 # -----------------------------------------------------------------------------
-
-SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024)}
-
 
 def make_pairs(path, rng):
     """prompt/chosen/rejected texts of single-token words: prompts ~160 tokens (at most 250),

@@ -99,6 +99,11 @@ def decode(tokens):
     return get_tokenizer().decode(tokens)
 
 
+def response_text(tokens):
+    """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
+    return decode([t for t in tokens if t != EOT_TOKEN])
+
+
 # -------------------------------------------------------------------- sources
 
 HH_REPO = 'Anthropic/hh-rlhf'

@@ -17,7 +17,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from configurator import ConfigError, config_keys, configure
@@ -190,9 +189,8 @@ def reference_logps(ref, data, run):
     out = np.zeros((len(data), 2), dtype=np.float32)
     out[indices.cpu().numpy()] = values.cpu().numpy()
     if run.master:
-        with open(path + '.tmp', 'wb') as f:
+        with runtime.atomic_open(path, 'wb') as f:
             np.save(f, out)
-        os.replace(path + '.tmp', path)
     return out
 
 
@@ -220,14 +218,13 @@ def main(config):
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         group_by_length=group_by_length)
-    optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
-    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
+    optimizer, scaler, iter_num = runtime.optimizer_and_scaler(policy, checkpoint, loader, run, weight_decay,
+                                                               learning_rate, (beta1, beta2))
     start_iter, raw_policy = iter_num, policy  # the unwrapped model is the one saved
     if compile:
         policy = torch.compile(policy)
         ref = torch.compile(ref) if ref is not None else None
-    ddp_policy = DDP(policy, device_ids=[run.local_rank] if run.device_type == 'cuda' else None) if run.ddp else policy
+    ddp_policy = runtime.wrap_ddp(policy, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.device_peak_flops(run.device, run.dtype)
     pairs_per_step = batch_size * gradient_accumulation_steps * run.world_size
@@ -243,11 +240,8 @@ def main(config):
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            log.log(iter_num, metrics)
-            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # after all ranks' evaluate
-            if iter_num > start_iter and run.master:
-                runtime.save_checkpoint(runtime.training_state(raw_policy, optimizer, scaler, iter_num, loader, config),
-                                        os.path.join(out_dir, 'ckpt.pt'))
+            state = runtime.training_state(raw_policy, optimizer, scaler, iter_num, loader, config) if iter_num > start_iter else None
+            runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
         if iter_num >= max_iters:
             break
         lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

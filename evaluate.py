@@ -22,7 +22,8 @@ import torch
 
 import runtime
 from configurator import ConfigError, configure
-from data import DataError, EOT_TOKEN, decode, dpo_batch, encode, json_lines, load_dataset, pad_rows, string_fields
+from data import (DataError, EOT_TOKEN, decode, dpo_batch, encode, json_lines, load_dataset, pad_rows, response_text,
+                  string_fields)
 from model import LoadError
 
 # -----------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
                                  run.autocast, batch_size, **sampling)
     rows = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     texts = [p for p in prompt_texts for _ in range(samples_per_prompt)]
-    records = [{'prompt': t, 'response': decode([x for x in r if x != EOT_TOKEN]), 'ended': r[-1:] == [EOT_TOKEN]}
+    records = [{'prompt': t, 'response': response_text(r), 'ended': r[-1:] == [EOT_TOKEN]}
                for t, r in zip(texts, responses)]
     for rec, logp in zip(records, sequence_logps(policy, rows, responses, run.autocast, batch_size)):
         rec['logp'] = float(logp)
@@ -137,7 +138,7 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
     if baseline is not None and true_reward is not None:
         baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
                                               torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size, **sampling)
-        baseline_rewards = [true_reward(t, decode([x for x in r if x != EOT_TOKEN]))
+        baseline_rewards = [true_reward(t, response_text(r))
                             for t, r in zip(texts, baseline_responses)]
         summary['win_rate'] = win_rate([rec['true_reward'] for rec in records], baseline_rewards)
     return summary, records
@@ -171,9 +172,8 @@ def main():
     if ref is not None and true_reward is not None:
         summary.update(ranking_agreement(records))
     path = out or os.path.join(init_from if os.path.isdir(init_from) else '.', 'samples.jsonl')
-    with open(path + '.tmp', 'w') as f:
+    with runtime.atomic_open(path) as f:
         f.writelines(json.dumps(rec) + '\n' for rec in records)
-    os.replace(path + '.tmp', path)
     if summary_out:
         runtime.write_json(summary_out, summary)
     print(json.dumps(summary, indent=2))

@@ -8,12 +8,13 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig, LoadError
 
@@ -63,20 +64,26 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
 
 
-def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file in the same directory, flushed to disk, then renamed over
-    path: a crash at any moment leaves either the old checkpoint or the new one, never half."""
+@contextmanager
+def atomic_open(path, mode='w'):
+    """A file to write path through: written under path + '.tmp', flushed to disk, then renamed
+    over path, so a crash at any moment leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(checkpoint, f)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, path):
+    with atomic_open(path, 'wb') as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -115,20 +122,40 @@ def training_state(raw_model, optimizer, scaler, iter_num, loader, config):
                 config=config)
 
 
-def restore_training_state(checkpoint, optimizer, scaler, loader):
-    """Put a checkpoint's optimizer, scaler, data order and RNG states back; returns its iteration."""
+def optimizer_and_scaler(model, checkpoint, loader, run, weight_decay, learning_rate, betas):
+    """(optimizer, scaler, iteration): AdamW and the fp16 GradScaler, and when resuming, the
+    checkpoint's optimizer, scaler, data order and RNG states put back (the iteration is 0 otherwise)."""
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
+    if checkpoint is None:
+        return optimizer, scaler, 0
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
     set_rng_states(checkpoint['rng'])
-    return checkpoint['iter_num']
+    return optimizer, scaler, checkpoint['iter_num']
+
+
+def wrap_ddp(model, run):
+    """The model the training forward goes through: DDP-wrapped under torchrun, else itself."""
+    if not run.ddp:
+        return model
+    return DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None)
+
+
+def log_eval_and_save(log, iter_num, metrics, run, out_dir, state=None):
+    """Log the held-out metrics, stop (all ranks) on a non-finite held-out loss, and only then let
+    the master save state, if given, as out_dir/ckpt.pt: a checkpoint never holds weights that an
+    earlier step broke."""
+    log.log(iter_num, metrics)
+    stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')
+    if state is not None and run.master:
+        save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    with atomic_open(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
 
 
 # -------------------------------------------------------------------- training set-up
@@ -270,9 +297,8 @@ class MetricLog:
         if start_iter > 0 and os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if json.loads(line)['iter'] <= start_iter]
-            with open(self.path + '.tmp', 'w') as f:
+            with atomic_open(self.path) as f:
                 f.writelines(kept)
-            os.replace(self.path + '.tmp', self.path)
         elif start_iter == 0 and os.path.exists(self.path):
             os.remove(self.path)  # a new run in this out_dir
         if wandb_log:

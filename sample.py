@@ -13,7 +13,7 @@ import time
 import torch
 
 from configurator import configure
-from data import decode, encode
+from data import encode, response_text
 from evaluate import sequence_logps
 from model import EOT_TOKEN, LoadError
 from runtime import DTYPES, load_model, resolve_device, resolve_dtype
@@ -77,7 +77,7 @@ def main():
     for i, (tokens, reward) in enumerate(zip(samples, rewards)):
         print(f"\n==================== sample {i + 1}/{num_samples}" +
               (f" (implicit reward {reward:.3f})" if reward is not None else ""))
-        print(prompt + decode([t for t in tokens if t != EOT_TOKEN]))
+        print(prompt + response_text(tokens))
     n_tokens = sum(len(s) for s in samples)
     print(f"\n{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
           f"({num_samples} samples as one batch, {'with' if use_cache else 'without'} KV cache)")

@@ -11,7 +11,6 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from configurator import ConfigError, config_keys, configure
@@ -113,13 +112,12 @@ def main(config):
     eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
-    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
+    optimizer, scaler, iter_num = runtime.optimizer_and_scaler(model, checkpoint, loader, run, weight_decay,
+                                                               learning_rate, (beta1, beta2))
     start_iter, raw_model = iter_num, model  # the unwrapped model is the one saved
     if compile:
         model = torch.compile(model)
-    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None) if run.ddp else model
+    ddp_model = runtime.wrap_ddp(model, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.device_peak_flops(run.device, run.dtype)
     per_step = batch_size * gradient_accumulation_steps * run.world_size
@@ -134,11 +132,8 @@ def main(config):
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            log.log(iter_num, metrics)
-            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # after all ranks' evaluate
-            if iter_num > start_iter and run.master:
-                runtime.save_checkpoint(runtime.training_state(raw_model, optimizer, scaler, iter_num, loader, config),
-                                        os.path.join(out_dir, 'ckpt.pt'))
+            state = runtime.training_state(raw_model, optimizer, scaler, iter_num, loader, config) if iter_num > start_iter else None
+            runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
         if iter_num >= max_iters:
             break
         lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

@@ -1,7 +1,6 @@
 """model.py against transformers' GPT2LMHeadModel, against itself by a second code path, and
 against hand-computed values."""
 
-import math
 import os
 import shutil
 
