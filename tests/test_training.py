@@ -102,6 +102,8 @@ def test_precomputed_reference_trains_like_the_live_one(sft_dir, tmp_path):
     for a, b in zip(metrics(live), metrics(pre)):
         assert a.keys() == b.keys()
         for k in a:
+            if k.endswith('accuracies') and abs(a[k.replace('accuracies', 'margins')]) < 1e-6:
+                continue  # step 0, policy = reference: every margin a tie, and a tie broken by rounding either way
             assert a[k] == pytest.approx(b[k], abs=1e-4), k
 
 
