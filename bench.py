@@ -11,7 +11,9 @@ large matmul measured here, in the same dtype), peak memory and the padding frac
 """
 
 import json
-import resource
+import os
+import re
+import threading
 import time
 
 import numpy as np
@@ -31,6 +33,7 @@ lengths = 'hh'  # 'hh': prompts ~160 tokens with a long tail, responses ~70; or 
 max_length = 512
 max_prompt_length = 256
 group_by_length = True
+pack = False  # several sequences a row with block-diagonal attention (dpo.py's and sft.py's pack)
 steps = 5  # timed steps of each kind, after warmup_steps
 warmup_steps = 2
 sample_tokens = 256  # new tokens for the sampling benchmark (batch of 1)
@@ -38,6 +41,7 @@ what = 'dpo,dpo_precomputed,sft,sample'
 device = 'auto'
 dtype = 'auto'
 compile = False
+profile = False  # also profile three steps of the first of what, and print where the time goes
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -62,12 +66,12 @@ def random_pairs(n, rng):
 
 
 def timed(step, run):
-    """Seconds per call of step() after warmup_steps calls, and what step returned (FLOPs, pairs, tokens)."""
+    """Seconds per call of step() after warmup_steps calls, and the mean of what step returned (FLOPs, pairs, tokens, targets)."""
     for _ in range(warmup_steps):
         step()
     if run.device_type == 'cuda':
         torch.cuda.synchronize()
-    t0, totals = time.perf_counter(), np.zeros(3)
+    t0, totals = time.perf_counter(), np.zeros(4)
     for _ in range(steps):
         totals += step()
     if run.device_type == 'cuda':
@@ -75,8 +79,98 @@ def timed(step, run):
     return (time.perf_counter() - t0) / steps, totals / steps
 
 
+def resident_bytes():
+    """This process's resident memory now (Linux), or 0 where /proc is not there."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return 0
+
+
+def memory_accounting(step, indices, models, optimizer, run):
+    """One more step, on the batch indices, with the tensors autograd saves for backward counted.
+
+    need: what the step cannot do without: the tensors alive before it (the weights of the policy
+    and the reference, AdamW's state), the gradients, and the saved tensors (activations, autocast's
+    low-precision weight copies, the one copy of the logits at the target positions). peak: the
+    allocator's peak on CUDA; on a CPU the resident memory, polled every millisecond during the step,
+    less what the process held before the models were built (coarse: malloc's kept pages count)."""
+    policy = models[0]
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    saved = {}
+
+    def pack(t):  # a storage counted once, however many tensors view it; the weights themselves are not new
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    tensor_bytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    grads = tensor_bytes(p for p in policy.parameters() if p.requires_grad)
+    peak, done = [0], threading.Event()
+    if run.device_type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        alive = torch.cuda.memory_allocated()
+    else:
+        alive = tensor_bytes(t for m in models for t in m.state_dict().values()) + tensor_bytes(
+            t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+
+        def poll():
+            while not done.is_set():
+                peak[0] = max(peak[0], resident_bytes() - BASELINE_RSS)
+                time.sleep(0.001)
+        poller = threading.Thread(target=poll)
+        poller.start()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, pairs, _, n_targets = step(indices)
+    if run.device_type == 'cuda':
+        peak[0] = torch.cuda.max_memory_allocated()
+    else:
+        done.set()
+        poller.join()
+    need = alive + grads + sum(saved.values())
+    logits = n_targets * policy.config.vocab_size * (2 if run.dtype in ('bfloat16', 'float16') else 4)
+    return dict(peak_GB=peak[0] / 1e9, need_GB=need / 1e9, peak_over_need=peak[0] / need,
+                saved_MB_per_pair=sum(saved.values()) / pairs / 1e6, logits_MB_per_pair=logits / pairs / 1e6)
+
+
+def profile_step(step, run):
+    """Where the time of three steps goes: torch.profiler's busiest operators (by their own time on
+    the device: GPU kernels on CUDA, CPU time on a CPU), and the share of a few kinds of work."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = run.device_type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    kinds = {'matmul': r'gemm|matmul|\bmm\b|addmm|linear|cutlass|sm90_xmma|nvjet', 'attention': r'flash|fmha|attention|sdpa',
+             'optimizer': r'adam', 'log-probs (logsumexp, exp, gather)': r'logsumexp|exp|gather|scatter|softmax',
+             'copies and casts': r'copy|cast|to_copy|contiguous|cat'}
+    totals, whole = dict.fromkeys(kinds, 0.0), 0.0
+    for event in prof.key_averages():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # CPU-side operators: their kernels are counted on the device
+        t = event.self_device_time_total if cuda else event.self_cpu_time_total
+        whole += t
+        kind = next((k for k, pattern in kinds.items() if re.search(pattern, event.key, re.IGNORECASE)), None)
+        if kind:
+            totals[kind] += t
+    print('where the time goes: ' + ', '.join(f"{k} {v / whole:.0%}" for k, v in totals.items())
+          + f", other {1 - sum(totals.values()) / whole:.0%}")
+
+
+BASELINE_RSS = resident_bytes()  # the interpreter and its libraries, before any model
+
+
 def main():
     run = runtime.setup(device, dtype, seed)
+    dpo.pack = sft.pack = pack
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
@@ -88,38 +182,43 @@ def main():
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)
     peak_flops = runtime.device_peak_flops(run.device, run.dtype, n=2048 if run.device_type == 'cpu' else 1024)
     results = {'model': model, 'params_M': policy.num_params() / 1e6, 'device': run.device, 'dtype': run.dtype,
-               'batch_size': batch_size, 'lengths': lengths, 'compile': compile, 'peak_tflops': (peak_flops or 0) / 1e12,
-               'padding': dpo_padding(data, loader.epoch_batches(0)),
-               'padding_plain': dpo_padding(data, PairLoader(data.pair_lengths(), batch_size).epoch_batches(0))}
+               'batch_size': batch_size, 'lengths': lengths, 'group_by_length': group_by_length, 'pack': pack,
+               'compile': compile, 'peak_tflops': (peak_flops or 0) / 1e12}
+    plain, grouped = (PairLoader(data.pair_lengths(), batch_size, seed, group_by_length=g).epoch_batches(0) for g in (False, True))
+    results['padding'] = {'plain': dpo_padding(data, plain), 'grouped': dpo_padding(data, grouped),
+                          'plain_packed': dpo_padding(data, plain, True), 'grouped_packed': dpo_padding(data, grouped, True)}
     rows = []
 
     def dpo_step(precomputed):
-        def step():
-            indices = next(loader)
-            losses, _, (n_tokens, n_targets, T) = dpo.pair_step(step_model, step_ref, ref_logps if precomputed else None,
-                                                                data, indices, run)
+        def step(indices=None):
+            indices = next(loader) if indices is None else indices
+            losses, _, (n_tokens, n_targets, attended) = dpo.pair_step(
+                step_model, step_ref, ref_logps if precomputed else None, data, indices, run)
             scaler.scale(losses.mean()).backward()
             runtime.optimizer_step(step_model, optimizer, scaler, 1.0)
-            flops = policy.flops(n_tokens, n_targets, T) + (0 if precomputed else policy.flops(n_tokens, n_targets, T, False))
-            return flops, len(indices), n_tokens
+            flops = policy.flops(n_tokens, n_targets, attended, True) + (
+                0 if precomputed else policy.flops(n_tokens, n_targets, attended, False))
+            return flops, len(indices), n_tokens, n_targets
         return step
 
-    def sft_train_step():
-        indices = next(loader)
-        loss, _, (n_tokens, n_targets, T) = sft.sft_step(step_model, data, indices, run)
+    def sft_train_step(indices=None):
+        indices = next(loader) if indices is None else indices
+        loss, _, (n_tokens, n_targets, attended) = sft.sft_step(step_model, data, indices, run)
         scaler.scale(loss).backward()
         runtime.optimizer_step(step_model, optimizer, scaler, 1.0)
-        return policy.flops(n_tokens, n_targets, T), len(indices), n_tokens
+        return policy.flops(n_tokens, n_targets, attended), len(indices), n_tokens, n_targets
 
+    # the batch with the most cells, for the memory accounting: the step whose memory is the largest
+    largest = max(loader.epoch_batches(0), key=lambda b: len(b) * (data.lengths('prompt')[b] + np.maximum(
+        data.lengths('chosen')[b], data.lengths('rejected')[b])).max())
     steps_to_run = {'dpo': dpo_step(False), 'dpo_precomputed': dpo_step(True), 'sft': sft_train_step}
     for name in [w for w in what.split(',') if w in steps_to_run]:
-        if run.device_type == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
-        seconds, (flops, pairs, tokens) = timed(steps_to_run[name], run)
-        memory = (torch.cuda.max_memory_allocated() if run.device_type == 'cuda'
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: the process's peak RSS
+        seconds, (flops, pairs, tokens, _) = timed(steps_to_run[name], run)
         rows.append(dict(step=name, seconds=seconds, pairs_per_sec=pairs / seconds, tokens_per_sec=tokens / seconds,
-                         mfu=flops / seconds / peak_flops if peak_flops else float('nan'), peak_memory_GB=memory / 1e9))
+                         mfu=flops / seconds / peak_flops if peak_flops else float('nan'),
+                         **memory_accounting(steps_to_run[name], largest, (policy, ref), optimizer, run)))
+    if profile:
+        profile_step(steps_to_run[what.split(',')[0]], run)
     if 'sample' in what:
         policy.eval()
         prompt = [list(range(1000, 1010))]
@@ -132,13 +231,18 @@ def main():
             rows.append(dict(step=f"sample {'with' if use_cache else 'without'} KV cache", seconds=seconds,
                              tokens_per_sec=len(out[0]) / seconds))
     results['steps'] = rows
-    print(f"{model} ({results['params_M']:.0f}M), {run.device}, {run.dtype}, batch {batch_size} pairs, lengths {lengths}; "
-          f"peak {results['peak_tflops']:.2f} TFLOP/s; padding {results['padding']:.1%} "
-          f"({results['padding_plain']:.1%} without grouping by length)")
-    print(f"{'step':<28}{'s/step':>9}{'pairs/s':>10}{'tokens/s':>11}{'MFU':>8}{'peak mem GB':>13}")
+    pad = results['padding']
+    print(f"{model} ({results['params_M']:.0f}M), {run.device}, {run.dtype}, batch {batch_size} pairs, lengths {lengths}, "
+          f"group_by_length {group_by_length}, pack {pack}; peak {results['peak_tflops']:.2f} TFLOP/s")
+    print(f"DPO padding: plain {pad['plain']:.1%}, grouped by length {pad['grouped']:.1%}, packed {pad['plain_packed']:.1%}, "
+          f"grouped and packed {pad['grouped_packed']:.1%}")
+    print(f"{'step':<26}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'MFU':>7}{'peak GB':>9}{'need GB':>9}{'ratio':>7}"
+          f"{'act MB/pair':>13}{'logits MB/pair':>16}")
+    nan = float('nan')
     for r in rows:
-        print(f"{r['step']:<28}{r['seconds']:>9.3f}{r.get('pairs_per_sec', float('nan')):>10.2f}"
-              f"{r['tokens_per_sec']:>11.1f}{r.get('mfu', float('nan')):>8.1%}{r.get('peak_memory_GB', float('nan')):>13.2f}")
+        print(f"{r['step']:<26}{r['seconds']:>8.3f}{r.get('pairs_per_sec', nan):>9.2f}{r['tokens_per_sec']:>10.1f}"
+              f"{r.get('mfu', nan):>7.1%}{r.get('peak_GB', nan):>9.2f}{r.get('need_GB', nan):>9.2f}"
+              f"{r.get('peak_over_need', nan):>7.2f}{r.get('saved_MB_per_pair', nan):>13.1f}{r.get('logits_MB_per_pair', nan):>16.1f}")
     print(json.dumps(results))
 
 

@@ -28,6 +28,8 @@ steps = 6
 warmup_steps = 2
 n_pairs = 256
 dtype = 'float32'  # 'float32' or 'bfloat16'
+pack = False  # ours with packed rows (TRL's own padding-free mode needs flash-attention-2, not on a CPU)
+compile = False  # ours compiled (TRL runs eager)
 out_dir = 'out-bench-trl'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -85,7 +87,8 @@ def run_ours(weights_dir, pairs_path):
                              f'--data_path={pairs_path}', f'--eval_data_path={pairs_path}', f'--batch_size={batch_size}',
                              '--gradient_accumulation_steps=1', f'--max_iters={steps}', '--log_interval=1',
                              '--eval_interval=100000', '--eval_iters=1', '--learning_rate=1e-6', '--warmup_iters=0',
-                             '--group_by_length=False', f'--dtype={dtype}', f'--out_dir={ours_dir}', f'--seed={seed}'],
+                             '--group_by_length=False', f'--pack={pack}', f'--compile={compile}', f'--dtype={dtype}',
+                             f'--out_dir={ours_dir}', f'--seed={seed}'],
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
@@ -105,10 +108,12 @@ def main():
     make_pairs(pairs_path, np.random.default_rng(seed))
     ours = run_ours(weights_dir, pairs_path)
     trl = run_trl(weights_dir, pairs_path)
-    print(f"\n{model}, {dtype}, {batch_size} pairs per step, live reference, {steps - warmup_steps} timed steps")
+    print(f"\n{model}, {dtype}, {batch_size} pairs per step, live reference, {steps - warmup_steps} timed steps, "
+          f"ours with pack={pack} compile={compile}")
     print(f"| implementation | s/step | pairs/s |\n|---|---|---|\n| TRL DPOTrainer | {trl:.2f} | {batch_size / trl:.2f} |\n"
           f"| dpo.py | {ours:.2f} | {batch_size / ours:.2f} |\nspeed-up: {trl / ours:.2f}x")
-    print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'trl_s_per_step': trl, 'ours_s_per_step': ours}))
+    print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'pack': pack, 'compile': compile,
+                      'trl_s_per_step': trl, 'ours_s_per_step': ours}))
 
 
 if __name__ == '__main__':

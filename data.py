@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -388,39 +389,107 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
 
 # -------------------------------------------------------------------- batches
 
-def pad_rows(rows):
-    """(idx, targets), each (N, T) int64, from N (prompt, response) token arrays: a row is the
-    sequence without its last token; targets are shifted by one, -1 on the prompt and the padding,
-    so row n's log-prob summed over targets != -1 is exactly log p(response | prompt), EOS included.
-    T is the longest row of this batch, no more."""
-    T = max(len(p) + len(r) for p, r in rows) - 1
-    idx = np.full((len(rows), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
-    targets = np.full((len(rows), T), -1, dtype=np.int64)
-    for n, (prompt, response) in enumerate(rows):
-        seq = np.concatenate([prompt, response])
-        idx[n, :len(seq) - 1] = seq[:-1]
-        targets[n, len(prompt) - 1:len(seq) - 1] = response  # position t predicts token t + 1
-    return torch.from_numpy(idx), torch.from_numpy(targets)
+class Batch(NamedTuple):
+    """Rows for one forward pass over n (prompt, response) sequences, padded or packed.
+
+    idx, targets: (R, T) int64; a row holds sequences without their last token, targets are the
+    next tokens, -1 on prompts and padding, so summing a sequence's log-probs over its targets gives
+    exactly log p(response | prompt), EOS included.
+    position_ids, attn_mask: None for padded rows (one sequence a row, from position 0: plain causal
+    attention); for packed rows (R, T) positions restarting at 0 for each sequence, and a (R, 1, T, T)
+    block-diagonal causal mask, so that no sequence sees another.
+    segments: (R, T) which of the n sequences each cell holds, -1 on padding.
+    lengths: (n,) numpy, the tokens of each sequence's row (prompt + response - 1).
+    """
+    idx: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    segments: torch.Tensor
+    lengths: np.ndarray
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(*(move(t) for t in self[:5]), self.lengths)
+
+    def sequence_sums(self, values):
+        """(n,) sums of (R, T) per-cell values over each sequence's cells. Padding cells go to sequence 0:
+        the values summed here (log-probs, target counts) are exactly 0 there."""
+        out = values.new_zeros(len(self.lengths))
+        return out.index_add_(0, self.segments.clamp(min=0).flatten(), values.flatten())  # (n,)
+
+    def flops_shape(self):
+        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: a token
+        attends over its own sequence, so attention's cost is sum(lengths^2) = tokens * attended length."""
+        tokens = int(self.lengths.sum())
+        return tokens, int((self.targets != -1).sum()), float((self.lengths ** 2).sum() / tokens)
 
 
-def dpo_batch(data, indices):
-    """(idx, targets) of shape (2B, T) for B pairs: the B chosen rows, then the B rejected rows."""
-    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
+def row_lengths(rows):
+    """Tokens of each (prompt, response) sequence's row: the sequence without its last token."""
+    return np.array([len(p) + len(r) - 1 for p, r in rows], dtype=np.int64)
 
 
-def sft_batch(data, indices):
-    """(idx, targets) of shape (B, T): prompt + chosen response, loss on the response only."""
-    return pad_rows([(data.get('prompt', i), data.get('chosen', i)) for i in indices])
+def pack_bins(lengths):
+    """Sequences of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
+    each a list of sequence numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
+    capacity, rows, room = max(lengths), [], []
+    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        fit = next((r for r in range(len(rows)) if room[r] >= lengths[n]), None)
+        if fit is None:
+            rows.append([]), room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(n)
+        room[fit] -= lengths[n]
+    return rows
 
 
-def dpo_padding(data, batches):
-    """The share of padding among all cells of the DPO batches (2B rows, padded to their longest)."""
+def pad_rows(rows, pack=False):
+    """A Batch of (prompt, response) token arrays: one sequence a row, padded at the end to the
+    longest; with pack, as many sequences a row as fit in the longest's length (pack_bins)."""
+    lengths = row_lengths(rows)
+    bins = pack_bins(lengths) if pack else [[n] for n in range(len(rows))]
+    T = max(lengths)
+    idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
+    targets, segments = np.full((len(bins), T), -1, dtype=np.int64), np.full((len(bins), T), -1, dtype=np.int64)
+    positions = np.zeros((len(bins), T), dtype=np.int64)
+    for row, members in enumerate(bins):
+        start = 0
+        for n in members:
+            (prompt, response), end = rows[n], start + lengths[n]
+            idx[row, start:end] = np.concatenate([prompt, response])[:-1]
+            targets[row, start + len(prompt) - 1:end] = response  # position t predicts token t + 1
+            segments[row, start:end], positions[row, start:end] = n, np.arange(lengths[n])
+            start = end
+    segments = torch.from_numpy(segments)
+    position_ids = attn_mask = None
+    if pack:
+        position_ids = torch.from_numpy(positions)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, T, T)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, segments, lengths)
+
+
+def dpo_batch(data, indices, pack=False):
+    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected."""
+    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices],
+                    pack)
+
+
+def sft_batch(data, indices, pack=False):
+    """A Batch of B sequences: prompt + chosen response, loss on the response only."""
+    return pad_rows([(data.get('prompt', i), data.get('chosen', i)) for i in indices], pack)
+
+
+def dpo_padding(data, batches, pack=False):
+    """The share of padding among all cells of the DPO batches (2B sequences, padded or packed)."""
     rows = {f: data.lengths('prompt') + data.lengths(f) - 1 for f in ('chosen', 'rejected')}  # row lengths
-    real = padded = 0
+    real = cells = 0
     for b in batches:
         lengths = np.concatenate([rows['chosen'][b], rows['rejected'][b]])
-        real, padded = real + lengths.sum(), padded + len(lengths) * lengths.max()
-    return 1.0 - real / padded
+        n_rows = len(pack_bins(lengths)) if pack else len(lengths)
+        real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
+    return 1.0 - real / cells
 
 
 class PairLoader:

@@ -36,6 +36,7 @@ hh_subsets = 'all'  # dataset='hh': 'all' or a comma-separated list of subsets
 max_length = 512  # prompt + response tokens
 max_prompt_length = 256
 group_by_length = True  # batches of pairs of similar length: less padding
+pack = False  # several sequences a row (block-diagonal causal attention) instead of one padded row each: less padding still
 # the loss
 beta = 0.1  # the KL penalty's strength: the reward is beta * log(pi / pi_ref)
 loss_type = 'sigmoid'  # 'sigmoid' (DPO), 'ipo', 'hinge' or 'simpo'
@@ -109,10 +110,11 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def chosen_rejected_logps(model, idx, targets):
-    """One forward over the stacked (2B, T) batch: summed response log-probs, (B,) chosen and (B,) rejected."""
-    logps = model(idx, targets).sum(dim=1)  # (2B,)
-    return logps.chunk(2)
+def chosen_rejected_logps(model, batch):
+    """One forward over the batch of 2B sequences (padded or packed): summed response log-probs,
+    (B,) chosen and (B,) rejected."""
+    logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
+    return batch.sequence_sums(logps).chunk(2)
 
 
 def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
@@ -127,22 +129,21 @@ def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected
 def pair_step(model, ref, ref_logps, data, indices, run):
     """Losses (B,) and metric sums of the pairs indices: the policy's forward over chosen and
     rejected together, the reference's under no_grad (or its precomputed log-probs). Also returns
-    the batch's (tokens, targets, T) for the FLOPs count."""
-    idx, targets = (t.to(run.device, non_blocking=True) for t in dpo_batch(data, indices))
+    the batch's (tokens, targets, attended length) for the FLOPs count."""
+    batch = dpo_batch(data, indices, pack).to(run.device)
     with run.autocast:
-        chosen_logps, rejected_logps = chosen_rejected_logps(model, idx, targets)
+        chosen_logps, rejected_logps = chosen_rejected_logps(model, batch)
         if ref_logps is not None:
             ref_chosen, ref_rejected = torch.from_numpy(ref_logps[indices]).to(run.device).unbind(1)
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = chosen_rejected_logps(ref, idx, targets)
-        lengths = (targets != -1).sum(dim=1).chunk(2)  # response tokens, EOS included
+                ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
+        lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # response tokens, EOS included
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
             rpo_alpha, simpo_gamma, *lengths)
     sums = metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-    real_tokens = int((targets != -1).sum() + sum(len(data.get('prompt', i)) - 1 for i in indices) * 2)
-    return losses, sums, (real_tokens, int((targets != -1).sum()), idx.size(1))
+    return losses, sums, batch.flops_shape()
 
 
 @torch.no_grad()
@@ -177,9 +178,9 @@ def reference_logps(ref, data, run):
     indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
     values = []
     for share in shares:
-        idx, targets = (t.to(run.device) for t in dpo_batch(data, share))
+        batch = dpo_batch(data, share, pack).to(run.device)
         with run.autocast:
-            values.append(torch.stack(chosen_rejected_logps(ref, idx, targets), dim=1).float())  # (b, 2)
+            values.append(torch.stack(chosen_rejected_logps(ref, batch), dim=1).float())  # (b, 2)
     values = torch.cat(values)
     if run.ddp:  # every rank holds an equal share: gather them all
         gathered = [(torch.empty_like(indices), torch.empty_like(values)) for _ in range(run.world_size)]
@@ -250,11 +251,11 @@ def main(config):
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            losses, batch_sums, (n_tokens, n_targets, T) = pair_step(ddp_policy, ref, train_ref, train_data, next(loader), run)
+            losses, batch_sums, (n_tokens, n_targets, attended) = pair_step(ddp_policy, ref, train_ref, train_data, next(loader), run)
             scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
             sums += batch_sums
             tokens += n_tokens
-            flops += raw_policy.flops(n_tokens, n_targets, T) + (raw_policy.flops(n_tokens, n_targets, T, backward=False)
+            flops += raw_policy.flops(n_tokens, n_targets, attended) + (raw_policy.flops(n_tokens, n_targets, attended, False)
                                                                   if ref is not None else 0)
         runtime.stop_unless_finite(sums[0], iter_num, run)
         grad_norm = runtime.optimizer_step(ddp_policy, optimizer, scaler, grad_clip)

@@ -81,9 +81,9 @@ def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_bat
     device, out = model.lm_head.weight.device, []
     for i in range(0, len(responses), rows_per_batch):
         rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[i:i + rows_per_batch], responses[i:i + rows_per_batch])]
-        idx, targets = (t.to(device) for t in pad_rows(rows))
+        batch = pad_rows(rows).to(device)
         with ctx:
-            out.append(model(idx, targets).float().sum(dim=1).cpu())
+            out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -95,10 +95,10 @@ def preference_accuracy(model, ref, pairs, run, n=None):
     from dpo import chosen_rejected_logps
     margins, n = [], min(n or len(pairs), len(pairs))
     for i in range(0, n, batch_size // 2):
-        idx, targets = (t.to(run.device) for t in dpo_batch(pairs, range(i, min(i + batch_size // 2, n))))
+        batch = dpo_batch(pairs, range(i, min(i + batch_size // 2, n))).to(run.device)
         with run.autocast:
-            chosen, rejected = chosen_rejected_logps(model, idx, targets)
-            ref_chosen, ref_rejected = chosen_rejected_logps(ref, idx, targets)
+            chosen, rejected = chosen_rejected_logps(model, batch)
+            ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
         margins.append(((chosen - ref_chosen) - (rejected - ref_rejected)).float().cpu())
     return win_rate(torch.cat(margins).numpy(), 0.0)
 

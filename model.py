@@ -36,6 +36,41 @@ class LoadError(ValueError):
     """A model or checkpoint that cannot be loaded as asked; the message names the file and key."""
 
 
+class TargetLogProbs(torch.autograd.Function):
+    """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab) logits
+    in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32 a chunk
+    of rows at a time, and the backward pass turns the saved logits into the gradient
+    softmax - onehot chunk by chunk. F.cross_entropy would keep a float32 log-softmax (twice the
+    bytes of bf16 logits) for its backward, and make float32 copies on the way in and out."""
+
+    CHUNK = 2 ** 21  # float32 elements per chunk of rows: 8 MB
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):  # x (N, C), weight (V, C), targets (N,): dtypes as given
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x @ weight.T  # (N, V), the one copy
+            acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 inputs
+            lse = torch.empty(len(x), dtype=acc, device=x.device)  # (N,)
+            rows = max(1, TargetLogProbs.CHUNK // weight.size(0))
+            for i in range(0, len(x), rows):
+                lse[i:i + rows] = torch.logsumexp(logits[i:i + rows].to(acc), dim=-1)
+            logp = logits.gather(1, targets[:, None]).squeeze(1).to(acc) - lse  # (N,)
+        ctx.save_for_backward(x, weight, targets, logits, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,), lse's dtype
+        x, weight, targets, logits, lse = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad_logits = torch.empty_like(logits)  # (N, V)
+            rows = max(1, TargetLogProbs.CHUNK // weight.size(0))
+            for i in range(0, len(x), rows):
+                g = grad[i:i + rows, None]  # (n, 1)
+                chunk = (logits[i:i + rows].to(lse.dtype) - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax
+                grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)  # g * (onehot - softmax)
+            return grad_logits @ weight, grad_logits.T @ x, None  # (N, C), (V, C)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024   # longest sequence, = the number of learned positions
@@ -197,8 +232,11 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
         keep = targets != -1  # (B, T)
-        logits = self.lm_head(x[keep])  # (N, vocab) for the N positions with a target
-        logp = -F.cross_entropy(logits, targets[keep], reduction='none')  # (N,)
+        x, weight = x[keep], self.lm_head.weight  # (N, C) for the N positions with a target
+        if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would give the projection
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        logp = TargetLogProbs.apply(x, weight, targets[keep])  # (N,) float32 (float64 for a float64 model)
         out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
         return out.masked_scatter(keep, logp)  # (B, T)
 

@@ -33,6 +33,7 @@ hh_subsets = 'all'  # dataset='hh': 'all' or a comma-separated list of subsets
 max_length = 512  # prompt + response tokens
 max_prompt_length = 256
 group_by_length = True  # batches of sequences of similar length: less padding
+pack = False  # several sequences a row (block-diagonal causal attention) instead of one padded row each: less padding still
 # training
 out_dir = 'out-sft'
 batch_size = 16  # sequences (prompt + chosen) per micro-batch per rank
@@ -68,15 +69,14 @@ METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob pe
 def sft_step(model, data, indices, run):
     """The loss (mean NLL over the batch's response tokens) and the sums of METRICS' parts:
     (NLL summed over tokens, log-prob summed over sequences, response tokens), plus the batch's
-    (tokens, targets, T) for the FLOPs count."""
-    idx, targets = (t.to(run.device, non_blocking=True) for t in sft_batch(data, indices))
-    n_targets = (targets != -1).sum()
+    (tokens, targets, attended length) for the FLOPs count."""
+    batch = sft_batch(data, indices, pack).to(run.device)
+    n_targets = (batch.targets != -1).sum()
     with run.autocast:
-        logps = model(idx, targets)  # (B, T), 0 off the response
+        logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
         loss = -logps.sum() / n_targets
     sums = torch.stack([-logps.detach().sum(), logps.detach().sum(), n_targets.float()])
-    real_tokens = int(n_targets + sum(len(data.get('prompt', i)) - 1 for i in indices))
-    return loss, sums, (real_tokens, int(n_targets), idx.size(1))
+    return loss, sums, batch.flops_shape()
 
 
 def sums_to_metrics(sums, sequences):
@@ -142,11 +142,11 @@ def main(config):
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            loss, batch_sums, (n_tokens, n_targets, T) = sft_step(ddp_model, train_data, next(loader), run)
+            loss, batch_sums, (n_tokens, n_targets, attended) = sft_step(ddp_model, train_data, next(loader), run)
             scaler.scale(loss / gradient_accumulation_steps).backward()
             sums += batch_sums
             tokens += n_tokens
-            flops += raw_model.flops(n_tokens, n_targets, T)
+            flops += raw_model.flops(n_tokens, n_targets, attended)
         runtime.stop_unless_finite(sums[0], iter_num, run)
         grad_norm = runtime.optimizer_step(ddp_model, optimizer, scaler, grad_clip)
         iter_num += 1

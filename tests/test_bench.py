@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_reports_every_step():
+@pytest.mark.parametrize('pack', [False, True])
+def test_bench_reports_every_step(pack):
     result = subprocess.run([sys.executable, 'bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
-                             '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2'],
+                             '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2', f'--pack={pack}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -18,4 +21,6 @@ def test_bench_reports_every_step():
                                                     'sample without KV cache']
     assert all(s['tokens_per_sec'] > 0 for s in report['steps'])
     assert all(0 < s['mfu'] and s['pairs_per_sec'] > 0 for s in report['steps'][:3])
-    assert 0 <= report['padding'] < report['padding_plain'] < 1  # grouping by length pads less
+    pad = report['padding']
+    assert 0 <= pad['grouped_packed'] <= pad['grouped'] < pad['plain'] < 1  # grouping by length pads less, packing less still
+    assert pad['plain_packed'] < pad['plain']

@@ -66,9 +66,38 @@ def test_truncation_by_hand():
 
 def test_rows_and_targets_by_hand():
     p = np.array([5, 6, 7])
-    idx, targets = data.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
-    assert idx.tolist() == [[5, 6, 7, 8, 9], [5, 4, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN]]
-    assert targets.tolist() == [[-1, -1, 8, 9, EOT_TOKEN], [4, EOT_TOKEN, -1, -1, -1]]
+    batch = data.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
+    assert batch.idx.tolist() == [[5, 6, 7, 8, 9], [5, 4, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN]]
+    assert batch.targets.tolist() == [[-1, -1, 8, 9, EOT_TOKEN], [4, EOT_TOKEN, -1, -1, -1]]
+    assert batch.segments.tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
+    assert batch.position_ids is None and batch.attn_mask is None and batch.lengths.tolist() == [5, 2]
+    assert batch.flops_shape() == (7, 5, (25 + 4) / 7)  # tokens, targets, sum(length^2) / tokens
+
+
+def test_packed_rows_by_hand():
+    """Sequences of 4, 2, 3 and 1 tokens in rows of 4 (the longest), first-fit decreasing: [0], [2, 3], [1]."""
+    rows = [(np.array([1, 2]), np.array([3, 4, 5])), (np.array([6]), np.array([7, 8])),
+            (np.array([9, 10]), np.array([11, 12])), (np.array([13]), np.array([14]))]
+    assert data.pack_bins(data.row_lengths(rows)) == [[0], [2, 3], [1]]
+    batch = data.pad_rows(rows, pack=True)
+    assert batch.idx.tolist() == [[1, 2, 3, 4], [9, 10, 11, 13], [6, 7, EOT_TOKEN, EOT_TOKEN]]
+    assert batch.targets.tolist() == [[-1, 3, 4, 5], [-1, 11, 12, 14], [7, 8, -1, -1]]
+    assert batch.segments.tolist() == [[0, 0, 0, 0], [2, 2, 2, 3], [1, 1, -1, -1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 0]]
+    assert batch.attn_mask.shape == (3, 1, 4, 4)
+    assert batch.attn_mask[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
+    assert batch.attn_mask[2, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert batch.sequence_sums(torch.ones(3, 4)).tolist() == [4 + 2, 2, 3, 1]  # padding cells counted to sequence 0
+
+
+def test_padding_fraction_of_packed_batches():
+    pairs = data.tokenize_pairs([{'prompt': 'a b c d e f g h', 'chosen': ' x', 'rejected': ' y z w v u t s r q p'},
+                                 {'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}], 64, 32)
+    batch = [np.array([0, 1])]
+    for pack in (False, True):
+        b = data.dpo_batch(pairs, batch[0], pack)
+        assert data.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
+    assert data.dpo_padding(pairs, batch, True) < data.dpo_padding(pairs, batch, False)
 
 
 def test_dpo_batch_layout_and_logprob_sums(tmp_path):
@@ -81,7 +110,7 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
     pairs = load_dataset('jsonl', 'train', data_path=path, cache_dir=str(tmp_path / 'cache'))
     assert pairs.get('chosen', 1).tolist() == encode(' Blue.') + [EOT_TOKEN]
     assert pairs.get('prompt', 1).tolist() == encode('Name a colour of the sky on a clear day.')
-    idx, targets = data.dpo_batch(pairs, [0, 1])
+    idx, targets = data.dpo_batch(pairs, [0, 1])[:2]
     rows = [(0, 'chosen'), (1, 'chosen'), (0, 'rejected'), (1, 'rejected')]
     assert idx.shape == targets.shape == (4, max(len(pairs.get('prompt', i)) + len(pairs.get(f, i)) for i, f in rows) - 1)
     torch.manual_seed(0)
@@ -107,7 +136,7 @@ def test_worker_processes_tokenize_exactly_as_one_process():
 
 def test_sft_batch_is_prompt_plus_chosen():
     pairs = data.tokenize_pairs([{'prompt': 'a', 'chosen': ' b c', 'rejected': ' d', 'where': 'x'}], 64, 32)
-    idx, targets = data.sft_batch(pairs, [0])
+    idx, targets = data.sft_batch(pairs, [0])[:2]
     assert idx[0].tolist() == encode('a') + encode(' b c')
     assert targets[0].tolist() == [-1] * (len(encode('a')) - 1) + encode(' b c') + [EOT_TOKEN]
 

@@ -52,10 +52,10 @@ def model():
 
 
 def test_step_zero_loss_is_ln2_and_margins_zero(pairs, model):
-    idx, targets = dpo_batch(pairs, [0, 1, 2, 3])
-    chosen, rejected = dpo.chosen_rejected_logps(model, idx, targets)
+    batch = dpo_batch(pairs, [0, 1, 2, 3])
+    chosen, rejected = dpo.chosen_rejected_logps(model, batch)
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(model, idx, targets)  # the reference is the policy
+        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(model, batch)  # the reference is the policy
     losses, chosen_rewards, rejected_rewards = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     assert torch.all(losses == math.log(2))
     sums = dpo.metric_sums(losses, chosen_rewards, rejected_rewards, chosen, rejected)
@@ -71,10 +71,10 @@ def test_gradient_is_the_closed_form(pairs, model):
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     beta, params = 0.1, list(policy.parameters())
-    idx, targets = dpo_batch(pairs, [2])
+    batch = dpo_batch(pairs, [2])
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(ref, idx, targets)
-    chosen, rejected = dpo.chosen_rejected_logps(policy, idx, targets)
+        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(ref, batch)
+    chosen, rejected = dpo.chosen_rejected_logps(policy, batch)
     loss = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum()
     grad_loss = torch.autograd.grad(loss, params, retain_graph=True)
     grad_chosen = torch.autograd.grad(chosen.sum(), params, retain_graph=True)
@@ -89,15 +89,15 @@ def test_gradient_is_the_closed_form(pairs, model):
 def test_stacked_forward_equals_separate_forwards(pairs, model):
     indices = [0, 3, 5]
     with torch.no_grad():
-        chosen, rejected = dpo.chosen_rejected_logps(model, *dpo_batch(pairs, indices))
-        alone_chosen = model(*sft_batch(pairs, indices)).sum(dim=1)  # prompt + chosen only, its own padding
+        chosen, rejected = dpo.chosen_rejected_logps(model, dpo_batch(pairs, indices))
+        alone_chosen = model(*sft_batch(pairs, indices)[:2]).sum(dim=1)  # prompt + chosen only, its own padding
         # the rejected rows on their own: the second half of a batch made of rejected responses only
         swapped = copy.copy(pairs)
         swapped.arrays = {**pairs.arrays, 'chosen_tokens': pairs.arrays['rejected_tokens'],
                           'chosen_offsets': pairs.arrays['rejected_offsets']}
-        alone_rejected = model(*sft_batch(swapped, indices)).sum(dim=1)
-    torch.testing.assert_close(chosen, alone_chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(rejected, alone_rejected, atol=1e-5, rtol=0)
+        alone_rejected = model(*sft_batch(swapped, indices)[:2]).sum(dim=1)
+    torch.testing.assert_close(chosen, alone_chosen, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(rejected, alone_rejected, atol=1e-5, rtol=1e-6)
 
 
 def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
@@ -111,5 +111,44 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     again = dpo.reference_logps(model, pairs, run)  # read back from the file
     assert (precomputed == again).all()
     with torch.no_grad():
-        live = torch.stack(dpo.chosen_rejected_logps(model, *dpo_batch(pairs, list(range(len(pairs))))), dim=1)
+        live = torch.stack(dpo.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)
     torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def varied_pairs():
+    """Four pairs of very different lengths, so that packing puts several sequences in a row."""
+    words = 'the cat sat on a mat and then it ran off to see what the dog was doing there'.split()
+    return tokenize_pairs([{'prompt': ' '.join(words[:2 + 5 * i]), 'chosen': ' ' + ' '.join(words[i:i + 1 + i % 3]),
+                            'rejected': ' ' + ' '.join(words[:1 + 2 * i])} for i in range(4)], 64, 32)
+
+
+def test_packed_batch_equals_padded(model, varied_pairs):
+    """Several sequences a row, block-diagonal attention, positions from 0 for each: the same log-probs
+    and the same gradients as one padded row each."""
+    indices = [0, 1, 2, 3]
+    padded, packed = dpo_batch(varied_pairs, indices), dpo_batch(varied_pairs, indices, pack=True)
+    assert packed.idx.shape[0] < padded.idx.shape[0]  # a real packing: fewer rows
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        chosen, rejected = dpo.chosen_rejected_logps(model, batch)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if batch is padded:
+            expected = (chosen.detach(), rejected.detach())
+    torch.testing.assert_close((chosen.detach(), rejected.detach()), expected, atol=1e-5, rtol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_sft_step_equals_padded(model, varied_pairs, monkeypatch):
+    import sft
+    run = runtime.setup('cpu', 'float32', 0)
+    padded = sft.sft_step(model, varied_pairs, [0, 1, 2, 3], run)
+    monkeypatch.setattr(sft, 'pack', True)
+    packed = sft.sft_step(model, varied_pairs, [0, 1, 2, 3], run)
+    assert sft_batch(varied_pairs, [0, 1, 2, 3], pack=True).idx.shape[0] < 4  # a real packing
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-6, rtol=1e-6)  # the loss
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-4, rtol=1e-6)  # NLL, log-prob, target sums
+    assert packed[2] == padded[2]  # FLOPs shape: padding is not counted either way

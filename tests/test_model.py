@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, edit_json
-from model import GPT, GPTConfig, LoadError, top_k_filter, top_p_filter
+from model import TargetLogProbs, GPT, GPTConfig, LoadError, top_k_filter, top_p_filter
 
 
 def tiny_gpt(seed=0, **kw):
@@ -264,3 +264,44 @@ def test_fused_optimizer_steps_like_the_plain_loop():
             o.step()
     for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('chunk', [8, 2 ** 21])  # 8 elements: one row a chunk; 2^21: all rows in one
+def test_target_log_probs_gradients_by_finite_differences(chunk, monkeypatch):
+    monkeypatch.setattr(TargetLogProbs, 'CHUNK', chunk)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    expected = torch.log_softmax(x @ weight.T, dim=-1)[torch.arange(5), targets]
+    torch.testing.assert_close(TargetLogProbs.apply(x, weight, targets), expected)
+    assert torch.autograd.gradcheck(lambda a, b: TargetLogProbs.apply(a, b, targets), (x, weight))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_target_log_probs_equal_cross_entropy(dtype, monkeypatch):
+    """The fused projection + log-softmax gives cross_entropy's values and gradients (on the logits
+    upcast to float32, as autocast runs it), in float32 and under bf16 autocast, with chunks."""
+    monkeypatch.setattr(TargetLogProbs, 'CHUNK', 96 * 3)  # chunks of 3 rows
+    model = tiny_gpt()
+    idx = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :4] = targets[2, 7:] = -1
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if fused:
+                logp = model(idx, targets)
+            else:
+                keep = targets != -1
+                logits = model.lm_head(model.hidden_states(idx)[keep]).float()
+                logp = torch.zeros(targets.shape).masked_scatter(keep, -F.cross_entropy(logits, targets[keep], reduction='none'))
+        (logp * torch.linspace(-1, 2, 30).view(3, 10)).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused_logp, fused_grads), (plain_logp, plain_grads) = results
+    assert fused_logp.dtype == torch.float32 and (fused_logp[targets == -1] == 0).all()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused_logp, plain_logp, **tol)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, **tol)

@@ -36,6 +36,15 @@ def last(rows, key):
     return [r[key] for r in rows if key in r][-1]
 
 
+def assert_same_metrics(a_dir, b_dir):
+    for a, b in zip(metrics(a_dir), metrics(b_dir), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.endswith('accuracies') and abs(a[k.replace('accuracies', 'margins')]) < 1e-6:
+                continue  # step 0, policy = reference: every margin a tie, and a tie broken by rounding either way
+            assert a[k] == pytest.approx(b[k], abs=1e-4), k
+
+
 def params(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
 
@@ -99,12 +108,15 @@ def test_precomputed_reference_trains_like_the_live_one(sft_dir, tmp_path):
     live, pre = str(tmp_path / 'live'), str(tmp_path / 'pre')
     ok(run('dpo.py', *args, f'--out_dir={live}'))
     ok(run('dpo.py', *args, f'--out_dir={pre}', '--precompute_ref_logps=True'))
-    for a, b in zip(metrics(live), metrics(pre)):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k.endswith('accuracies') and abs(a[k.replace('accuracies', 'margins')]) < 1e-6:
-                continue  # step 0, policy = reference: every margin a tie, and a tie broken by rounding either way
-            assert a[k] == pytest.approx(b[k], abs=1e-4), k
+    assert_same_metrics(live, pre)
+
+
+def test_packed_batches_train_like_padded_ones(sft_dir, tmp_path):
+    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--max_iters=3', '--eval_interval=3']
+    padded, packed = str(tmp_path / 'padded'), str(tmp_path / 'packed')
+    ok(run('dpo.py', *args, f'--out_dir={padded}'))
+    ok(run('dpo.py', *args, f'--out_dir={packed}', '--pack=True'))
+    assert_same_metrics(padded, packed)
 
 
 def test_eval_only_writes_metrics_and_no_checkpoint(sft_dir, tmp_path):
