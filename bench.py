@@ -176,7 +176,8 @@ def main():
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
     optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
-    step_model, step_ref = (torch.compile(policy), torch.compile(ref)) if compile else (policy, ref)
+    # dynamic: the batches' lengths change from step to step; one compiled graph for all of them
+    step_model, step_ref = (torch.compile(policy, dynamic=True), torch.compile(ref, dynamic=True)) if compile else (policy, ref)
     data = random_pairs(max(64 * batch_size, 256), np.random.default_rng(seed))
     loader = PairLoader(data.pair_lengths(), batch_size, seed, group_by_length=group_by_length)
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)

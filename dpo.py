@@ -223,8 +223,8 @@ def main(config):
                                                                learning_rate, (beta1, beta2))
     start_iter, raw_policy = iter_num, policy  # the unwrapped model is the one saved
     if compile:
-        policy = torch.compile(policy)
-        ref = torch.compile(ref) if ref is not None else None
+        policy = torch.compile(policy, dynamic=True)  # batch lengths change every step: one graph for all
+        ref = torch.compile(ref, dynamic=True) if ref is not None else None
     ddp_policy = runtime.wrap_ddp(policy, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.device_peak_flops(run.device, run.dtype)

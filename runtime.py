@@ -176,6 +176,10 @@ def setup(device, dtype, seed):
     torch.manual_seed(seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores where there are some
     torch.backends.cudnn.allow_tf32 = True
+    # cuDNN's attention kernels plan anew for every new sequence length, and here every batch has
+    # its own: measured on an H100, 3.3 ms of CPU per backward call, 24% of a gpt2-medium DPO step's
+    # CPU time. Flash attention (or the memory-efficient kernel, with a mask) needs no plan.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     device_type = device.split(':')[0]
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device_type, dtype=dtype, autocast=autocast(device, dtype))

@@ -116,7 +116,7 @@ def main(config):
                                                                learning_rate, (beta1, beta2))
     start_iter, raw_model = iter_num, model  # the unwrapped model is the one saved
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
     ddp_model = runtime.wrap_ddp(model, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.device_peak_flops(run.device, run.dtype)

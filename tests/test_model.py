@@ -278,11 +278,13 @@ def test_target_log_probs_gradients_by_finite_differences(chunk, monkeypatch):
     assert torch.autograd.gradcheck(lambda a, b: TargetLogProbs.apply(a, b, targets), (x, weight))
 
 
+@pytest.mark.parametrize('pad_vocab', [False, True])  # True: as on CUDA, vocabulary 96 padded to 128
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_target_log_probs_equal_cross_entropy(dtype, monkeypatch):
+def test_target_log_probs_equal_cross_entropy(dtype, pad_vocab, monkeypatch):
     """The fused projection + log-softmax gives cross_entropy's values and gradients (on the logits
     upcast to float32, as autocast runs it), in float32 and under bf16 autocast, with chunks."""
     monkeypatch.setattr(TargetLogProbs, 'CHUNK', 96 * 3)  # chunks of 3 rows
+    monkeypatch.setattr(TargetLogProbs, 'PAD_VOCAB_ON', ('cuda', 'cpu') if pad_vocab else ())
     model = tiny_gpt()
     idx = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
     targets = idx.roll(-1, dims=1)
