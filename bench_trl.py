@@ -28,8 +28,8 @@ steps = 6
 warmup_steps = 2
 n_pairs = 256
 dtype = 'float32'  # 'float32' or 'bfloat16'
-pack = False  # ours with packed rows (TRL's own padding-free mode needs flash-attention-2, not on a CPU)
 compile = False  # ours compiled (TRL runs eager)
+gradient_checkpointing = False  # TRL's: its DPOConfig turns it on by default (recomputes activations, slower); ours never does
 out_dir = 'out-bench-trl'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -73,16 +73,17 @@ def run_trl(weights_dir, pairs_path):
     args = DPOConfig(output_dir=os.path.join(out_dir, 'trl'), per_device_train_batch_size=batch_size, max_steps=steps,
                      learning_rate=1e-6, lr_scheduler_type='constant', warmup_steps=0, beta=0.1, max_length=512,
                      bf16=dtype == 'bfloat16', use_cpu=not torch.cuda.is_available(), report_to='none',
-                     logging_steps=1, save_strategy='no', dataloader_num_workers=0, seed=seed)
+                     logging_steps=1, save_strategy='no', dataloader_num_workers=0, seed=seed,
+                     gradient_checkpointing=gradient_checkpointing)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[Clock()])
     trainer.train()
     return (stamps[-1] - stamps[warmup_steps - 1]) / (steps - warmup_steps)
 
 
-def run_ours(weights_dir, pairs_path):
-    """Seconds per step of dpo.py, from its metrics.jsonl, steps after the warmup."""
-    ours_dir = os.path.join(out_dir, 'ours')
+def run_ours(weights_dir, pairs_path, pack):
+    """Seconds per step of dpo.py, padded or packed, from its metrics.jsonl, steps after the warmup."""
+    ours_dir = os.path.join(out_dir, 'ours-packed' if pack else 'ours')
     result = subprocess.run([sys.executable, 'dpo.py', f'--init_from={weights_dir}', '--dataset=jsonl',
                              f'--data_path={pairs_path}', f'--eval_data_path={pairs_path}', f'--batch_size={batch_size}',
                              '--gradient_accumulation_steps=1', f'--max_iters={steps}', '--log_interval=1',
@@ -106,14 +107,16 @@ def main():
     GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(weights_dir)
     pairs_path = os.path.join(out_dir, 'pairs.jsonl')
     make_pairs(pairs_path, np.random.default_rng(seed))
-    ours = run_ours(weights_dir, pairs_path)
+    padded, packed = run_ours(weights_dir, pairs_path, False), run_ours(weights_dir, pairs_path, True)
     trl = run_trl(weights_dir, pairs_path)
     print(f"\n{model}, {dtype}, {batch_size} pairs per step, live reference, {steps - warmup_steps} timed steps, "
-          f"ours with pack={pack} compile={compile}")
-    print(f"| implementation | s/step | pairs/s |\n|---|---|---|\n| TRL DPOTrainer | {trl:.2f} | {batch_size / trl:.2f} |\n"
-          f"| dpo.py | {ours:.2f} | {batch_size / ours:.2f} |\nspeed-up: {trl / ours:.2f}x")
-    print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'pack': pack, 'compile': compile,
-                      'trl_s_per_step': trl, 'ours_s_per_step': ours}))
+          f"ours with compile={compile}, TRL with gradient_checkpointing={gradient_checkpointing}")
+    print("| implementation | s/step | pairs/s | speed-up |\n|---|---|---|---|")
+    for name, seconds in (('TRL DPOTrainer', trl), ('dpo.py, padded rows', padded), ('dpo.py --pack=True', packed)):
+        print(f"| {name} | {seconds:.2f} | {batch_size / seconds:.2f} | {trl / seconds:.2f}x |")
+    print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'compile': compile,
+                      'trl_gradient_checkpointing': gradient_checkpointing,
+                      'trl_s_per_step': trl, 'ours_s_per_step': padded, 'ours_packed_s_per_step': packed}))
 
 
 if __name__ == '__main__':

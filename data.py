@@ -390,16 +390,16 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
 # -------------------------------------------------------------------- batches
 
 class Batch(NamedTuple):
-    """Rows for one forward pass over n (prompt, response) sequences, padded or packed.
+    """Rows for one forward pass over n response sequences, padded or packed.
 
-    idx, targets: (R, T) int64; a row holds sequences without their last token, targets are the
-    next tokens, -1 on prompts and padding, so summing a sequence's log-probs over its targets gives
-    exactly log p(response | prompt), EOS included.
-    position_ids, attn_mask: None for padded rows (one sequence a row, from position 0: plain causal
-    attention); for packed rows (R, T) positions restarting at 0 for each sequence, and a (R, 1, T, T)
-    block-diagonal causal mask, so that no sequence sees another.
-    segments: (R, T) which of the n sequences each cell holds, -1 on padding.
-    lengths: (n,) numpy, the tokens of each sequence's row (prompt + response - 1).
+    idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
+    sequence's log-probs over its targets gives exactly log p(response | prompt), EOS included.
+    position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain causal
+    attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a token see
+    only its own unit (below).
+    segments: (R, T) which of the n sequences each cell's target belongs to, -1 on padding.
+    lengths: numpy, the tokens of each unit: a unit is a sequence without its last token, or, packed
+    for DPO, a pair: its prompt once, then both responses, each seeing the prompt but not the other.
     """
     idx: torch.Tensor
     targets: torch.Tensor
@@ -407,32 +407,52 @@ class Batch(NamedTuple):
     attn_mask: torch.Tensor | None
     segments: torch.Tensor
     lengths: np.ndarray
+    n: int
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Batch(*(move(t) for t in self[:5]), self.lengths)
+        return Batch(*(move(t) for t in self[:5]), self.lengths, self.n)
 
     def sequence_sums(self, values):
         """(n,) sums of (R, T) per-cell values over each sequence's cells. Padding cells go to sequence 0:
         the values summed here (log-probs, target counts) are exactly 0 there."""
-        out = values.new_zeros(len(self.lengths))
+        out = values.new_zeros(self.n)
         return out.index_add_(0, self.segments.clamp(min=0).flatten(), values.flatten())  # (n,)
 
     def flops_shape(self):
-        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: a token
-        attends over its own sequence, so attention's cost is sum(lengths^2) = tokens * attended length."""
+        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: attention
+        is counted as sum(unit lengths^2) = tokens * attended length (for a pair's unit a little more
+        than it needs: a response does not look at the other one)."""
         tokens = int(self.lengths.sum())
         return tokens, int((self.targets != -1).sum()), float((self.lengths ** 2).sum() / tokens)
 
 
-def row_lengths(rows):
-    """Tokens of each (prompt, response) sequence's row: the sequence without its last token."""
-    return np.array([len(p) + len(r) - 1 for p, r in rows], dtype=np.int64)
+def sequence_unit(prompt, response, n):
+    """A (prompt, response) sequence as one unit: the sequence without its last token, the response as
+    targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
+    L = len(prompt) + len(response) - 1
+    targets = np.full(L, -1, dtype=np.int64)
+    targets[len(prompt) - 1:] = response  # position t predicts token t + 1
+    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n), np.zeros(L, dtype=np.int64))
+
+
+def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
+    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed by
+    each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
+    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
+    P = len(prompt)
+    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), n_chosen, 0)]
+    for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
+        tokens = np.concatenate([prompt[-1:], response[:-1]])
+        parts.append((tokens, response, np.arange(P - 1, P - 1 + len(response)), n, branch))
+    return tuple(np.concatenate(column) for column in zip(*[
+        (tokens, targets, positions, np.full(len(tokens), n), np.full(len(tokens), branch))
+        for tokens, targets, positions, n, branch in parts]))
 
 
 def pack_bins(lengths):
-    """Sequences of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
-    each a list of sequence numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
+    """Units of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
+    each a list of unit numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
     capacity, rows, room = max(lengths), [], []
     for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
         fit = next((r for r in range(len(rows)) if room[r] >= lengths[n]), None)
@@ -444,36 +464,47 @@ def pack_bins(lengths):
     return rows
 
 
-def pad_rows(rows, pack=False):
-    """A Batch of (prompt, response) token arrays: one sequence a row, padded at the end to the
-    longest; with pack, as many sequences a row as fit in the longest's length (pack_bins)."""
-    lengths = row_lengths(rows)
-    bins = pack_bins(lengths) if pack else [[n] for n in range(len(rows))]
+def lay_out(units, n, pack):
+    """A Batch of n sequences from units (sequence_unit, pair_unit): one unit a row, padded at the end
+    to the longest; with pack, as many units a row as fit in the longest's length (pack_bins)."""
+    lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
+    bins = pack_bins(lengths) if pack else [[u] for u in range(len(units))]
     T = max(lengths)
     idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
-    targets, segments = np.full((len(bins), T), -1, dtype=np.int64), np.full((len(bins), T), -1, dtype=np.int64)
-    positions = np.zeros((len(bins), T), dtype=np.int64)
+    targets, segments, owner = (np.full((len(bins), T), -1, dtype=np.int64) for _ in range(3))
+    positions, branches = np.zeros((len(bins), T), dtype=np.int64), np.zeros((len(bins), T), dtype=np.int64)
     for row, members in enumerate(bins):
         start = 0
-        for n in members:
-            (prompt, response), end = rows[n], start + lengths[n]
-            idx[row, start:end] = np.concatenate([prompt, response])[:-1]
-            targets[row, start + len(prompt) - 1:end] = response  # position t predicts token t + 1
-            segments[row, start:end], positions[row, start:end] = n, np.arange(lengths[n])
+        for u in members:
+            end = start + lengths[u]
+            idx[row, start:end], targets[row, start:end], positions[row, start:end], segments[row, start:end], \
+                branches[row, start:end] = units[u]
+            owner[row, start:end] = u
             start = end
-    segments = torch.from_numpy(segments)
     position_ids = attn_mask = None
     if pack:
-        position_ids = torch.from_numpy(positions)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, T, T)
-    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, segments, lengths)
+        position_ids, owner, branches = (torch.from_numpy(a) for a in (positions, owner, branches))
+        same_unit = owner[:, :, None] == owner[:, None, :]  # (R, T, T): query, key
+        visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # key shared, or own branch
+        attn_mask = (same_unit & visible & torch.ones(T, T, dtype=torch.bool).tril())[:, None]  # (R, 1, T, T)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, torch.from_numpy(segments),
+                 lengths, n)
+
+
+def pad_rows(rows, pack=False):
+    """A Batch of the (prompt, response) token arrays rows, sequence n's targets those of rows[n]."""
+    return lay_out([sequence_unit(p, r, n) for n, (p, r) in enumerate(rows)], len(rows), pack)
 
 
 def dpo_batch(data, indices, pack=False):
-    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected."""
-    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices],
-                    pack)
+    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected (B..2B-1).
+    Padded: one sequence a row. Packed: each pair a unit with its prompt once (about a third fewer
+    tokens at HH's lengths), several units a row."""
+    B = len(indices)
+    if pack:
+        return lay_out([pair_unit(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i), n, B + n)
+                        for n, i in enumerate(indices)], 2 * B, pack)
+    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
 
 
 def sft_batch(data, indices, pack=False):
@@ -482,12 +513,17 @@ def sft_batch(data, indices, pack=False):
 
 
 def dpo_padding(data, batches, pack=False):
-    """The share of padding among all cells of the DPO batches (2B sequences, padded or packed)."""
-    rows = {f: data.lengths('prompt') + data.lengths(f) - 1 for f in ('chosen', 'rejected')}  # row lengths
+    """The share of padding among all cells of the DPO batches: padded, 2B rows as long as the longest
+    sequence; packed, pairs (prompt once, both responses) laid out by pack_bins."""
+    prompt, chosen, rejected = data.lengths('prompt'), data.lengths('chosen'), data.lengths('rejected')
     real = cells = 0
     for b in batches:
-        lengths = np.concatenate([rows['chosen'][b], rows['rejected'][b]])
-        n_rows = len(pack_bins(lengths)) if pack else len(lengths)
+        if pack:
+            lengths = prompt[b] - 1 + chosen[b] + rejected[b]  # a pair's unit
+            n_rows = len(pack_bins(lengths))
+        else:
+            lengths = np.concatenate([prompt[b] + chosen[b] - 1, prompt[b] + rejected[b] - 1])
+            n_rows = len(lengths)
         real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
     return 1.0 - real / cells
 

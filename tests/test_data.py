@@ -78,7 +78,7 @@ def test_packed_rows_by_hand():
     """Sequences of 4, 2, 3 and 1 tokens in rows of 4 (the longest), first-fit decreasing: [0], [2, 3], [1]."""
     rows = [(np.array([1, 2]), np.array([3, 4, 5])), (np.array([6]), np.array([7, 8])),
             (np.array([9, 10]), np.array([11, 12])), (np.array([13]), np.array([14]))]
-    assert data.pack_bins(data.row_lengths(rows)) == [[0], [2, 3], [1]]
+    assert data.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
     batch = data.pad_rows(rows, pack=True)
     assert batch.idx.tolist() == [[1, 2, 3, 4], [9, 10, 11, 13], [6, 7, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, 3, 4, 5], [-1, 11, 12, 14], [7, 8, -1, -1]]
@@ -88,6 +88,28 @@ def test_packed_rows_by_hand():
     assert batch.attn_mask[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
     assert batch.attn_mask[2, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     assert batch.sequence_sums(torch.ones(3, 4)).tolist() == [4 + 2, 2, 3, 1]  # padding cells counted to sequence 0
+
+
+def test_packed_pair_shares_its_prompt_by_hand():
+    """prompt [1, 2, 3], chosen [4, 5], rejected [6, 7, 8]: the prompt once, then each response after
+    the prompt's last token, at the positions it has after the prompt, seeing the prompt, not the other."""
+    pairs = data.PairData({'prompt_tokens': np.array([1, 2, 3]), 'prompt_offsets': np.array([0, 3]),
+                           'chosen_tokens': np.array([4, 5]), 'chosen_offsets': np.array([0, 2]),
+                           'rejected_tokens': np.array([6, 7, 8]), 'rejected_offsets': np.array([0, 3])}, {})
+    batch = data.dpo_batch(pairs, [0], pack=True)
+    assert batch.idx.tolist() == [[1, 2, 3, 4, 3, 6, 7]]
+    assert batch.targets.tolist() == [[-1, -1, 4, 5, 6, 7, 8]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4]]
+    assert batch.segments.tolist() == [[0, 0, 0, 0, 1, 1, 1]] and batch.n == 2 and batch.lengths.tolist() == [7]
+    assert batch.attn_mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0],
+                                                    [1, 1, 0, 0, 0, 0, 0],
+                                                    [1, 1, 1, 0, 0, 0, 0],
+                                                    [1, 1, 1, 1, 0, 0, 0],
+                                                    [1, 1, 0, 0, 1, 0, 0],
+                                                    [1, 1, 0, 0, 1, 1, 0],
+                                                    [1, 1, 0, 0, 1, 1, 1]]
+    padded = data.dpo_batch(pairs, [0])  # the same pair as two padded rows: 2 + 3 = 5 prompt tokens more
+    assert padded.idx.shape == (2, 5) and padded.flops_shape()[0] == 4 + 5
 
 
 def test_padding_fraction_of_packed_batches():
