@@ -36,7 +36,8 @@ group_by_length = True
 pack = False  # several sequences a row with block-diagonal attention (dpo.py's and sft.py's pack)
 steps = 5  # timed steps of each kind, after warmup_steps
 warmup_steps = 2
-sample_tokens = 256  # new tokens for the sampling benchmark (batch of 1)
+sample_tokens = 256  # new tokens for the sampling benchmark
+sample_batch = 1  # prompts sampled together
 what = 'dpo,dpo_precomputed,sft,sample'
 device = 'auto'
 dtype = 'auto'
@@ -222,7 +223,7 @@ def main():
         profile_step(steps_to_run[what.split(',')[0]], run)
     if 'sample' in what:
         policy.eval()
-        prompt = [list(range(1000, 1010))]
+        prompt = [list(range(1000, 1010))] * sample_batch
         for use_cache in (True, False):
             t0 = time.perf_counter()
             with run.autocast:
@@ -230,7 +231,7 @@ def main():
                                       generator=torch.Generator(run.device).manual_seed(seed))
             seconds = time.perf_counter() - t0
             rows.append(dict(step=f"sample {'with' if use_cache else 'without'} KV cache", seconds=seconds,
-                             tokens_per_sec=len(out[0]) / seconds))
+                             tokens_per_sec=sum(map(len, out)) / seconds))
     results['steps'] = rows
     pad = results['padding']
     print(f"{model} ({results['params_M']:.0f}M), {run.device}, {run.dtype}, batch {batch_size} pairs, lengths {lengths}, "
