@@ -23,7 +23,8 @@ import dpo
 import runtime
 import sft
 from configurator import configure
-from data import PairData, PairLoader, dpo_padding, ragged
+from batches import PairLoader, dpo_padding
+from data import PairData, ragged
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import runtime
 from configurator import ConfigError, config_keys, configure
-from data import DataError, PairLoader, dpo_batch, load_dataset
+from batches import PairLoader, dpo_batch
+from data import DataError, load_dataset
 from model import LoadError
 
 # -----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import torch
 
 import runtime
 from configurator import ConfigError, configure
-from data import (DataError, EOT_TOKEN, decode, dpo_batch, encode, json_lines, load_dataset, pad_rows, response_text,
-                  string_fields)
+from batches import dpo_batch, pad_rows
+from data import DataError, EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
 from model import LoadError
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 
 import runtime
 from configurator import ConfigError, config_keys, configure
-from data import DataError, PairLoader, load_dataset, sft_batch
+from batches import PairLoader, sft_batch
+from data import DataError, load_dataset
 from model import GPT, GPTConfig, LoadError
 
 # -----------------------------------------------------------------------------

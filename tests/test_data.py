@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import data
-from data import EOT_TOKEN, DataError, PairLoader, encode, load_dataset, split_transcripts, truncate
+from batches import PairLoader
+from data import EOT_TOKEN, DataError, encode, load_dataset, split_transcripts, truncate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +68,7 @@ def test_truncation_by_hand():
 
 def test_rows_and_targets_by_hand():
     p = np.array([5, 6, 7])
-    batch = data.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
+    batch = batches.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
     assert batch.idx.tolist() == [[5, 6, 7, 8, 9], [5, 4, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, -1, 8, 9, EOT_TOKEN], [4, EOT_TOKEN, -1, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
@@ -78,8 +80,8 @@ def test_packed_rows_by_hand():
     """Sequences of 4, 2, 3 and 1 tokens in rows of 4 (the longest), first-fit decreasing: [0], [2, 3], [1]."""
     rows = [(np.array([1, 2]), np.array([3, 4, 5])), (np.array([6]), np.array([7, 8])),
             (np.array([9, 10]), np.array([11, 12])), (np.array([13]), np.array([14]))]
-    assert data.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
-    batch = data.pad_rows(rows, pack=True)
+    assert batches.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
+    batch = batches.pad_rows(rows, pack=True)
     assert batch.idx.tolist() == [[1, 2, 3, 4], [9, 10, 11, 13], [6, 7, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, 3, 4, 5], [-1, 11, 12, 14], [7, 8, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 0], [2, 2, 2, 3], [1, 1, -1, -1]]
@@ -96,7 +98,7 @@ def test_packed_pair_shares_its_prompt_by_hand():
     pairs = data.PairData({'prompt_tokens': np.array([1, 2, 3]), 'prompt_offsets': np.array([0, 3]),
                            'chosen_tokens': np.array([4, 5]), 'chosen_offsets': np.array([0, 2]),
                            'rejected_tokens': np.array([6, 7, 8]), 'rejected_offsets': np.array([0, 3])}, {})
-    batch = data.dpo_batch(pairs, [0], pack=True)
+    batch = batches.dpo_batch(pairs, [0], pack=True)
     assert batch.idx.tolist() == [[1, 2, 3, 4, 3, 6, 7]]
     assert batch.targets.tolist() == [[-1, -1, 4, 5, 6, 7, 8]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4]]
@@ -108,7 +110,7 @@ def test_packed_pair_shares_its_prompt_by_hand():
                                                     [1, 1, 0, 0, 1, 0, 0],
                                                     [1, 1, 0, 0, 1, 1, 0],
                                                     [1, 1, 0, 0, 1, 1, 1]]
-    padded = data.dpo_batch(pairs, [0])  # the same pair as two padded rows: 2 + 3 = 5 prompt tokens more
+    padded = batches.dpo_batch(pairs, [0])  # the same pair as two padded rows: 2 + 3 = 5 prompt tokens more
     assert padded.idx.shape == (2, 5) and padded.flops_shape()[0] == 4 + 5
 
 
@@ -117,9 +119,9 @@ def test_padding_fraction_of_packed_batches():
                                  {'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}], 64, 32)
     batch = [np.array([0, 1])]
     for pack in (False, True):
-        b = data.dpo_batch(pairs, batch[0], pack)
-        assert data.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
-    assert data.dpo_padding(pairs, batch, True) < data.dpo_padding(pairs, batch, False)
+        b = batches.dpo_batch(pairs, batch[0], pack)
+        assert batches.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
+    assert batches.dpo_padding(pairs, batch, True) < batches.dpo_padding(pairs, batch, False)
 
 
 def test_dpo_batch_layout_and_logprob_sums(tmp_path):
@@ -132,7 +134,7 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
     pairs = load_dataset('jsonl', 'train', data_path=path, cache_dir=str(tmp_path / 'cache'))
     assert pairs.get('chosen', 1).tolist() == encode(' Blue.') + [EOT_TOKEN]
     assert pairs.get('prompt', 1).tolist() == encode('Name a colour of the sky on a clear day.')
-    idx, targets = data.dpo_batch(pairs, [0, 1])[:2]
+    idx, targets = batches.dpo_batch(pairs, [0, 1])[:2]
     rows = [(0, 'chosen'), (1, 'chosen'), (0, 'rejected'), (1, 'rejected')]
     assert idx.shape == targets.shape == (4, max(len(pairs.get('prompt', i)) + len(pairs.get(f, i)) for i, f in rows) - 1)
     torch.manual_seed(0)
@@ -158,7 +160,7 @@ def test_worker_processes_tokenize_exactly_as_one_process():
 
 def test_sft_batch_is_prompt_plus_chosen():
     pairs = data.tokenize_pairs([{'prompt': 'a', 'chosen': ' b c', 'rejected': ' d', 'where': 'x'}], 64, 32)
-    idx, targets = data.sft_batch(pairs, [0])[:2]
+    idx, targets = batches.sft_batch(pairs, [0])[:2]
     assert idx[0].tolist() == encode('a') + encode(' b c')
     assert targets[0].tolist() == [-1] * (len(encode('a')) - 1) + encode(' b c') + [EOT_TOKEN]
 
@@ -203,10 +205,10 @@ def test_restored_loader_continues_exactly():
 def test_grouping_by_length_cuts_padding():
     pairs = data.tokenize_pairs([{'prompt': 'p ' * (i % 37), 'chosen': ' c' * (i % 11 + 1), 'rejected': ' r',
                                   'where': str(i)} for i in range(400)], 512, 256)
-    plain, grouped = (data.dpo_padding(pairs, PairLoader(pairs.pair_lengths(), 16, group_by_length=g).epoch_batches(0))
+    plain, grouped = (batches.dpo_padding(pairs, PairLoader(pairs.pair_lengths(), 16, group_by_length=g).epoch_batches(0))
                       for g in (False, True))
     assert grouped < plain
-    one_batch = data.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
+    one_batch = batches.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
     rows = [len(pairs.get('prompt', i)) + len(pairs.get(f, i)) - 1 for f in ('chosen', 'rejected') for i in (0, 1)]
     assert one_batch == pytest.approx(1 - sum(rows) / (4 * max(rows)))
 

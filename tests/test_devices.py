@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dpo
-from data import dpo_batch, tokenize_pairs
+from batches import dpo_batch
+from data import tokenize_pairs
 from model import GPT, GPTConfig
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU'))]

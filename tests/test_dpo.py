@@ -9,7 +9,8 @@ import torch
 
 import dpo
 import runtime
-from data import dpo_batch, sft_batch, tokenize_pairs
+from batches import dpo_batch, sft_batch
+from data import tokenize_pairs
 from model import GPT, GPTConfig
 from synthetic import synthetic_pairs
 

@@ -1,0 +1,206 @@
+"""
+Batches: which pairs each step takes (PairLoader: seeded order, DDP shards, length grouping, exact
+resume), and the rows of token ids a forward pass runs over (Batch: one padded sequence a row, or
+packed units with a block-diagonal causal mask).
+
+Conventions (../shared/DESIGN.md): a target of -1 means "no loss here"; a sequence's log-prob is
+the sum over its targets, which is exactly log p(response | prompt), EOS included.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from data import EOT_TOKEN
+
+class Batch(NamedTuple):
+    """Rows for one forward pass over n response sequences, padded or packed.
+
+    idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
+    sequence's log-probs over its targets gives exactly log p(response | prompt), EOS included.
+    position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain causal
+    attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a token see
+    only its own unit (below).
+    segments: (R, T) which of the n sequences each cell's target belongs to, -1 on padding.
+    lengths: numpy, the tokens of each unit: a unit is a sequence without its last token, or, packed
+    for DPO, a pair: its prompt once, then both responses, each seeing the prompt but not the other.
+    """
+    idx: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    segments: torch.Tensor
+    lengths: np.ndarray
+    n: int
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(*(move(t) for t in self[:5]), self.lengths, self.n)
+
+    def sequence_sums(self, values):
+        """(n,) sums of (R, T) per-cell values over each sequence's cells. Padding cells go to sequence 0:
+        the values summed here (log-probs, target counts) are exactly 0 there."""
+        out = values.new_zeros(self.n)
+        return out.index_add_(0, self.segments.clamp(min=0).flatten(), values.flatten())  # (n,)
+
+    def flops_shape(self):
+        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: attention
+        is counted as sum(unit lengths^2) = tokens * attended length (for a pair's unit a little more
+        than it needs: a response does not look at the other one)."""
+        tokens = int(self.lengths.sum())
+        return tokens, int((self.targets != -1).sum()), float((self.lengths ** 2).sum() / tokens)
+
+
+def sequence_unit(prompt, response, n):
+    """A (prompt, response) sequence as one unit: the sequence without its last token, the response as
+    targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
+    L = len(prompt) + len(response) - 1
+    targets = np.full(L, -1, dtype=np.int64)
+    targets[len(prompt) - 1:] = response  # position t predicts token t + 1
+    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n), np.zeros(L, dtype=np.int64))
+
+
+def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
+    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed by
+    each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
+    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
+    P = len(prompt)
+    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), n_chosen, 0)]
+    for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
+        tokens = np.concatenate([prompt[-1:], response[:-1]])
+        parts.append((tokens, response, np.arange(P - 1, P - 1 + len(response)), n, branch))
+    return tuple(np.concatenate(column) for column in zip(*[
+        (tokens, targets, positions, np.full(len(tokens), n), np.full(len(tokens), branch))
+        for tokens, targets, positions, n, branch in parts]))
+
+
+def pack_bins(lengths):
+    """Units of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
+    each a list of unit numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
+    capacity, rows, room = max(lengths), [], []
+    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        fit = next((r for r in range(len(rows)) if room[r] >= lengths[n]), None)
+        if fit is None:
+            rows.append([]), room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(n)
+        room[fit] -= lengths[n]
+    return rows
+
+
+def lay_out(units, n, pack):
+    """A Batch of n sequences from units (sequence_unit, pair_unit): one unit a row, padded at the end
+    to the longest; with pack, as many units a row as fit in the longest's length (pack_bins)."""
+    lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
+    bins = pack_bins(lengths) if pack else [[u] for u in range(len(units))]
+    T = max(lengths)
+    idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
+    targets, segments, owner = (np.full((len(bins), T), -1, dtype=np.int64) for _ in range(3))
+    positions, branches = np.zeros((len(bins), T), dtype=np.int64), np.zeros((len(bins), T), dtype=np.int64)
+    for row, members in enumerate(bins):
+        start = 0
+        for u in members:
+            end = start + lengths[u]
+            idx[row, start:end], targets[row, start:end], positions[row, start:end], segments[row, start:end], \
+                branches[row, start:end] = units[u]
+            owner[row, start:end] = u
+            start = end
+    position_ids = attn_mask = None
+    if pack:
+        position_ids, owner, branches = (torch.from_numpy(a) for a in (positions, owner, branches))
+        same_unit = owner[:, :, None] == owner[:, None, :]  # (R, T, T): query, key
+        visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # key shared, or own branch
+        attn_mask = (same_unit & visible & torch.ones(T, T, dtype=torch.bool).tril())[:, None]  # (R, 1, T, T)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, torch.from_numpy(segments),
+                 lengths, n)
+
+
+def pad_rows(rows, pack=False):
+    """A Batch of the (prompt, response) token arrays rows, sequence n's targets those of rows[n]."""
+    return lay_out([sequence_unit(p, r, n) for n, (p, r) in enumerate(rows)], len(rows), pack)
+
+
+def dpo_batch(data, indices, pack=False):
+    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected (B..2B-1).
+    Padded: one sequence a row. Packed: each pair a unit with its prompt once (about a third fewer
+    tokens at HH's lengths), several units a row."""
+    B = len(indices)
+    if pack:
+        return lay_out([pair_unit(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i), n, B + n)
+                        for n, i in enumerate(indices)], 2 * B, pack)
+    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
+
+
+def sft_batch(data, indices, pack=False):
+    """A Batch of B sequences: prompt + chosen response, loss on the response only."""
+    return pad_rows([(data.get('prompt', i), data.get('chosen', i)) for i in indices], pack)
+
+
+def dpo_padding(data, batches, pack=False):
+    """The share of padding among all cells of the DPO batches: padded, 2B rows as long as the longest
+    sequence; packed, pairs (prompt once, both responses) laid out by pack_bins."""
+    prompt, chosen, rejected = data.lengths('prompt'), data.lengths('chosen'), data.lengths('rejected')
+    real = cells = 0
+    for b in batches:
+        if pack:
+            lengths = prompt[b] - 1 + chosen[b] + rejected[b]  # a pair's unit
+            n_rows = len(pack_bins(lengths))
+        else:
+            lengths = np.concatenate([prompt[b] + chosen[b] - 1, prompt[b] + rejected[b] - 1])
+            n_rows = len(lengths)
+        real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
+    return 1.0 - real / cells
+
+
+class PairLoader:
+    """Which pairs each batch of this rank holds, batch after batch, epoch after epoch.
+
+    The order of an epoch depends only on (seed, epoch). Under DDP the epoch's order is padded, by
+    repeating its first pairs, to a multiple of world_size; each global batch of batch_size *
+    world_size pairs is dealt to the ranks in turn, so the ranks' shards are disjoint (but for those
+    few repeats), together cover every pair, and all ranks take the same number of steps.
+    group_by_length sorts pairs by length within windows of 64 global batches and shuffles the
+    batches, so a batch holds pairs of similar length and is padded less.
+    The state is {'epoch', 'batch'}: load_state_dict continues at exactly the next batch.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, group_by_length=False):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.epoch, self.batch, self._batches = 0, 0, None
+
+    def epoch_batches(self, epoch):
+        """This rank's batches of one epoch: a list of arrays of pair indices."""
+        n, W = len(self.lengths), self.world_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = np.resize(order, n + (-n) % W)  # repeat the first pairs up to a multiple of W
+        per_step = self.batch_size * W
+        if self.group_by_length:
+            window = per_step * 64
+            order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
+                                    for w in np.split(order, range(window, len(order), window))])
+        global_batches = np.split(order, range(per_step, len(order), per_step))
+        if self.group_by_length and self.shuffle:
+            global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
+        return [gb[self.rank::W] for gb in global_batches]  # dealt in turn: similar lengths on every rank
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = self.epoch_batches(self.epoch)
+        if self.batch == len(self._batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        self.batch += 1
+        return self._batches[self.batch - 1]
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'batch': self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
