@@ -151,9 +151,12 @@ def profile_step(step, run):
             torch.cuda.synchronize()
     sort_by = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
     print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
-    kinds = {'matmul': r'gemm|matmul|\bmm\b|addmm|linear|cutlass|sm90_xmma|nvjet', 'attention': r'flash|fmha|attention|sdpa',
-             'optimizer': r'adam', 'log-probs (logsumexp, exp, gather)': r'logsumexp|exp|gather|scatter|softmax',
-             'copies and casts': r'copy|cast|to_copy|contiguous|cat'}
+    # first match wins, so the specific kinds come first: flash attention's kernels carry 'cutlass' in
+    # their names, and a fused Triton kernel is named after the ops it fused ('to_copy_add_layer_norm')
+    kinds = {'attention': r'flash|fmha|attention|sdpa', 'optimizer': r'adam',
+             'log-probs (logsumexp, exp, gather)': r'logsumexp|exp|gather|scatter|softmax',
+             'matmul': r'gemm|matmul|\bmm\b|addmm|linear|cutlass|sm90_xmma|nvjet',
+             'copies, casts and fused elementwise': r'copy|cast|contiguous|cat|triton'}
     totals, whole = dict.fromkeys(kinds, 0.0), 0.0
     for event in prof.key_averages():
         if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
