@@ -307,3 +307,25 @@ def test_target_log_probs_equal_cross_entropy(dtype, pad_vocab, monkeypatch):
     torch.testing.assert_close(fused_logp, plain_logp, **tol)
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_one_logits_copy_is_kept_for_backward(dtype):
+    """Of the (targets, vocab) logits, autograd keeps exactly one copy, in the compute dtype: no float32
+    log-softmax beside it (what F.cross_entropy would keep)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=5000, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 5000, (2, 16))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :6] = -1  # 2 * 10 = 20 targets
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            model(idx, targets).sum().backward()
+    logits_sized = [(n, d) for n, d in saved.values() if n >= 20 * 5000 * dtype.itemsize]
+    assert logits_sized == [(20 * 5000 * dtype.itemsize, dtype)]
