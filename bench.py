@@ -223,6 +223,8 @@ def main():
         rows.append(dict(step=name, seconds=seconds, pairs_per_sec=pairs / seconds, tokens_per_sec=tokens / seconds,
                          mfu=flops / seconds / peak_flops if peak_flops else float('nan'),
                          **memory_accounting(steps_to_run[name], largest, (policy, ref), optimizer, run)))
+        # at once, so that a run cut short (a compile that outlasts a time limit) still says something
+        print(f"{name}: {seconds:.3f} s/step, {pairs / seconds:.2f} pairs/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
     if profile:
         profile_step(steps_to_run[what.split(',')[0]], run)
     if 'sample' in what:
