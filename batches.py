@@ -14,6 +14,7 @@ import torch
 
 from data import EOT_TOKEN
 
+
 class Batch(NamedTuple):
     """Rows for one forward pass over n response sequences, padded or packed.
 
@@ -66,13 +67,12 @@ def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
     each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
     have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
     P = len(prompt)
-    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), n_chosen, 0)]
+    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), np.full(P - 1, n_chosen), np.zeros(P - 1, dtype=np.int64))]
     for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
-        tokens = np.concatenate([prompt[-1:], response[:-1]])
-        parts.append((tokens, response, np.arange(P - 1, P - 1 + len(response)), n, branch))
-    return tuple(np.concatenate(column) for column in zip(*[
-        (tokens, targets, positions, np.full(len(tokens), n), np.full(len(tokens), branch))
-        for tokens, targets, positions, n, branch in parts]))
+        L = len(response)
+        parts.append((np.concatenate([prompt[-1:], response[:-1]]), response, np.arange(P - 1, P - 1 + L),
+                      np.full(L, n), np.full(L, branch)))
+    return tuple(np.concatenate(column) for column in zip(*parts))  # (idx, targets, positions, segments, branches)
 
 
 def pack_bins(lengths):

@@ -133,7 +133,7 @@ def memory_accounting(step, indices, models, optimizer, run):
         done.set()
         poller.join()
     need = alive + grads + sum(saved.values())
-    logits = n_targets * policy.config.vocab_size * (2 if run.dtype in ('bfloat16', 'float16') else 4)
+    logits = n_targets * policy.config.vocab_size * runtime.DTYPES[run.dtype].itemsize
     return dict(peak_GB=peak[0] / 1e9, need_GB=need / 1e9, peak_over_need=peak[0] / need,
                 saved_MB_per_pair=sum(saved.values()) / pairs / 1e6, logits_MB_per_pair=logits / pairs / 1e6)
 

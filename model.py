@@ -61,15 +61,15 @@ class TargetLogProbs(torch.autograd.Function):
                 lse[i:i + rows] = torch.logsumexp(logits[i:i + rows, :V].to(acc), dim=-1)
             logp = logits.gather(1, targets[:, None]).squeeze(1).to(acc) - lse  # (N,)
         ctx.save_for_backward(x, weight, targets, logits, lse)
+        ctx.rows = rows
         return logp
 
     @staticmethod
     def backward(ctx, grad):  # grad (N,), lse's dtype
         x, weight, targets, logits, lse = ctx.saved_tensors
-        V = weight.size(0)
+        V, rows = weight.size(0), ctx.rows
         with torch.autocast(x.device.type, enabled=False):
             grad_logits = torch.empty_like(logits)[:, :V]  # (N, V), rows as long as the logits' (aligned)
-            rows = max(1, TargetLogProbs.CHUNK // V)
             for i in range(0, len(x), rows):
                 g = grad[i:i + rows, None]  # (n, 1)
                 chunk = (logits[i:i + rows, :V].to(lse.dtype) - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax

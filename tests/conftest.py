@@ -58,3 +58,12 @@ def edit_json(path, **changes):
     d.update(changes)
     with open(path, 'w') as f:
         json.dump(d, f)
+
+
+@pytest.fixture(scope='session')
+def varied_pairs():
+    """Four tokenized pairs of very different lengths, so that packing puts several sequences in a row."""
+    from data import tokenize_pairs
+    words = 'the cat sat on a mat and then it ran off to see what the dog was doing there'.split()
+    return tokenize_pairs([{'prompt': ' '.join(words[:2 + 5 * i]), 'chosen': ' ' + ' '.join(words[i:i + 1 + i % 3]),
+                            'rejected': ' ' + ' '.join(words[:1 + 2 * i])} for i in range(4)], 64, 32)

@@ -116,14 +116,6 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
 
 
-@pytest.fixture(scope='module')
-def varied_pairs():
-    """Four pairs of very different lengths, so that packing puts several sequences in a row."""
-    words = 'the cat sat on a mat and then it ran off to see what the dog was doing there'.split()
-    return tokenize_pairs([{'prompt': ' '.join(words[:2 + 5 * i]), 'chosen': ' ' + ' '.join(words[i:i + 1 + i % 3]),
-                            'rejected': ' ' + ' '.join(words[:1 + 2 * i])} for i in range(4)], 64, 32)
-
-
 def test_packed_batch_equals_padded(model, varied_pairs):
     """Several sequences a row, block-diagonal attention, positions from 0 for each: the same log-probs
     and the same gradients as one padded row each."""

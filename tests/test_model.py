@@ -244,20 +244,22 @@ def test_optimizer_groups_decay_only_matrices():
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.num_params(non_embedding=False)
 
 
-def test_fused_optimizer_steps_like_the_plain_loop():
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='no GPU'))])
+def test_fused_optimizer_steps_like_the_plain_loop(device):
     """The fused AdamW (one kernel per tensor) must move the weights as torch's for-loop AdamW does."""
-    fused, plain = tiny_gpt(), tiny_gpt()
+    fused, plain = tiny_gpt().to(device), tiny_gpt().to(device)
     plain.load_state_dict(fused.state_dict())
-    opt = fused.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type='cpu')
+    opt = fused.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type=device)
     assert all(g['fused'] for g in opt.param_groups)
     reference = torch.optim.AdamW([{'params': g['params'], 'weight_decay': g['weight_decay']}
-                                   for g in plain.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu').param_groups],
+                                   for g in plain.configure_optimizers(0.1, 1e-2, (0.9, 0.95), device).param_groups],
                                   lr=1e-2, betas=(0.9, 0.95), foreach=False)
     # the same random gradients for both (the model's own would do, but its key bias has a zero
     # gradient made of rounding noise, which Adam's normalisation blows up to +-lr either way)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     for _ in range(3):
-        grads = [torch.randn(p.shape, generator=g) for p in fused.parameters()]
+        grads = [torch.randn(p.shape, generator=g, device=device) for p in fused.parameters()]
         for model, o in ((fused, opt), (plain, reference)):
             for p, grad in zip(model.parameters(), grads):
                 p.grad = grad.clone()

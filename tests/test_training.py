@@ -103,20 +103,15 @@ def test_two_ddp_ranks_equal_one_rank_accumulating(sft_dir, tmp_path):
     assert loss(str(tmp_path / 'two')) == pytest.approx(loss(str(tmp_path / 'one')), abs=1e-5)
 
 
-def test_precomputed_reference_trains_like_the_live_one(sft_dir, tmp_path):
+def test_fast_paths_train_like_the_simple_one(sft_dir, tmp_path):
+    """The precomputed reference against the live one, packed rows against padded ones: one run of
+    the simple path, compared with a run of each fast path."""
     args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=2', '--max_iters=3', '--eval_interval=3']
-    live, pre = str(tmp_path / 'live'), str(tmp_path / 'pre')
-    ok(run('dpo.py', *args, f'--out_dir={live}'))
-    ok(run('dpo.py', *args, f'--out_dir={pre}', '--precompute_ref_logps=True'))
-    assert_same_metrics(live, pre)
-
-
-def test_packed_batches_train_like_padded_ones(sft_dir, tmp_path):
-    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--max_iters=3', '--eval_interval=3']
-    padded, packed = str(tmp_path / 'padded'), str(tmp_path / 'packed')
-    ok(run('dpo.py', *args, f'--out_dir={padded}'))
-    ok(run('dpo.py', *args, f'--out_dir={packed}', '--pack=True'))
-    assert_same_metrics(padded, packed)
+    simple = str(tmp_path / 'simple')
+    ok(run('dpo.py', *args, f'--out_dir={simple}'))
+    for name, flag in (('precomputed', '--precompute_ref_logps=True'), ('packed', '--pack=True')):
+        ok(run('dpo.py', *args, f'--out_dir={tmp_path / name}', flag))
+        assert_same_metrics(simple, str(tmp_path / name))
 
 
 def test_eval_only_writes_metrics_and_no_checkpoint(sft_dir, tmp_path):
