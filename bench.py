@@ -39,6 +39,7 @@ steps = 5  # timed steps of each kind, after warmup_steps
 warmup_steps = 2
 sample_tokens = 256  # new tokens for the sampling benchmark
 sample_batch = 1  # prompts sampled together
+sample_prompt = 10  # tokens in each prompt (HH's prompts: about 160)
 what = 'dpo,dpo_precomputed,sft,sample'
 device = 'auto'
 dtype = 'auto'
@@ -228,13 +229,12 @@ def main():
     if profile:
         profile_step(steps_to_run[what.split(',')[0]], run)
     if 'sample' in what:
-        policy.eval()
-        prompt = [list(range(1000, 1010))] * sample_batch
+        policy.eval().to(runtime.DTYPES[run.dtype])  # as sample.py does: the weights themselves cast, no autocast
+        prompt = [list(range(1000, 1000 + sample_prompt))] * sample_batch
         for use_cache in (True, False):
             t0 = time.perf_counter()
-            with run.autocast:
-                out = policy.generate(prompt, sample_tokens, temperature=1.0, eos_token_id=None, use_cache=use_cache,
-                                      generator=torch.Generator(run.device).manual_seed(seed))
+            out = policy.generate(prompt, sample_tokens, temperature=1.0, eos_token_id=None, use_cache=use_cache,
+                                  generator=torch.Generator(run.device).manual_seed(seed))
             seconds = time.perf_counter() - t0
             rows.append(dict(step=f"sample {'with' if use_cache else 'without'} KV cache", seconds=seconds,
                              tokens_per_sec=sum(map(len, out)) / seconds))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, edit_json
-from model import TargetLogProbs, GPT, GPTConfig, LoadError, top_k_filter, top_p_filter
+from model import TargetLogProbs, GPT, GPTConfig, LoadError, sample_next_token, top_k_filter, top_p_filter
 
 
 def tiny_gpt(seed=0, **kw):
@@ -217,6 +217,20 @@ def test_top_p_by_hand():
     assert kept(0.3) == [False, True, False, False]   # the top token alone
     assert kept(0.01) == [False, True, False, False]
     assert kept(0.0) == [False, True, False, False]   # never empty
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+def test_sample_next_token_draws_the_tempered_distribution(temperature):
+    # the first and last tokens are filtered out, so an off-by-one in the CDF search would draw them
+    probs = torch.tensor([0.0, 0.5, 0.2, 0.2, 0.1, 0.0], dtype=torch.float64)
+    logits = probs.log().float()
+    n = 200_000
+    drawn = sample_next_token(logits.expand(n, -1), temperature, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=len(probs)).double()
+    expected = (probs.log() / temperature).softmax(-1) * n  # T=2: 0.5, 0.2, 0.2, 0.1 -> sqrt, renormalised
+    assert counts[0] == 0 and counts[-1] == 0
+    sigma = (expected * (1 - expected / n)).sqrt()
+    assert ((counts - expected).abs() <= 5 * sigma + 1e-9).all(), (counts, expected)
 
 
 # ---------------------------------------------------------------- counting
