@@ -159,16 +159,19 @@ class PairLoader:
     The order of an epoch depends only on (seed, epoch). Under DDP the epoch's order is padded, by
     repeating its first pairs, to a multiple of world_size; each global batch of batch_size *
     world_size pairs is dealt to the ranks in turn, so the ranks' shards are disjoint (but for those
-    few repeats), together cover every pair, and all ranks take the same number of steps.
+    few repeats), together cover every pair, and all ranks take the same number of steps (training
+    needs that: every step all-reduces). even=False leaves the repeats out, for evaluation, where a
+    repeated pair would count twice: the last batches of some ranks are then smaller, or missing.
     group_by_length sorts pairs by length within windows of 64 global batches and shuffles the
     batches, so a batch holds pairs of similar length and is padded less.
     The state is {'epoch', 'batch'}: load_state_dict continues at exactly the next batch.
     """
 
-    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, group_by_length=False):
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, group_by_length=False,
+                 even=True):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.shuffle, self.group_by_length, self.even = shuffle, group_by_length, even
         self.epoch, self.batch, self._batches = 0, 0, None
 
     def epoch_batches(self, epoch):
@@ -176,7 +179,8 @@ class PairLoader:
         n, W = len(self.lengths), self.world_size
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        order = np.resize(order, n + (-n) % W)  # repeat the first pairs up to a multiple of W
+        if self.even:
+            order = np.resize(order, n + (-n) % W)  # repeat the first pairs up to a multiple of W
         per_step = self.batch_size * W
         if self.group_by_length:
             window = per_step * 64
@@ -185,7 +189,8 @@ class PairLoader:
         global_batches = np.split(order, range(per_step, len(order), per_step))
         if self.group_by_length and self.shuffle:
             global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
-        return [gb[self.rank::W] for gb in global_batches]  # dealt in turn: similar lengths on every rank
+        batches = [gb[self.rank::W] for gb in global_batches]  # dealt in turn: similar lengths on every rank
+        return [b for b in batches if len(b)]  # (uneven: a last global batch of fewer than W pairs)
 
     def __iter__(self):
         return self

@@ -152,7 +152,7 @@ def evaluate(model, ref, ref_logps, data, run):
     """Held-out means of METRICS over eval_iters batches (all with -1), over all ranks."""
     model.eval()
     batches = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
-                         shuffle=False).epoch_batches(0)
+                         shuffle=False, even=False).epoch_batches(0)
     sums, pairs = torch.zeros(len(METRICS), device=run.device), torch.zeros((), device=run.device)
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
         sums += pair_step(model, ref, ref_logps, data, indices, run)[1]

@@ -89,7 +89,7 @@ def evaluate(model, data, run):
     """Held-out NLL per token of the chosen responses, over eval_iters batches (all with -1), all ranks."""
     model.eval()
     batches = PairLoader(data.pair_lengths(), batch_size, rank=run.rank, world_size=run.world_size,
-                         shuffle=False).epoch_batches(0)
+                         shuffle=False, even=False).epoch_batches(0)
     sums, sequences = torch.zeros(3, device=run.device), torch.zeros((), device=run.device)
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
         sums += sft_step(model, data, indices, run)[1]

@@ -120,6 +120,16 @@ def test_shards_are_disjoint_and_complete(world_size, n, group):
     assert len(seen) == n + (-n) % world_size  # disjoint, but for the repeats that even out the ranks
 
 
+@pytest.mark.parametrize('world_size,n', [(1, 7), (2, 13), (3, 13), (4, 9), (5, 3)])
+def test_uneven_shards_hold_every_pair_once(world_size, n):
+    """Evaluation's loader (even=False): each pair exactly once over all ranks, no empty batch."""
+    per_rank = [PairLoader(np.arange(n), 2, rank=r, world_size=world_size, shuffle=False, even=False).epoch_batches(0)
+                for r in range(world_size)]
+    assert all(len(b) for batches in per_rank for b in batches)
+    seen = [i for batches in per_rank for b in batches for i in b.tolist()]
+    assert sorted(seen) == list(range(n))
+
+
 def test_order_depends_on_seed_and_epoch_only():
     lengths = np.arange(40)
     first = lambda seed, epoch: np.concatenate(PairLoader(lengths, 4, seed=seed).epoch_batches(epoch)).tolist()
