@@ -13,7 +13,6 @@ large matmul measured here, in the same dtype), peak memory and the padding frac
 import json
 import os
 import re
-import threading
 import time
 
 import numpy as np
@@ -82,13 +81,17 @@ def timed(step, run):
     return (time.perf_counter() - t0) / steps, totals / steps
 
 
-def resident_bytes():
-    """This process's resident memory now (Linux), or 0 where /proc is not there."""
-    try:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-    except OSError:
-        return 0
+def cpu_allocation_peak(fn):
+    """fn()'s result, and the most bytes of CPU tensors it held at once beyond those alive before it:
+    the running sum of torch.profiler's allocation and free events, the CPU counterpart of
+    torch.cuda.max_memory_allocated (what malloc keeps of freed memory does not count)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = np.cumsum([nbytes for _, nbytes in events])
+    return result, max(0, int(held.max())) if len(held) else 0
 
 
 def memory_accounting(step, indices, models, optimizer, run):
@@ -97,8 +100,8 @@ def memory_accounting(step, indices, models, optimizer, run):
     need: what the step cannot do without: the tensors alive before it (the weights of the policy
     and the reference, AdamW's state), the gradients, and the saved tensors (activations, autocast's
     low-precision weight copies, the one copy of the logits at the target positions). peak: the
-    allocator's peak on CUDA; on a CPU the resident memory, polled every millisecond during the step,
-    less what the process held before the models were built (coarse: malloc's kept pages count)."""
+    tensors' peak, the allocator's on CUDA, on a CPU the tensors alive before the step plus the
+    most the step allocated at once (cpu_allocation_peak)."""
     policy = models[0]
     params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
     saved = {}
@@ -111,7 +114,6 @@ def memory_accounting(step, indices, models, optimizer, run):
 
     tensor_bytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     grads = tensor_bytes(p for p in policy.parameters() if p.requires_grad)
-    peak, done = [0], threading.Event()
     if run.device_type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -119,23 +121,16 @@ def memory_accounting(step, indices, models, optimizer, run):
     else:
         alive = tensor_bytes(t for m in models for t in m.state_dict().values()) + tensor_bytes(
             t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-
-        def poll():
-            while not done.is_set():
-                peak[0] = max(peak[0], resident_bytes() - BASELINE_RSS)
-                time.sleep(0.001)
-        poller = threading.Thread(target=poll)
-        poller.start()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, pairs, _, n_targets = step(indices)
-    if run.device_type == 'cuda':
-        peak[0] = torch.cuda.max_memory_allocated()
-    else:
-        done.set()
-        poller.join()
+        if run.device_type == 'cuda':
+            _, pairs, _, n_targets = step(indices)
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            (_, pairs, _, n_targets), extra = cpu_allocation_peak(lambda: step(indices))
+            peak = alive + extra
     need = alive + grads + sum(saved.values())
     logits = n_targets * policy.config.vocab_size * runtime.DTYPES[run.dtype].itemsize
-    return dict(peak_GB=peak[0] / 1e9, need_GB=need / 1e9, peak_over_need=peak[0] / need,
+    return dict(peak_GB=peak / 1e9, need_GB=need / 1e9, peak_over_need=peak / need,
                 saved_MB_per_pair=sum(saved.values()) / pairs / 1e6, logits_MB_per_pair=logits / pairs / 1e6)
 
 
@@ -169,9 +164,6 @@ def profile_step(step, run):
             totals[kind] += t
     print('where the time goes: ' + ', '.join(f"{k} {v / whole:.0%}" for k, v in totals.items())
           + f", other {1 - sum(totals.values()) / whole:.0%}")
-
-
-BASELINE_RSS = resident_bytes()  # the interpreter and its libraries, before any model
 
 
 def main():

@@ -24,3 +24,19 @@ def test_bench_reports_every_step(pack):
     pad = report['padding']
     assert 0 <= pad['grouped_packed'] <= pad['grouped'] < pad['plain'] < 1  # grouping by length pads less, packing less still
     assert pad['plain_packed'] < pad['plain']
+
+
+def test_cpu_allocation_peak_by_hand():
+    import torch
+    from bench import cpu_allocation_peak
+    before = torch.empty(5_000_000, dtype=torch.uint8)  # alive before: not counted
+
+    def steps():
+        a = torch.empty(4_000_000, dtype=torch.uint8)
+        b = torch.empty(8_000_000, dtype=torch.uint8)  # 12 MB held: the peak
+        del a
+        c = torch.empty(2_000_000, dtype=torch.uint8)  # 10 MB
+        del b, c
+        return 'done'
+    assert cpu_allocation_peak(steps) == ('done', 12_000_000)
+    assert cpu_allocation_peak(lambda: before.numel()) == (5_000_000, 0)
