@@ -162,6 +162,29 @@ def test_kv_cache_logits_equal_recompute():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_one_row_steps_without_onednn_equal_with_it():
+    """generate's one-row cached steps on a CPU run without oneDNN (its bf16 matrix-vector products
+    are slower): the same logits within bf16's rounding, and the switch is restored, even on an error."""
+    from model import KVCache, onednn_off
+    model = tiny_gpt(n_embd=512, n_head=4).to(torch.bfloat16)  # wide enough for oneDNN to take the matmuls
+    idx = torch.randint(0, 96, (1, 12))
+    steps = []
+    for off in (False, True):
+        cache = KVCache(model.config.n_layer, 12)
+        with torch.no_grad():
+            model(idx[:, :4], kv_cache=cache)
+            with onednn_off(off):
+                steps.append(torch.cat([model(idx[:, t:t + 1], kv_cache=cache) for t in range(4, 12)], dim=1).float())
+    torch.testing.assert_close(steps[1], steps[0], atol=0.02, rtol=0.01)
+    assert steps[0].abs().max() > 1  # logits of a size where bf16's rounding is what the tolerance allows
+    before = torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        with onednn_off():
+            assert not torch.backends.mkldnn.enabled
+            raise RuntimeError
+    assert torch.backends.mkldnn.enabled == before
+
+
 @pytest.mark.parametrize('prompt_len,new', [(5, 20), (10, 40)])  # the second slides past block_size 32
 def test_sampling_with_cache_equals_without(prompt_len, new):
     model = tiny_gpt()
