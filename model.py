@@ -494,8 +494,8 @@ def config_from_hub_json(path, dropout=0.0):
 def onednn_off(off=True):
     """oneDNN (mkldnn) off inside, when off. A cached step of one row is a matrix-vector product for
     each weight, bound by reading the weights; in bf16 on a CPU, PyTorch's own kernel reads them at
-    about 40 GB/s where oneDNN's reaches 25 (AMD EPYC, avx512_bf16: gpt2 samples 120 tokens/s against
-    76). From two rows on oneDNN's matmul is the faster; float32 and float16 do not go through it."""
+    about 40 GB/s where oneDNN's reaches 21 (AMD EPYC, avx512_bf16: gpt2 samples 114 tokens/s against
+    80). From two rows on oneDNN's matmul is the faster; float32 and float16 do not go through it."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = before and not off
     try:
