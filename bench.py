@@ -11,7 +11,6 @@ large matmul measured here, in the same dtype), peak memory and the padding frac
 """
 
 import json
-import os
 import re
 import time
 
@@ -114,18 +113,16 @@ def memory_accounting(step, indices, models, optimizer, run):
 
     tensor_bytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     grads = tensor_bytes(p for p in policy.parameters() if p.requires_grad)
-    if run.device_type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        alive = torch.cuda.memory_allocated()
-    else:
-        alive = tensor_bytes(t for m in models for t in m.state_dict().values()) + tensor_bytes(
-            t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if run.device_type == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            alive = torch.cuda.memory_allocated()
             _, pairs, _, n_targets = step(indices)
             peak = torch.cuda.max_memory_allocated()
         else:
+            alive = tensor_bytes(t for m in models for t in m.state_dict().values()) + tensor_bytes(
+                t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
             (_, pairs, _, n_targets), extra = cpu_allocation_peak(lambda: step(indices))
             peak = alive + extra
     need = alive + grads + sum(saved.values())

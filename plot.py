@@ -64,8 +64,9 @@ def plot_frontier(results_path, png_path):
     ax.set_ylabel('mean true reward of samples')
     ax.set_title('embedded task: reward vs KL')
     ax.grid(alpha=0.3)
-    kl_max = max(row['kl'] for row in rows) or 1.0
-    ax.set_xlim(-0.04 * kl_max, 1.3 * kl_max)  # room for the labels right of the points
+    kl_low, kl_high = min(0.0, *(row['kl'] for row in rows)), max(row['kl'] for row in rows)
+    span = (kl_high - kl_low) or 1.0  # KL estimated from samples can come out below 0
+    ax.set_xlim(kl_low - 0.04 * span, kl_high + 0.3 * span)  # room for the labels right of the points
     ax.margins(y=0.1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
