@@ -20,7 +20,7 @@ import torch
 import dpo
 import runtime
 import sft
-from configurator import configure
+from configurator import at_least, configure
 from batches import PairLoader, dpo_padding
 from data import PairData, ragged
 from model import GPT, GPTConfig
@@ -45,6 +45,9 @@ compile = False
 profile = False  # also profile three steps of the first of what, and print where the time goes
 seed = 1337
 # -----------------------------------------------------------------------------
+RANGES = {'batch_size': at_least(1), 'max_length': at_least(2), 'max_prompt_length': at_least(1), 'steps': at_least(1),
+          'warmup_steps': at_least(0), 'sample_tokens': at_least(1), 'sample_batch': at_least(1),
+          'sample_prompt': at_least(1), 'seed': at_least(0)}
 
 SHAPES = {'tiny': (2, 2, 64), 'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
           'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
@@ -244,5 +247,5 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     main()

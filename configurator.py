@@ -6,15 +6,17 @@ the command line overrides them, left to right:
 
 A config file is plain Python whose top-level assignments become overrides; --key=value sets one key,
 its value read as a Python literal (True, 3, 1e-5, 'text') or else taken as a plain string.
-A key the script does not have, a value of the wrong type or a broken file stops the run with one
-sentence naming the key or the file and line.
+A key the script does not have, a value of the wrong type or out of its range, or a broken file
+stops the run with one sentence naming the key or the file and line, before any work.
 """
 
 import ast
 import difflib
+import inspect
 import os
 import sys
 import traceback
+from typing import Callable, NamedTuple
 
 
 class ConfigError(ValueError):
@@ -40,9 +42,47 @@ def check_value(key, value, default, source):
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        hint = ''
+        if isinstance(default, str) and isinstance(value, (list, tuple)):
+            hint = f" (give a list as one comma-separated string: {','.join(map(str, value))!r})"
         raise ConfigError(f"{source}: {key} must be a {type(default).__name__} (default {default!r}), "
-                          f"got {value!r}")
+                          f"got {value!r}{hint}")
     return value
+
+
+class Range(NamedTuple):
+    """The values a setting may take: a test, and the same in words for the error message."""
+    ok: Callable
+    words: str
+
+
+def at_least(low):
+    return Range(lambda v: v >= low, f">= {low}")
+
+
+def above(low):
+    return Range(lambda v: v > low, f"> {low}")
+
+
+def within(low, high):
+    return Range(lambda v: low <= v < high, f"in [{low}, {high})")
+
+
+def one_of(*choices):
+    return Range(lambda v: v in choices, 'one of ' + ', '.join(map(str, choices)))
+
+
+def optional(r):
+    """r, or None (the setting is off)."""
+    return Range(lambda v: v is None or r.ok(v), f"None or {r.words}")
+
+
+def check_ranges(namespace, ranges):
+    """Raise ConfigError for the first setting of namespace outside its Range in ranges."""
+    for key, r in ranges.items():
+        value = namespace[key]
+        if not r.ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {r.words}")
 
 
 def unknown_key(key, known, source):
@@ -77,7 +117,10 @@ def read_config_file(path):
     except Exception as e:
         line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
         raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
-    return config_keys(namespace)
+    # every top-level name but modules, functions and classes is an override: a value of a type
+    # no setting has (a list, a dict) is refused by check_value, never dropped without a word
+    return {k: v for k, v in namespace.items() if not k.startswith('_')
+            and not (inspect.ismodule(v) or inspect.isroutine(v) or inspect.isclass(v))}
 
 
 def apply_overrides(namespace, args):
@@ -103,10 +146,12 @@ def apply_overrides(namespace, args):
     return applied
 
 
-def configure(namespace, args=None):
-    """apply_overrides for a script's __main__: prints what changed, or the one-line error and exits."""
+def configure(namespace, ranges=None, args=None):
+    """apply_overrides, then check_ranges, for a script's __main__: prints what changed, or the
+    one-line error and exits."""
     try:
         applied = apply_overrides(namespace, sys.argv[1:] if args is None else args)
+        check_ranges(namespace, ranges or {})
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     for key, value in applied.items():

@@ -144,10 +144,17 @@ def split_transcripts(chosen, rejected):
 
 
 def json_lines(path):
-    """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, object) for each non-blank line of a JSONL file, gzip-compressed or not
+    (told by its first bytes, not its name)."""
+    with open(path, 'rb') as f:
+        compressed = f.read(2) == b'\x1f\x8b'  # gzip's magic number
+    with (gzip.open if compressed else open)(path, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -221,8 +228,10 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
         key, path = ('data_path', data_path) if split == 'train' else ('eval_data_path', eval_data_path)
         if not path:
             raise DataError(f"dataset='jsonl' needs {key}: a JSONL file of prompt/chosen/rejected pairs")
+        if os.path.isdir(path):
+            raise DataError(f"{key}={path!r} is a directory: give the JSONL file itself")
         if not os.path.isfile(path):
-            raise DataError(f"{path} ({key}) does not exist")
+            raise DataError(f"{key}={path!r} does not exist")
         stat = os.stat(path)
         return dict(path=os.path.abspath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns), lambda: read_pairs(path)
     if dataset == 'hh':
@@ -373,10 +382,15 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
                     max_length=max_length, max_prompt_length=max_prompt_length)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
+    data = None
     if os.path.exists(path):
-        data = PairData.load(path)
-        data.stats['cache'] = f"loaded {path}"
-    else:
+        try:
+            data = PairData.load(path)
+            data.stats['cache'] = f"loaded {path}"
+        except Exception as e:  # cut short, overwritten, a disk error: it is only a cache
+            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
+                  file=sys.stderr)
+    if data is None:
         pairs, dropped = read()
         data = tokenize_pairs(pairs, max_length, max_prompt_length)
         data.stats['dropped'] = dict(dropped)

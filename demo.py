@@ -7,7 +7,8 @@ sampled responses and the task's true reward.
     python demo.py --betas=0.05,0.1,0.2,0.5 --frontier_png=frontier.png   # the reward-vs-KL frontier
 
 Each stage is the command a user would type (sft.py, dpo.py, evaluate.py with the configs in
-config/), run one after the other; the results land in out_dir/demo.json.
+config/), run one after the other; the results land in out_dir/demo.json. Running the demo again
+replaces the runs it made in out_dir before (--overwrite=True).
 """
 
 import json
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
+from configurator import at_least, configure
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-demo'
@@ -31,7 +32,8 @@ device = 'auto'
 dtype = 'auto'
 frontier_png = ''  # also draw true reward against KL for the SFT and every DPO policy
 # -----------------------------------------------------------------------------
-
+RANGES = {'seed': at_least(0), 'sft_iters': at_least(1), 'dpo_iters': at_least(1), 'num_prompts': at_least(1),
+          'samples_per_prompt': at_least(1), 'num_pairs': at_least(0)}
 COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
 
 
@@ -59,12 +61,12 @@ def main():
     system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
     sft_dir = os.path.join(out_dir, 'sft')
     stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
-          f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', *system)
+          f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', '--overwrite=True', *system)
     policies = [('SFT', sft_dir)]
     for beta in betas.split(','):
         dpo_dir = os.path.join(out_dir, f'dpo-beta{beta}')
         stage(f'DPO beta={beta}', 'dpo.py', 'config/dpo_synthetic.py', f'--init_from={sft_dir}', f'--out_dir={dpo_dir}',
-              f'--beta={beta}', f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', *system)
+              f'--beta={beta}', f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', '--overwrite=True', *system)
         policies.append((f'DPO beta={beta}', dpo_dir))
     rows = []
     for name, policy_dir in policies:  # every policy against the SFT model: its reference and baseline
@@ -83,5 +85,5 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     main()

@@ -8,7 +8,6 @@ preference pairs against a frozen reference, usually both the SFT model.
 The loss family is one pure function, preference_loss; the run is the flat loop in main().
 """
 
-import hashlib
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from configurator import ConfigError, config_keys, configure
+from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
 from batches import PairLoader, dpo_batch
 from data import DataError, load_dataset
 from model import LoadError
@@ -47,6 +46,7 @@ simpo_gamma = 0.5  # simpo only: the target reward margin
 precompute_ref_logps = False  # compute the reference's log-probs once (cached with the tokens), then train without it in memory
 # training
 out_dir = 'out-dpo'
+overwrite = False  # a new run may replace the run already in out_dir (its ckpt.pt and metrics.jsonl)
 batch_size = 8  # pairs per micro-batch per rank
 gradient_accumulation_steps = 8  # pairs per optimizer step: batch_size * gradient_accumulation_steps * ranks
 max_iters = 1000
@@ -75,6 +75,16 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
+    'max_prompt_length': at_least(1), 'beta': above(0), 'loss_type': one_of(*LOSS_TYPES),
+    'label_smoothing': within(0, 0.5), 'rpo_alpha': at_least(0), 'simpo_gamma': at_least(0),
+    'batch_size': at_least(1), 'gradient_accumulation_steps': at_least(1), 'max_iters': at_least(0),
+    'learning_rate': above(0), 'warmup_iters': at_least(0), 'lr_decay_iters': at_least(1), 'min_lr': at_least(0),
+    'weight_decay': at_least(0), 'beta1': within(0, 1), 'beta2': within(0, 1), 'grad_clip': at_least(0),
+    'eval_interval': at_least(1), 'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'), 'log_interval': at_least(1),
+    'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
+}
 METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
            'logps/chosen', 'logps/rejected')
 
@@ -167,10 +177,7 @@ def reference_logps(ref, data, run):
     """(N, 2) float32: the reference's summed log-probs of every pair's chosen and rejected response,
     computed once (each rank its share) and cached next to the token cache, keyed by the
     reference's weights and the dtype."""
-    weights = hashlib.sha256()
-    for name, t in ref.state_dict().items():
-        weights.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    path = f"{data.path[:-len('.npz')]}-ref-{weights.hexdigest()[:12]}-{run.dtype}.npy"
+    path = f"{data.path[:-len('.npz')]}-ref-{runtime.weights_sha256(ref)[:12]}-{run.dtype}.npy"
     if os.path.exists(path):
         return np.load(path)
     ref.eval()
@@ -185,8 +192,9 @@ def reference_logps(ref, data, run):
     values = torch.cat(values)
     if run.ddp:  # every rank holds an equal share: gather them all
         gathered = [(torch.empty_like(indices), torch.empty_like(values)) for _ in range(run.world_size)]
-        runtime.dist.all_gather([g[0] for g in gathered], indices)
-        runtime.dist.all_gather([g[1] for g in gathered], values)
+        with runtime.collective("the all-gather of the reference's log-probs", run):
+            runtime.dist.all_gather([g[0] for g in gathered], indices)
+            runtime.dist.all_gather([g[1] for g in gathered], values)
         indices, values = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
     out = np.zeros((len(data), 2), dtype=np.float32)
     out[indices.cpu().numpy()] = values.cpu().numpy()
@@ -197,23 +205,33 @@ def reference_logps(ref, data, run):
 
 
 def main(config):
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     run = runtime.setup(device, dtype, seed)
-    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device) if init_from == 'resume' else None
+    checkpoint, policy_from, reference_from = None, init_from, ref_from or init_from
+    if init_from == 'resume':  # the run in out_dir goes on, against the reference it started with
+        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device, script='dpo')
+        policy_from, reference_from = checkpoint['config']['init_from'], ref_from or checkpoint['config']['ref_from']
+        if not reference_from or reference_from == 'resume':
+            raise LoadError(f"{out_dir}/ckpt.pt does not record its reference (it predates that): "
+                            "pass --ref_from= the model the run started against")
+    if not eval_only:  # stop before anything is written over a run or a model this run reads
+        runtime.prepare_out_dir(out_dir, run, checkpoint is not None, overwrite,
+                                {'init_from': policy_from, 'ref_from': reference_from})
+    config = {**config, 'init_from': policy_from, 'ref_from': reference_from}  # what every later resume reads
     # the models first: a wrong init_from or ref_from stops before any data is read
     policy = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
-    ref_source = ref_from or init_from
-    if checkpoint:  # resuming: the reference of the run that wrote the checkpoint
-        ref_source = ref_from or checkpoint['config']['ref_from'] or checkpoint['config']['init_from']
-    ref = runtime.load_model(ref_source, out_dir, run.device).eval().requires_grad_(False)
+    ref = runtime.load_model(reference_from, out_dir, run.device).eval().requires_grad_(False)
     if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
-        raise LoadError(f"the reference ({ref_source}) has the shape {asdict(ref.config)}, "
-                        f"but the policy ({init_from}) has {asdict(policy.config)}")
+        raise LoadError(f"the reference ({reference_from}) has the shape {asdict(ref.config)}, "
+                        f"but the policy ({policy_from}) has {asdict(policy.config)}")
+    ref_sha256 = runtime.weights_sha256(ref)
+    if checkpoint and checkpoint.get('ref_sha256', ref_sha256) != ref_sha256:
+        raise LoadError(f"the reference {reference_from} is not the model this run trained against: its weights "
+                        "changed since the run started (sha256 differs); resume with the same reference")
     if max_length > policy.config.block_size:
         raise ConfigError(f"max_length={max_length} is longer than the model's block_size {policy.config.block_size}")
-    train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
-    eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    with runtime.master_first(run):  # one process writes the token cache, the others read it
+        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     train_ref = eval_ref = None
     if precompute_ref_logps:
         train_ref, eval_ref = reference_logps(ref, train_data, run), reference_logps(ref, eval_data, run)
@@ -242,19 +260,24 @@ def main(config):
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            state = runtime.training_state(raw_policy, optimizer, scaler, iter_num, loader, config) if iter_num > start_iter else None
+            state = None if iter_num == start_iter else dict(  # what ckpt.pt holds: all a resume needs
+                script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                loader=loader.state_dict(), rng=runtime.rng_states(), config=config, ref_sha256=ref_sha256)
             runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
         if iter_num >= max_iters:
             break
         lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
         t0 = time.perf_counter()
-        sums, flops, tokens = torch.zeros(len(METRICS), device=run.device), 0, 0
+        sums, pairs, flops, tokens = torch.zeros(len(METRICS), device=run.device), 0, 0, 0
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            losses, batch_sums, (n_tokens, n_targets, attended) = pair_step(ddp_policy, ref, train_ref, train_data, next(loader), run)
+            indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size pairs
+            losses, batch_sums, (n_tokens, n_targets, attended) = pair_step(ddp_policy, ref, train_ref, train_data, indices, run)
             scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
             sums += batch_sums
+            pairs += len(indices)
             tokens += n_tokens
             flops += raw_policy.flops(n_tokens, n_targets, attended) + (raw_policy.flops(n_tokens, n_targets, attended, False)
                                                                   if ref is not None else 0)
@@ -262,15 +285,16 @@ def main(config):
         grad_norm = runtime.optimizer_step(ddp_policy, optimizer, scaler, grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0:
-            sums = runtime.all_reduce_sum(sums, run)
-            metrics = {name: (s / pairs_per_step).item() for name, s in zip(METRICS, sums)}
-            log.log(iter_num, {**metrics, **runtime.speed(t0, pairs_per_step, tokens, flops, peak_flops, run),
+            pairs = runtime.all_reduce_sum(torch.tensor(float(pairs), device=run.device), run).item()
+            sums = runtime.all_reduce_sum(sums, run)  # means over the pairs the step really had
+            metrics = {name: (s / pairs).item() for name, s in zip(METRICS, sums)}
+            log.log(iter_num, {**metrics, **runtime.speed(t0, pairs, tokens, flops, peak_flops, run),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run)
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     try:
         main(config_keys(globals()))
     except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:

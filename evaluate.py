@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import runtime
-from configurator import ConfigError, configure
+from configurator import ConfigError, Range, above, at_least, configure, one_of, optional
 from batches import dpo_batch, pad_rows
 from data import DataError, EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
 from model import LoadError
@@ -52,6 +52,13 @@ device = 'auto'
 dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'beta': above(0), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
+    'max_prompt_length': at_least(1), 'num_prompts': at_least(1), 'num_pairs': at_least(0),
+    'samples_per_prompt': at_least(1), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
+    'top_k': optional(at_least(1)), 'top_p': optional(Range(lambda v: 0 < v <= 1, 'in (0, 1]')),
+    'batch_size': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
+}
 
 
 def win_rate(rewards, baseline_rewards):
@@ -181,7 +188,7 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     try:
         main()
     except (ConfigError, LoadError, DataError, ValueError) as e:

@@ -88,6 +88,16 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
 
+    def __post_init__(self):  # a shape that cannot be built is refused here, in words
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be a whole number >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head} (each head "
+                             "takes n_embd / n_head of the channels)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
 
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
@@ -118,7 +128,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -484,8 +493,11 @@ def config_from_hub_json(path, dropout=0.0):
     for key, (default, accepted) in same_math.items():
         if hub.get(key, default) not in accepted:
             raise LoadError(f"{path}: {key}={hub[key]!r} is not supported (this GPT-2 computes {default!r})")
-    return GPTConfig(block_size=hub['n_positions'], vocab_size=hub['vocab_size'], n_layer=hub['n_layer'],
-                     n_head=hub['n_head'], n_embd=hub['n_embd'], dropout=dropout, bias=True)
+    try:
+        return GPTConfig(block_size=hub['n_positions'], vocab_size=hub['vocab_size'], n_layer=hub['n_layer'],
+                         n_head=hub['n_head'], n_embd=hub['n_embd'], dropout=dropout, bias=True)
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
 
 
 # -------------------------------------------------------------------- sampling

@@ -4,18 +4,24 @@ the optimizer step, checkpoint files, metric logging and the device's peak FLOPs
 The training loops themselves stay in sft.py and dpo.py, flat and readable top to bottom.
 """
 
+import errno
+import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from configurator import ConfigError
 from model import GPT, GPTConfig, LoadError
 
 
@@ -37,9 +43,22 @@ def cpu_has_native_bf16():
 
 
 def resolve_device(device):
-    """'auto' becomes cuda when there is a GPU, else cpu; anything else is returned as given."""
+    """'auto' becomes cuda when there is a GPU, else cpu; anything else is returned as given, once
+    it is known to name a device this machine has."""
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if kind.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"device={device!r}, but torch finds no GPU here (torch {torch.__version__}, {build}); "
+                              "use device='cpu', or 'auto' to take a GPU only where there is one")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -82,18 +101,47 @@ def atomic_open(path, mode='w'):
 
 
 def save_checkpoint(checkpoint, path):
-    with atomic_open(path, 'wb') as f:
-        torch.save(checkpoint, f)
+    """checkpoint written to path atomically; a failed write (a full disk) leaves the old file and
+    raises TrainingError naming the file."""
+    try:
+        with atomic_open(path, 'wb') as f:
+            torch.save(checkpoint, f)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write either way
+        cause, full = e, False
+        while cause is not None and not full:
+            full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+            cause = cause.__cause__ or cause.__context__
+        folder = os.path.dirname(os.path.abspath(path))
+        reason = (f"the disk is full ({shutil.disk_usage(folder).free / 1e6:.0f} MB free in {folder})" if full
+                  else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        raise TrainingError(f"could not write {path}: {reason}; the checkpoint there before is kept") from None
 
 
-def load_checkpoint(path, map_location='cpu'):
-    """A checkpoint dict written by save_checkpoint; only tensors and plain values are unpickled."""
+def weights_sha256(model):
+    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_checkpoint(path, map_location='cpu', script=None):
+    """A checkpoint dict written by save_checkpoint; only tensors and plain values are unpickled.
+    script ('sft' or 'dpo'): the script about to resume it, which must be the one that wrote it."""
     if not os.path.isfile(path):
         raise LoadError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise LoadError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if script is not None:
+        config = checkpoint.get('config', {})
+        written_by = checkpoint.get('script', 'dpo' if 'ref_from' in config else 'sft')  # older checkpoints
+        if written_by != script:
+            hint = (f"; to start DPO from it, pass --init_from={os.path.dirname(path) or '.'}"
+                    if (written_by, script) == ('sft', 'dpo') else f"; resume it with {written_by}.py")
+            raise LoadError(f"{path} was written by {written_by}.py, so {script}.py cannot resume it{hint}")
+    return checkpoint
 
 
 def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None):
@@ -105,7 +153,10 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
         checkpoint = checkpoint or load_checkpoint(path, map_location=device)
         if 'model_args' not in checkpoint or 'model' not in checkpoint:
             raise LoadError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of this project")
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+        try:
+            model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+        except (TypeError, ValueError) as e:
+            raise LoadError(f"{path}: its model_args do not make a model: {e}") from None
         try:
             model.load_state_dict(checkpoint['model'])
         except RuntimeError as e:
@@ -115,11 +166,24 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     return model.to(device)
 
 
-def training_state(raw_model, optimizer, scaler, iter_num, loader, config):
-    """What ckpt.pt holds: enough to continue exactly where the run stands."""
-    return dict(model=raw_model.state_dict(), model_args=asdict(raw_model.config), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), iter_num=iter_num, loader=loader.state_dict(), rng=rng_states(),
-                config=config)
+def prepare_out_dir(out_dir, run, resuming, overwrite, sources):
+    """Stop before a run destroys work. out_dir must not be a directory the run reads a model from
+    (sources: {config key: source}), whose ckpt.pt the run would overwrite. A new run (not resuming)
+    must not replace a run already in out_dir unless overwrite; then the old run's ckpt.pt and
+    metrics.jsonl are removed first, so that the directory never mixes two runs."""
+    for key, source in sources.items():
+        if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(out_dir):
+            raise ConfigError(f"out_dir={out_dir!r} is also {key}, a model this run reads: its ckpt.pt would be "
+                              "overwritten; choose another out_dir")
+    old = [name for name in ('ckpt.pt', 'metrics.jsonl') if os.path.exists(os.path.join(out_dir, name))]
+    if resuming or not old:
+        return
+    if not overwrite:
+        raise ConfigError(f"out_dir={out_dir!r} already holds a run ({' and '.join(old)}): continue it with "
+                          "--init_from=resume, choose another --out_dir, or replace it with --overwrite=True")
+    if run.master:
+        for name in old:
+            os.remove(os.path.join(out_dir, name))
 
 
 def optimizer_and_scaler(model, checkpoint, loader, run, weight_decay, learning_rate, betas):
@@ -129,6 +193,7 @@ def optimizer_and_scaler(model, checkpoint, loader, run, weight_decay, learning_
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
     if checkpoint is None:
         return optimizer, scaler, 0
+    # resuming: the optimizer's moments, the fp16 loss scale, the data order and the RNG streams
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
@@ -160,10 +225,15 @@ def write_json(path, obj):
 
 # -------------------------------------------------------------------- training set-up
 
-def setup(device, dtype, seed):
+DDP_TIMEOUT_S = 600  # how long a rank waits for the others at a collective before the run stops
+
+
+def setup(device, dtype, seed, timeout_s=DDP_TIMEOUT_S):
     """Start DDP when torchrun launched us (RANK is set): nccl on CUDA, one GPU per process; gloo
-    on CPU. Seeds torch with seed + rank. Returns a namespace: ddp, rank, local_rank, world_size,
-    master (rank 0: the one that logs and saves), device, device_type, dtype, autocast."""
+    on CPU. A collective that waits more than timeout_s for a rank (stopped, crashed, stuck in I/O)
+    fails instead of waiting forever. Seeds torch with seed + rank. Returns a namespace: ddp, rank,
+    local_rank, world_size, master (rank 0: the one that logs and saves), device, device_type,
+    dtype, autocast, timeout_s."""
     ddp = 'RANK' in os.environ
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
     device = resolve_device(device)
@@ -171,7 +241,8 @@ def setup(device, dtype, seed):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                                timeout=timedelta(seconds=timeout_s))
     dtype = resolve_dtype(dtype, device)
     torch.manual_seed(seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores where there are some
@@ -182,7 +253,8 @@ def setup(device, dtype, seed):
     torch.backends.cuda.enable_cudnn_sdp(False)
     device_type = device.split(':')[0]
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
-                           device=device, device_type=device_type, dtype=dtype, autocast=autocast(device, dtype))
+                           device=device, device_type=device_type, dtype=dtype, autocast=autocast(device, dtype),
+                           timeout_s=timeout_s)
 
 
 def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
@@ -215,18 +287,48 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     return grad_norm.item()
 
 
-def all_reduce_sum(t, run):
+@contextmanager
+def collective(what, run):
+    """Around a collective: a rank that times out there stops with a TrainingError naming it."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and nccl both report a timeout as a RuntimeError
+        if 'time' not in str(e).lower():
+            raise
+        raise TrainingError(f"rank {run.rank}: {what} waited more than {run.timeout_s} s for the other ranks, "
+                            f"one of which stopped, crashed or is stuck ({str(e).splitlines()[0][:200]})") from None
+
+
+def all_reduce_sum(t, run, what='the metrics'):
     """t summed over the ranks (t itself without DDP)."""
     if run.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with collective(f"the all-reduce of {what}", run):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def barrier(run, why):
+    if run.ddp:
+        with collective(f"the barrier {why}", run):
+            dist.barrier()
+
+
+@contextmanager
+def master_first(run):
+    """The block runs on the master, then on the other ranks: the master writes a file (the token
+    cache) that the others then read, so no two processes write it at once."""
+    if not run.master:
+        barrier(run, "waiting for the master to write the token cache")
+    yield
+    if run.master:
+        barrier(run, "after the master wrote the token cache")
 
 
 def stop_unless_finite(loss_sum, iter_num, run, what='loss'):
     """Raise TrainingError, on every rank at once, when the loss is NaN or infinite: checked before
     each optimizer step, so nothing broken reaches the weights, and on the held-out loss before each
     save, so a checkpoint never holds weights that an earlier step broke."""
-    loss_sum = all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32, device=run.device).clone(), run)
+    loss_sum = all_reduce_sum(torch.as_tensor(loss_sum, dtype=torch.float32, device=run.device).clone(), run, what)
     if not torch.isfinite(loss_sum):
         raise TrainingError(f"iteration {iter_num}: the {what} is {loss_sum.item()}; stopped, and the last "
                             "checkpoint is untouched (try a lower learning_rate, or dtype=float32)")
@@ -244,7 +346,7 @@ def set_rng_states(states):
 
 def finish(run):
     if run.ddp:  # wait for the master's last save: a rank that leaves early can abort the others
-        dist.barrier()
+        barrier(run, "at the end, waiting for the master's last save")
         dist.destroy_process_group()
 
 
@@ -302,12 +404,8 @@ class MetricLog:
             return
         os.makedirs(out_dir, exist_ok=True)
         if start_iter > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)['iter'] <= start_iter]
             with atomic_open(self.path) as f:
-                f.writelines(kept)
-        elif start_iter == 0 and os.path.exists(self.path):
-            os.remove(self.path)  # a new run in this out_dir
+                f.writelines(line for line, row in read_metrics(self.path) if row['iter'] <= start_iter)
         if wandb_log:
             import wandb
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
@@ -321,3 +419,22 @@ class MetricLog:
             f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
         if self.wandb is not None:
             self.wandb.log(metrics, step=iter_num)
+
+
+def read_metrics(path):
+    """(line, row) for each line of a metrics.jsonl. A last line cut short by a crash is dropped
+    with a warning; a broken line before it stops with the file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line.rstrip('\n') + '\n', json.loads(line)))
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise TrainingError(f"{path}, line {lineno}: not a JSON line; fix or remove it to resume") from None
+            print(f"warning: {path}, line {lineno}: the last line is cut short (the run stopped while "
+                  "writing it); dropped", file=sys.stderr)
+    return rows

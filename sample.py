@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from configurator import configure
+from configurator import Range, above, at_least, configure, one_of, optional
 from data import encode, response_text
 from evaluate import sequence_logps
 from model import EOT_TOKEN, LoadError
@@ -35,6 +35,11 @@ use_cache = True  # False recomputes the whole context for every new token (for 
 ref_from = ''  # a reference model: order the samples by the implicit reward beta * log(pi / pi_ref), best first
 beta = 0.1
 # -----------------------------------------------------------------------------
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'num_samples': at_least(1), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
+    'top_k': optional(at_least(1)), 'top_p': optional(Range(lambda v: 0 < v <= 1, 'in (0, 1]')),
+    'seed': at_least(0), 'dtype': one_of('auto', *DTYPES), 'beta': above(0),
+}
 
 
 def read_prompt(start):
@@ -83,7 +88,7 @@ def main():
           f"({num_samples} samples as one batch, {'with' if use_cache else 'without'} KV cache)")
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     try:
         main()
     except (LoadError, ValueError) as e:

@@ -9,11 +9,12 @@ chosen responses, loss on response tokens only. Its out_dir is the start and the
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
 import runtime
-from configurator import ConfigError, config_keys, configure
+from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
 from batches import PairLoader, sft_batch
 from data import DataError, load_dataset
 from model import GPT, GPTConfig, LoadError
@@ -37,6 +38,7 @@ group_by_length = True  # batches of sequences of similar length: less padding
 pack = False  # several sequences a row (block-diagonal causal attention) instead of one padded row each: less padding still
 # training
 out_dir = 'out-sft'
+overwrite = False  # a new run may replace the run already in out_dir (its ckpt.pt and metrics.jsonl)
 batch_size = 16  # sequences (prompt + chosen) per micro-batch per rank
 gradient_accumulation_steps = 4  # sequences per optimizer step: batch_size * gradient_accumulation_steps * ranks
 max_iters = 1000
@@ -64,6 +66,15 @@ compile = False  # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
 
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'n_layer': at_least(1), 'n_head': at_least(1), 'n_embd': at_least(1), 'block_size': at_least(2),
+    'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
+    'max_prompt_length': at_least(1), 'batch_size': at_least(1), 'gradient_accumulation_steps': at_least(1),
+    'max_iters': at_least(0), 'learning_rate': above(0), 'warmup_iters': at_least(0), 'lr_decay_iters': at_least(1),
+    'min_lr': at_least(0), 'weight_decay': at_least(0), 'beta1': within(0, 1), 'beta2': within(0, 1),
+    'grad_clip': at_least(0), 'eval_interval': at_least(1), 'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
+    'log_interval': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
+}
 METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob per chosen response
 
 
@@ -101,16 +112,26 @@ def evaluate(model, data, run):
 
 def main(config):
     run = runtime.setup(device, dtype, seed)
-    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device) if init_from == 'resume' else None
+    checkpoint, model_from = None, init_from
+    if init_from == 'resume':  # the run in out_dir goes on
+        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device, script='sft')
+        model_from = checkpoint['config']['init_from']
+    if not eval_only:  # stop before anything is written over a run or a model this run reads
+        runtime.prepare_out_dir(out_dir, run, checkpoint is not None, overwrite, {'init_from': model_from})
+    config = {**config, 'init_from': model_from}  # what the run started from, for every later resume
     if init_from == 'scratch':
-        model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                              dropout=dropout)).to(run.device)
+        try:
+            shape = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model = GPT(shape).to(run.device)
     else:  # a wrong init_from stops here, before any data is read
         model = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
     if max_length > model.config.block_size:
         raise ConfigError(f"max_length={max_length} is longer than the model's block_size {model.config.block_size}")
-    train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
-    eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+    with runtime.master_first(run):  # one process writes the token cache, the others read it
+        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
     optimizer, scaler, iter_num = runtime.optimizer_and_scaler(model, checkpoint, loader, run, weight_decay,
@@ -133,33 +154,39 @@ def main(config):
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            state = runtime.training_state(raw_model, optimizer, scaler, iter_num, loader, config) if iter_num > start_iter else None
+            state = None if iter_num == start_iter else dict(  # what ckpt.pt holds: all a resume needs
+                script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                loader=loader.state_dict(), rng=runtime.rng_states(), config=config)
             runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
         if iter_num >= max_iters:
             break
         lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
         t0 = time.perf_counter()
-        sums, flops, tokens = torch.zeros(3, device=run.device), 0, 0
+        sums, sequences, flops, tokens = torch.zeros(3, device=run.device), 0, 0, 0
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            loss, batch_sums, (n_tokens, n_targets, attended) = sft_step(ddp_model, train_data, next(loader), run)
+            indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size sequences
+            loss, batch_sums, (n_tokens, n_targets, attended) = sft_step(ddp_model, train_data, indices, run)
             scaler.scale(loss / gradient_accumulation_steps).backward()
             sums += batch_sums
+            sequences += len(indices)
             tokens += n_tokens
             flops += raw_model.flops(n_tokens, n_targets, attended)
         runtime.stop_unless_finite(sums[0], iter_num, run)
         grad_norm = runtime.optimizer_step(ddp_model, optimizer, scaler, grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0:
-            metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), per_step)
-            log.log(iter_num, {**metrics, **runtime.speed(t0, per_step, tokens, flops, peak_flops, run),
+            sequences = runtime.all_reduce_sum(torch.tensor(float(sequences), device=run.device), run).item()
+            metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), sequences)  # over what the step really had
+            log.log(iter_num, {**metrics, **runtime.speed(t0, sequences, tokens, flops, peak_flops, run),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run)
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), RANGES)
     try:
         main(config_keys(globals()))
     except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:

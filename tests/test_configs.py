@@ -1,13 +1,18 @@
-"""Every config file in config/ parses against its script: no unknown keys, no wrong types."""
+"""Every config file in config/ parses against its script, and every setting a user can get wrong
+stops before any work with one line naming the key, the value and the range."""
 
 import glob
 import os
 
 import pytest
 
+import bench
+import demo
 import dpo
+import evaluate
+import sample
 import sft
-from configurator import apply_overrides
+from configurator import apply_overrides, check_ranges, configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
@@ -20,5 +25,70 @@ def test_there_are_configs():
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
 def test_config_parses(path):
     script = sft if os.path.basename(path).startswith('sft') else dpo
-    applied = apply_overrides(dict(vars(script)), [path])
+    namespace = dict(vars(script))
+    applied = apply_overrides(namespace, [path])
     assert applied and 'init_from' in applied
+    check_ranges(namespace, script.RANGES)
+
+
+SCRIPTS = {'dpo': dpo, 'sft': sft, 'sample': sample, 'evaluate': evaluate, 'demo': demo, 'bench': bench}
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_every_number_setting_has_a_range(name):
+    """A new setting without a range fails here: add it to the script's RANGES."""
+    script = SCRIPTS[name]
+    numbers = {k for k, v in vars(script).items() if not k.startswith('_') and k.islower()
+               and (v is None or type(v) in (int, float))}
+    assert numbers - set(script.RANGES) == set()
+    check_ranges(vars(script), script.RANGES)  # the defaults are in range
+
+
+BAD = [  # script, arguments, the one line the user sees
+    ('dpo', ['--gradient_accumulation_steps=0'], "gradient_accumulation_steps=0 is out of range: it must be >= 1"),
+    ('dpo', ['--beta=-0.1'], "beta=-0.1 is out of range: it must be > 0"),
+    ('dpo', ['--loss_type=ipo', '--beta=0'], "beta=0.0 is out of range: it must be > 0"),
+    ('dpo', ['--label_smoothing=0.5'], "label_smoothing=0.5 is out of range: it must be in [0, 0.5)"),
+    ('dpo', ['--label_smoothing=-0.1'], "label_smoothing=-0.1 is out of range: it must be in [0, 0.5)"),
+    ('dpo', ['--batch_size=-1'], "batch_size=-1 is out of range: it must be >= 1"),
+    ('dpo', ['--batch_size=0'], "batch_size=0 is out of range: it must be >= 1"),
+    ('dpo', ['--eval_interval=0'], "eval_interval=0 is out of range: it must be >= 1"),
+    ('dpo', ['--log_interval=0'], "log_interval=0 is out of range: it must be >= 1"),
+    ('dpo', ['--learning_rate=-1e-6'], "learning_rate=-1e-06 is out of range: it must be > 0"),
+    ('dpo', ['--dropout=1.0'], "dropout=1.0 is out of range: it must be in [0, 1)"),
+    ('dpo', ['--dropout=-0.1'], "dropout=-0.1 is out of range: it must be in [0, 1)"),
+    ('dpo', ['--eval_iters=0'], "eval_iters=0 is out of range: it must be -1 (all) or >= 1"),
+    ('dpo', ['--max_iters=-5'], "max_iters=-5 is out of range: it must be >= 0"),
+    ('dpo', ['--seed=-1'], "seed=-1 is out of range: it must be >= 0"),
+    ('dpo', ['--rpo_alpha=-1'], "rpo_alpha=-1.0 is out of range: it must be >= 0"),
+    ('dpo', ['--beta2=1.0'], "beta2=1.0 is out of range: it must be in [0, 1)"),
+    ('dpo', ['--grad_clip=-1'], "grad_clip=-1.0 is out of range: it must be >= 0"),
+    ('dpo', ['--dtype=fp8'], "dtype='fp8' is out of range: it must be one of auto, float32, bfloat16, float16"),
+    ('dpo', ['--dataset=hhrlhf'], "dataset='hhrlhf' is out of range: it must be one of hh, jsonl, synthetic"),
+    ('dpo', ['LIST'], "config file {list}: hh_subsets must be a str (default 'all'), got ['helpful-base'] "
+                      "(give a list as one comma-separated string: 'helpful-base')"),
+    ('sft', ['--n_head=0'], "n_head=0 is out of range: it must be >= 1"),
+    ('sft', ['--batch_size=0'], "batch_size=0 is out of range: it must be >= 1"),
+    ('sft', ['--warmup_iters=-1'], "warmup_iters=-1 is out of range: it must be >= 0"),
+    ('sample', ['--num_samples=0'], "num_samples=0 is out of range: it must be >= 1"),
+    ('sample', ['--temperature=-1'], "temperature=-1.0 is out of range: it must be >= 0"),
+    ('sample', ['--top_k=-1'], "top_k=-1 is out of range: it must be None or >= 1"),
+    ('sample', ['--top_k=0'], "top_k=0 is out of range: it must be None or >= 1"),
+    ('sample', ['--top_p=0'], "top_p=0 is out of range: it must be None or in (0, 1]"),
+    ('sample', ['--top_p=1.5'], "top_p=1.5 is out of range: it must be None or in (0, 1]"),
+    ('sample', ['--max_new_tokens=0'], "max_new_tokens=0 is out of range: it must be >= 1"),
+    ('evaluate', ['--temperature=-0.5'], "temperature=-0.5 is out of range: it must be >= 0"),
+    ('evaluate', ['--samples_per_prompt=0'], "samples_per_prompt=0 is out of range: it must be >= 1"),
+    ('evaluate', ['--batch_size=0'], "batch_size=0 is out of range: it must be >= 1"),
+]
+
+
+@pytest.mark.parametrize('name,args,message', BAD, ids=[f"{b[0]} {' '.join(b[1])}" for b in BAD])
+def test_bad_settings_stop_with_one_line(name, args, message, tmp_path, capsys):
+    config = tmp_path / 'subsets.py'
+    config.write_text("hh_subsets = ['helpful-base']\n")  # a list, where the key takes a string
+    args = [str(config) if a == 'LIST' else a for a in args]
+    namespace = dict(vars(SCRIPTS[name]))
+    with pytest.raises(SystemExit) as stop:
+        configure(namespace, SCRIPTS[name].RANGES, args)
+    assert str(stop.value) == 'config error: ' + message.format(list=config)

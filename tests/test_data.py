@@ -117,6 +117,46 @@ def test_bad_input_is_named_and_nothing_is_written(lines, message, tmp_path):
     assert not cache.exists() or not os.listdir(cache)
 
 
+def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
+    path = tmp_path / 'd.jsonl'
+    path.write_bytes(b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_dataset('jsonl', 'train', data_path=str(path), cache_dir=str(tmp_path / 'cache'))
+
+
+def test_gzip_is_read_whatever_the_name(tmp_path):
+    rows = [{'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}, {'prompt': 'd', 'chosen': ' e', 'rejected': ' f'}]
+    with gzip.open(tmp_path / 'd.jsonl', 'wt') as f:  # compressed, but named .jsonl
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    plain = write_jsonl(tmp_path / 'plain.jsonl', rows)
+    a = load_dataset('jsonl', 'train', data_path=str(tmp_path / 'd.jsonl'), cache_dir=str(tmp_path / 'cache'))
+    b = load_dataset('jsonl', 'train', data_path=plain, cache_dir=str(tmp_path / 'cache'))
+    for k in a.arrays:
+        assert np.array_equal(a.arrays[k], b.arrays[k])
+
+
+def test_a_directory_as_data_path_is_called_a_directory(tmp_path):
+    with pytest.raises(DataError, match=f"data_path='{tmp_path}' is a directory: give the JSONL file itself"):
+        load_dataset('jsonl', 'train', data_path=str(tmp_path), cache_dir=str(tmp_path / 'cache'))
+
+
+@pytest.mark.parametrize('damage', ['cut', 'garbage'])
+def test_a_corrupt_cache_file_is_named_and_rebuilt(damage, tmp_path, capsys):
+    path = write_jsonl(tmp_path / 'd.jsonl', [{'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}])
+    cache = str(tmp_path / 'cache')
+    first = load_dataset('jsonl', 'train', data_path=path, cache_dir=cache)
+    with open(first.path, 'rb') as f:
+        good = f.read()
+    with open(first.path, 'wb') as f:
+        f.write(good[:len(good) // 2] if damage == 'cut' else b'\x00' * 100)
+    again = load_dataset('jsonl', 'train', data_path=path, cache_dir=cache)
+    assert f"warning: the token cache {first.path} is unreadable" in capsys.readouterr().err
+    assert again.stats['cache'] == f"wrote {first.path}"
+    for k in first.arrays:
+        assert np.array_equal(first.arrays[k], again.arrays[k])
+    assert load_dataset('jsonl', 'train', data_path=path, cache_dir=cache).stats['cache'].startswith('loaded')
+
+
 def test_cli_prints_one_line_and_writes_nothing(tmp_path):
     path = write_jsonl(tmp_path / 'd.jsonl', ['{"prompt": "a", "chosen": " b"}'])
     run = subprocess.run([sys.executable, 'data.py', '--dataset=jsonl', f'--data_path={path}',

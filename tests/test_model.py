@@ -128,6 +128,16 @@ def test_unsupported_config_is_refused(hf_dir, tmp_path):
         GPT.from_pretrained(path)
 
 
+def test_a_shape_that_cannot_be_built_is_named(hf_dir, tmp_path):
+    path = copy_dir(hf_dir, tmp_path / 'm')
+    edit_json(os.path.join(path, 'config.json'), n_head=5)  # 32 channels do not split into 5 heads
+    with pytest.raises(LoadError, match=r"config\.json: n_embd=32 is not a multiple of n_head=5"):
+        GPT.from_pretrained(path)
+    edit_json(os.path.join(path, 'config.json'), n_head=4, n_layer=0)
+    with pytest.raises(LoadError, match=r"config\.json: n_layer=0 must be a whole number >= 1"):
+        GPT.from_pretrained(path)
+
+
 # ---------------------------------------------------------------- log-probs
 
 def test_logprobs_masked_zero_and_equal_log_softmax():

@@ -1,12 +1,20 @@
-"""runtime.py: dtype choice, atomic checkpoints, and loading a model from a checkpoint."""
+"""runtime.py: dtype and device choice, atomic checkpoints (a full disk included), loading a model
+from a checkpoint, guarding out_dir, the metric log's resume, and DDP's timeout and ordering."""
 
+import json
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import runtime
+from configurator import ConfigError
 from model import GPT, GPTConfig, LoadError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
@@ -50,3 +58,110 @@ def test_load_model_resume_and_errors(tmp_path):
     (tmp_path / 'junk' / 'ckpt.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(LoadError, match='is not a readable checkpoint'):
         runtime.load_model('resume', str(tmp_path / 'junk'))
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    runtime.save_checkpoint({'iter_num': 1}, path)
+    with open(path, 'rb') as f:
+        good = f.read()
+    os.symlink('/dev/full', path + '.tmp')  # the new checkpoint is written through /dev/full: ENOSPC
+    with pytest.raises(runtime.TrainingError, match=f"could not write {path}: the disk is full .*; the "
+                                                    "checkpoint there before is kept"):
+        runtime.save_checkpoint({'iter_num': 2, 'w': torch.zeros(10 ** 6)}, path)
+    with open(path, 'rb') as f:
+        assert f.read() == good
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_without_a_gpu_says_there_is_no_gpu():
+    with pytest.raises(ConfigError, match=r"device='cuda', but torch finds no GPU here .*use device='cpu'"):
+        runtime.resolve_device('cuda')
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device"):
+        runtime.resolve_device('gpu')
+
+
+def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    runtime.save_checkpoint({'script': 'sft', 'config': {'init_from': 'gpt2'}}, path)
+    assert runtime.load_checkpoint(path, script='sft')['script'] == 'sft'
+    with pytest.raises(LoadError, match=f"{path} was written by sft.py, so dpo.py cannot resume it; to start "
+                                        f"DPO from it, pass --init_from={tmp_path}"):
+        runtime.load_checkpoint(path, script='dpo')
+
+
+def test_out_dir_holding_a_run_or_a_model_it_reads_is_refused(tmp_path):
+    run = SimpleNamespace(master=True)
+    out = tmp_path / 'out'
+    runtime.prepare_out_dir(str(out), run, False, False, {'init_from': 'gpt2'})  # nothing there: fine
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'weights')
+    (out / 'metrics.jsonl').write_text('{"iter": 0}\n')
+    with pytest.raises(ConfigError, match=f"out_dir='{out}' already holds a run \\(ckpt.pt and metrics.jsonl\\): "
+                                          "continue it with --init_from=resume, .* --overwrite=True"):
+        runtime.prepare_out_dir(str(out), run, False, False, {'init_from': 'gpt2'})
+    runtime.prepare_out_dir(str(out), run, True, False, {'init_from': 'gpt2'})  # resuming it: fine
+    for resuming, overwrite in ((False, True), (True, False)):  # never when out_dir is a model the run reads
+        with pytest.raises(ConfigError, match=f"out_dir='{out}' is also ref_from, a model this run reads"):
+            runtime.prepare_out_dir(str(out), run, resuming, overwrite, {'init_from': 'gpt2', 'ref_from': str(out) + '/'})
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'metrics.jsonl'] and (out / 'ckpt.pt').read_bytes() == b'weights'
+    runtime.prepare_out_dir(str(out), run, False, True, {'init_from': 'gpt2'})  # asked to overwrite
+    assert os.listdir(out) == []
+
+
+def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path, capsys):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"iter": 1, "loss": 0.5}\n{"iter": 2, "loss": 0.4}\n{"iter": 3, "lo')
+    log = runtime.MetricLog(str(tmp_path), True, start_iter=2)
+    assert "metrics.jsonl, line 3: the last line is cut short" in capsys.readouterr().err
+    log.log(3, {'loss': 0.3})
+    assert [json.loads(line)['iter'] for line in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"iter": 1}\n{"it\n{"iter": 2}\n')  # a broken line before the last: not a crash's doing
+    with pytest.raises(runtime.TrainingError, match="metrics.jsonl, line 2: not a JSON line"):
+        runtime.MetricLog(str(tmp_path), True, start_iter=2)
+
+
+RANK_CODE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import torch, runtime
+run = runtime.setup('cpu', 'float32', 0, timeout_s=2)
+marker = {marker!r}
+if {test!r} == 'stall':
+    if run.rank == 1:
+        time.sleep(8)  # a stuck rank
+        sys.exit(0)
+    t0 = time.time()
+    try:
+        runtime.all_reduce_sum(torch.ones(1), run, 'the loss')
+    except runtime.TrainingError as e:
+        print(f"{{time.time() - t0:.1f}} {{e}}")
+else:  # master_first: the master's block ends before any other rank's starts
+    with runtime.master_first(run):
+        if run.master:
+            time.sleep(1)
+            open(marker, 'w').close()
+        else:
+            print('marker there' if os.path.exists(marker) else 'marker missing')
+    runtime.finish(run)
+"""
+
+
+def ranks(test, tmp_path, port):
+    code = RANK_CODE.format(root=ROOT, marker=str(tmp_path / 'marker'), test=test)
+    procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, 'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '2',
+                                   'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}) for r in range(2)]
+    return [p.communicate(timeout=120) for p in procs]
+
+
+def test_a_stalled_rank_ends_the_others_with_an_error_naming_the_collective(tmp_path):
+    (out0, err0), _ = ranks('stall', tmp_path, 29611)
+    assert "rank 0: the all-reduce of the loss waited more than 2 s for the other ranks" in out0, err0[-2000:]
+    assert float(out0.split()[0]) < 7  # not the 8 s the stuck rank sleeps
+
+
+def test_master_first_runs_the_master_before_the_others(tmp_path):
+    (_, err0), (out1, err1) = ranks('master_first', tmp_path, 29612)
+    assert out1.strip() == 'marker there', err0[-2000:] + err1[-2000:]

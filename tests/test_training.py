@@ -1,12 +1,15 @@
 """sft.py and dpo.py run as users run them, on the embedded task with tiny models: learning happens,
-resume is exact, two DDP ranks equal one rank with twice the accumulation, and mistakes stop early."""
+resume is exact however often, two DDP ranks equal one rank with twice the accumulation, mistakes
+stop early, and no run destroys another's files."""
 
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -76,15 +79,82 @@ def test_dpo_raises_held_out_accuracy_and_margin(sft_dir, tmp_path):
     assert last(rows, 'eval/loss') < math.log(2) - 0.05
 
 
-def test_resume_is_exact(sft_dir, tmp_path):
-    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=2', '--eval_interval=3', '--dropout=0.1']
+def test_resumed_twice_equals_uninterrupted(sft_dir, tmp_path):
+    """A run preempted twice goes on against the same reference: the second resume reads it from the
+    checkpoint the first resume wrote (which once recorded init_from='resume' and lost it)."""
+    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=2', '--eval_interval=2', '--dropout=0.1']
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
     ok(run('dpo.py', *args, f'--out_dir={whole}', '--max_iters=6'))
-    ok(run('dpo.py', *args, f'--out_dir={parts}', '--max_iters=3'))
-    ok(run('dpo.py', *args[1:], '--init_from=resume', f'--out_dir={parts}', '--max_iters=6'))
+    ok(run('dpo.py', *args, f'--out_dir={parts}', '--max_iters=2'))
+    for max_iters in (4, 6):
+        ok(run('dpo.py', *args[1:], '--init_from=resume', f'--out_dir={parts}', f'--max_iters={max_iters}'))
     for (name, a), b in zip(params(whole).items(), params(parts).values()):
         assert torch.equal(a, b), name
     assert metrics(whole) == metrics(parts)
+    config = torch.load(os.path.join(parts, 'ckpt.pt'), weights_only=True)['config']
+    assert config['init_from'] == config['ref_from'] == sft_dir
+
+
+def test_logged_means_are_over_the_pairs_the_step_had(sft_dir, tmp_path):
+    """3 pairs and batch_size 8: each step has 3 pairs. Trained metrics at step 0 are those of the
+    policy that is its reference, so the loss is ln 2 and every margin a tie; the SFT metrics of the
+    first step equal the held-out ones of the same data before it."""
+    pairs = tmp_path / 'pairs.jsonl'
+    pairs.write_text(''.join(json.dumps({'prompt': f'Q{i}:', 'chosen': f' yes {i}', 'rejected': f' no {i} no'}) + '\n'
+                             for i in range(3)))
+    data = ['--dataset=jsonl', f'--data_path={pairs}', f'--eval_data_path={pairs}', '--max_iters=1', '--eval_interval=1']
+    ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={tmp_path / "dpo"}', *data))
+    step = metrics(str(tmp_path / 'dpo'))[1]
+    assert step['iter'] == 1 and step['loss'] == pytest.approx(math.log(2), abs=1e-6)
+    assert step['rewards/accuracies'] == 0.5 and step['rewards/margins'] == 0
+    ok(run('sft.py', f'--init_from={sft_dir}', f'--out_dir={tmp_path / "sft"}', *data))
+    before, step = metrics(str(tmp_path / 'sft'))[:2]
+    assert step['loss'] == pytest.approx(before['eval/loss'], rel=1e-5)
+    assert step['logps/chosen'] == pytest.approx(before['eval/logps/chosen'], rel=1e-5)
+
+
+def test_a_run_in_out_dir_is_never_overwritten_by_accident(sft_dir, tmp_path):
+    out = str(tmp_path / 'run')
+    ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=1', '--eval_interval=1'))
+    before = {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)}
+    again = run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=1', '--eval_interval=1')
+    assert again.returncode != 0
+    assert again.stderr.strip() == (f"error: out_dir='{out}' already holds a run (ckpt.pt and metrics.jsonl): "
+                                    "continue it with --init_from=resume, choose another --out_dir, or replace it "
+                                    "with --overwrite=True")
+    sft_files = {name: open(os.path.join(sft_dir, name), 'rb').read() for name in os.listdir(sft_dir)}
+    into_sft = run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={sft_dir}', '--overwrite=True')
+    assert into_sft.stderr.strip().startswith(f"error: out_dir='{sft_dir}' is also init_from, a model this run reads")
+    resume_sft = run('dpo.py', '--init_from=resume', f'--out_dir={sft_dir}')
+    assert resume_sft.stderr.strip() == (f"error: {sft_dir}/ckpt.pt was written by sft.py, so dpo.py cannot resume "
+                                         f"it; to start DPO from it, pass --init_from={sft_dir}")
+    assert {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)} == before
+    assert {name: open(os.path.join(sft_dir, name), 'rb').read() for name in os.listdir(sft_dir)} == sft_files
+    ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+           '--overwrite=True'))
+    assert [r['iter'] for r in metrics(out)] == [0, 1, 2, 2]  # the new run's lines only
+
+
+def test_killed_at_random_moments_the_checkpoint_loads_and_resumes(sft_dir, tmp_path):
+    """kill -9 while a run saves every step: whatever the moment, ckpt.pt loads and the run resumes."""
+    out = str(tmp_path / 'killed')
+    rng = random.Random(0)
+    for attempt in range(3):
+        args = ['--init_from=resume'] if attempt else [f'--init_from={sft_dir}']
+        cmd = [sys.executable, 'dpo.py', *COMMON, *args, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=1',
+               '--eval_iters=1', '--warmup_iters=0']
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ckpt, deadline = os.path.join(out, 'ckpt.pt'), time.time() + 120
+        start = os.path.getmtime(ckpt) if attempt else 0
+        while (not os.path.exists(ckpt) or os.path.getmtime(ckpt) == start) and time.time() < deadline:
+            time.sleep(0.02)  # until this attempt has saved once
+        time.sleep(rng.uniform(0, 1.5))
+        proc.kill()
+        assert proc.wait() == -9, proc.stderr.read()[-2000:]
+        iter_num = torch.load(ckpt, weights_only=True)['iter_num']
+        assert iter_num >= 1
+    ok(run('dpo.py', '--init_from=resume', f'--out_dir={out}', f'--max_iters={iter_num + 1}', '--eval_interval=1'))
+    assert torch.load(ckpt, weights_only=True)['iter_num'] == iter_num + 1
 
 
 def test_two_ddp_ranks_equal_one_rank_accumulating(sft_dir, tmp_path):
@@ -138,7 +208,7 @@ def test_nan_stops_before_saving(sft_dir, tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--init_from=./no/such/run'], "error: './no/such/run' is not a directory, nor a model name"),
-    (['--loss_type=dpo'], "error: loss_type must be one of sigmoid, ipo, hinge, simpo; got 'dpo'"),
+    (['--loss_type=dpo'], "config error: loss_type='dpo' is out of range: it must be one of sigmoid, ipo, hinge, simpo"),
     (['--max_length=100'], "error: max_length=100 is longer than the model's block_size 64"),
     (['--beta=high'], "config error: argument --beta=high: beta must be a float (default 0.1), got 'high'"),
 ])
