@@ -3,16 +3,17 @@ Batches: which pairs each step takes (PairLoader: seeded order, DDP shards, leng
 resume), and the rows of token ids a forward pass runs over (Batch: one padded sequence a row, or
 packed units with a block-diagonal causal mask).
 
-Conventions (../shared/DESIGN.md): a target of -1 means "no loss here"; a sequence's log-prob is
-the sum over its targets, which is exactly log p(response | prompt), EOS included.
+Conventions: a target of -1 means "no loss here" (prompt, padding); a sequence's log-prob is the
+sum over its targets, which is exactly log p(response | prompt), EOS included.
 """
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from data import EOT_TOKEN
+from data import EOT_TOKEN, DataError
 
 
 class Batch(NamedTuple):
@@ -209,3 +210,20 @@ class PairLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+
+
+if __name__ == '__main__':  # python batches.py --dataset=hh: the padding of each way of batching a dataset
+    from configurator import configure
+    from data import DATA_CACHE_DIR, load_dataset
+    cli = dict(dataset='synthetic', data_path='', max_length=512, max_prompt_length=256, hh_subsets='all',
+               batch_size=64, cache_dir=DATA_CACHE_DIR)
+    configure(cli)
+    try:
+        data = load_dataset(cli['dataset'], 'train', cli['data_path'], '', cli['max_length'], cli['max_prompt_length'],
+                            cli['hh_subsets'], cli['cache_dir'])
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    for grouped in (False, True):
+        batches = PairLoader(data.pair_lengths(), cli['batch_size'], group_by_length=grouped).epoch_batches(0)
+        print(f"padding of DPO batches of {cli['batch_size']} pairs{', grouped by length' if grouped else ''}: "
+              f"{dpo_padding(data, batches):.1%} padded rows, {dpo_padding(data, batches, pack=True):.1%} packed")

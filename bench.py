@@ -1,29 +1,30 @@
 """
 Benchmark the training and sampling steps, in the nanoGPT tradition: a GPT-2 of a chosen size with
 random weights (no download), pairs of random tokens with fixed or HH-like lengths, and the same
-code the training scripts run (dpo.pair_step, sft.sft_step, runtime.optimizer_step, GPT.generate).
+code the training scripts run (losses.dpo_step, losses.sft_step, runtime.optimizer_step, GPT.generate).
 
     python bench.py                                   # gpt2, HH-like lengths, every step
     python bench.py --model=gpt2-medium --dtype=bfloat16 --device=cuda --compile=True --batch_size=16
 
-Prints a table and one JSON line: pairs/s, tokens/s, MFU against the device's peak (on a CPU a
-large matmul measured here, in the same dtype), peak memory and the padding fraction.
+Prints a table and one JSON line: pairs/s, tokens/s, MFU against the device's peak, peak memory and
+the padding fraction. On a CPU the peak is a large matmul measured here, in the same dtype; it is
+cached (runtime.PEAK_CACHE), so that training logs an MFU on this CPU too without measuring anything.
 """
 
 import json
+import os
 import re
 import time
 
 import numpy as np
 import torch
 
-import dpo
 import runtime
-import sft
 from configurator import at_least, configure
-from batches import PairLoader, dpo_padding
+from batches import PairLoader, dpo_batch, dpo_padding, sft_batch
 from data import PairData, ragged
-from model import GPT, GPTConfig
+from losses import dpo_step, sft_step
+from model import GPT, GPT2_SHAPES, GPTConfig
 
 # -----------------------------------------------------------------------------
 model = 'gpt2'  # the shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or tiny
@@ -49,8 +50,30 @@ RANGES = {'batch_size': at_least(1), 'max_length': at_least(2), 'max_prompt_leng
           'warmup_steps': at_least(0), 'sample_tokens': at_least(1), 'sample_batch': at_least(1),
           'sample_prompt': at_least(1), 'seed': at_least(0)}
 
-SHAPES = {'tiny': (2, 2, 64), 'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-          'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
+SHAPES = {'tiny': (2, 2, 64), **GPT2_SHAPES}  # n_layer, n_head, n_embd
+
+
+def measure_cpu_peak(dtype, n=2048, reps=8):
+    """The best rate of a large matmul in dtype on this CPU, FLOP/s, written to runtime.PEAK_CACHE
+    under the CPU's name, core count and dtype (a CPU has no one published peak)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, dtype=runtime.DTYPES[dtype], generator=generator) for _ in range(2))
+    a @ b  # warm up
+    best = float('inf')
+    for _ in range(3):  # the best of three: a peak, not a mean over whatever else the machine was doing
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    peak = 2 * n ** 3 * reps / best
+    try:
+        with open(runtime.PEAK_CACHE) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    cache[f"{runtime.cpu_name()} {os.cpu_count()} cores {dtype}"] = peak
+    runtime.write_json(runtime.PEAK_CACHE, cache)
+    return peak
 
 
 def random_pairs(n, rng):
@@ -168,7 +191,6 @@ def profile_step(step, run):
 
 def main():
     run = runtime.setup(device, dtype, seed)
-    dpo.pack = sft.pack = pack
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
@@ -179,7 +201,7 @@ def main():
     data = random_pairs(max(64 * batch_size, 256), np.random.default_rng(seed))
     loader = PairLoader(data.pair_lengths(), batch_size, seed, group_by_length=group_by_length)
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)
-    peak_flops = runtime.device_peak_flops(run.device, run.dtype, n=2048 if run.device_type == 'cpu' else 1024)
+    peak_flops = runtime.peak_flops(run.device, run.dtype) if run.device_type == 'cuda' else measure_cpu_peak(run.dtype)
     results = {'model': model, 'params_M': policy.num_params() / 1e6, 'device': run.device, 'dtype': run.dtype,
                'batch_size': batch_size, 'lengths': lengths, 'group_by_length': group_by_length, 'pack': pack,
                'compile': compile, 'peak_tflops': (peak_flops or 0) / 1e12}
@@ -188,29 +210,33 @@ def main():
                           'plain_packed': dpo_padding(data, plain, True), 'grouped_packed': dpo_padding(data, grouped, True)}
     rows = []
 
-    def dpo_step(precomputed):
+    def dpo_train_step(precomputed):  # as dpo.py's loop runs it, with one micro-step
         def step(indices=None):
             indices = next(loader) if indices is None else indices
-            losses, _, (n_tokens, n_targets, attended) = dpo.pair_step(
-                step_model, step_ref, ref_logps if precomputed else None, data, indices, run)
+            batch = dpo_batch(data, indices, pack).to(run.device)
+            batch_ref_logps = torch.from_numpy(ref_logps[indices]).to(run.device) if precomputed else None
+            losses, _ = dpo_step(step_model, step_ref, batch, batch_ref_logps, run.autocast, beta=0.1)
             scaler.scale(losses.mean()).backward()
-            runtime.optimizer_step(step_model, optimizer, scaler, 1.0)
-            flops = policy.flops(n_tokens, n_targets, attended, True) + (
-                0 if precomputed else policy.flops(n_tokens, n_targets, attended, False))
+            runtime.optimizer_step(policy, optimizer, scaler, 1.0)
+            n_tokens, n_targets, attended = batch.flops_shape()
+            flops = policy.flops(n_tokens, n_targets, attended) + (
+                0 if precomputed else policy.flops(n_tokens, n_targets, attended, backward=False))
             return flops, len(indices), n_tokens, n_targets
         return step
 
-    def sft_train_step(indices=None):
+    def sft_train_step(indices=None):  # as sft.py's loop runs it
         indices = next(loader) if indices is None else indices
-        loss, _, (n_tokens, n_targets, attended) = sft.sft_step(step_model, data, indices, run)
+        batch = sft_batch(data, indices, pack).to(run.device)
+        loss, _ = sft_step(step_model, batch, run.autocast)
         scaler.scale(loss).backward()
-        runtime.optimizer_step(step_model, optimizer, scaler, 1.0)
+        runtime.optimizer_step(policy, optimizer, scaler, 1.0)
+        n_tokens, n_targets, attended = batch.flops_shape()
         return policy.flops(n_tokens, n_targets, attended), len(indices), n_tokens, n_targets
 
     # the batch with the most cells, for the memory accounting: the step whose memory is the largest
     largest = max(loader.epoch_batches(0), key=lambda b: len(b) * (data.lengths('prompt')[b] + np.maximum(
         data.lengths('chosen')[b], data.lengths('rejected')[b])).max())
-    steps_to_run = {'dpo': dpo_step(False), 'dpo_precomputed': dpo_step(True), 'sft': sft_train_step}
+    steps_to_run = {'dpo': dpo_train_step(False), 'dpo_precomputed': dpo_train_step(True), 'sft': sft_train_step}
     for name in [w for w in what.split(',') if w in steps_to_run]:
         seconds, (flops, pairs, tokens, _) = timed(steps_to_run[name], run)
         rows.append(dict(step=name, seconds=seconds, pairs_per_sec=pairs / seconds, tokens_per_sec=tokens / seconds,

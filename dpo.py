@@ -5,7 +5,7 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/dpo_synthetic.py
     torchrun --standalone --nproc_per_node=8 dpo.py config/hh.py
 
-The loss family is one pure function, preference_loss; the run is the flat loop in main().
+The loss family is one pure function, losses.preference_loss; the run is the flat loop in main().
 """
 
 import os
@@ -15,12 +15,12 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
 from batches import PairLoader, dpo_batch
 from data import DataError, load_dataset
+from losses import DPO_METRICS, LOSS_TYPES, chosen_rejected_logps, dpo_step
 from model import LoadError
 
 # -----------------------------------------------------------------------------
@@ -74,7 +74,6 @@ compile = False  # torch.compile the policy and the reference
 seed = 1337
 # -----------------------------------------------------------------------------
 
-LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
 RANGES = {  # what each setting may be: configure() checks them all before any work
     'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
     'max_prompt_length': at_least(1), 'beta': above(0), 'loss_type': one_of(*LOSS_TYPES),
@@ -85,91 +84,34 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
     'eval_interval': at_least(1), 'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'), 'log_interval': at_least(1),
     'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
 }
-METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
-           'logps/chosen', 'logps/rejected')
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    loss_type='sigmoid', label_smoothing=0.0, rpo_alpha=0.0, simpo_gamma=0.5,
-                    chosen_lengths=None, rejected_lengths=None):
-    """The DPO loss and its variants for B pairs.
-
-    *_logps: (B,) log-probabilities of each response, summed over its tokens, under the policy and
-    the reference (simpo ignores the reference). *_lengths: (B,) tokens of each response, for simpo
-    and rpo_alpha. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are
-    detached from the graph: they are for logging.
-    """
-    if loss_type == 'simpo':  # reference-free: the reward is the length-normalised log-prob
-        chosen_rewards = beta * policy_chosen_logps / chosen_lengths
-        rejected_rewards = beta * policy_rejected_logps / rejected_lengths
-    else:  # the paper's implicit reward, beta * log(pi(y|x) / pi_ref(y|x))
-        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    margins = chosen_rewards - rejected_rewards  # (B,)
-    if loss_type == 'sigmoid':  # DPO; label smoothing makes it conservative DPO
-        losses = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
-    elif loss_type == 'ipo':  # IPO (Azar et al.): the log-ratio margin regressed onto 1 / (2 beta)
-        losses = (margins / beta - 1 / (2 * beta)) ** 2
-    elif loss_type == 'hinge':  # SLiC (Zhao et al.)
-        losses = torch.relu(1 - margins)
-    elif loss_type == 'simpo':  # SimPO (Meng et al.): a target margin gamma
-        losses = -F.logsigmoid(margins - simpo_gamma)
-    else:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    if rpo_alpha:  # RPO (Pang et al.): plus the chosen response's negative log-likelihood per token
-        losses = losses + rpo_alpha * -policy_chosen_logps / chosen_lengths
-    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+def loss_settings():
+    """The settings of losses.preference_loss, as this run has them."""
+    return dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
+                simpo_gamma=simpo_gamma)
 
 
-def chosen_rejected_logps(model, batch):
-    """One forward over the batch of 2B sequences (padded or packed): summed response log-probs,
-    (B,) chosen and (B,) rejected."""
-    logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
-    return batch.sequence_sums(logps).chunk(2)
-
-
-def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
-    """Sums over the pairs of each of METRICS, to average over micro-batches and ranks later.
-    Accuracy counts a tie as one half, so it starts at 0.5 when the policy is the reference."""
-    accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-    parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,
-             chosen_logps, rejected_logps)
-    return torch.stack([p.detach().float().sum() for p in parts])  # (len(METRICS),)
-
-
-def pair_step(model, ref, ref_logps, data, indices, run):
-    """Losses (B,) and metric sums of the pairs indices: the policy's forward over chosen and
-    rejected together, the reference's under no_grad (or its precomputed log-probs). Also returns
-    the batch's (tokens, targets, attended length) for the FLOPs count."""
+def pair_batch(data, indices, ref_logps, run):
+    """The batch of the pairs indices on the device, and their precomputed reference log-probs
+    (B, 2) when there are some (ref_logps: (N, 2) for the whole split), else None."""
     batch = dpo_batch(data, indices, pack).to(run.device)
-    with run.autocast:
-        chosen_logps, rejected_logps = chosen_rejected_logps(model, batch)
-        if ref_logps is not None:
-            ref_chosen, ref_rejected = torch.from_numpy(ref_logps[indices]).to(run.device).unbind(1)
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
-        lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # response tokens, EOS included
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
-            rpo_alpha, simpo_gamma, *lengths)
-    sums = metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-    return losses, sums, batch.flops_shape()
+    return batch, None if ref_logps is None else torch.from_numpy(ref_logps[indices]).to(run.device)
 
 
 @torch.no_grad()
 def evaluate(model, ref, ref_logps, data, run):
-    """Held-out means of METRICS over eval_iters batches (all with -1), over all ranks."""
+    """Held-out means of DPO_METRICS over eval_iters batches (all with -1), over all ranks."""
     model.eval()
     batches = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
                          shuffle=False, even=False).epoch_batches(0)
-    sums, pairs = torch.zeros(len(METRICS), device=run.device), torch.zeros((), device=run.device)
+    sums, pairs = torch.zeros(len(DPO_METRICS), device=run.device), torch.zeros((), device=run.device)
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        sums += pair_step(model, ref, ref_logps, data, indices, run)[1]
+        sums += dpo_step(model, ref, *pair_batch(data, indices, ref_logps, run), run.autocast, **loss_settings())[1]
         pairs += len(indices)
     model.train()
     sums, pairs = runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(pairs, run)
-    return {f'eval/{name}': (s / pairs).item() for name, s in zip(METRICS, sums)}
+    return {f'eval/{name}': (s / pairs).item() for name, s in zip(DPO_METRICS, sums)}
 
 
 @torch.no_grad()
@@ -238,56 +180,65 @@ def main(config):
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         group_by_length=group_by_length)
-    optimizer, scaler, iter_num = runtime.optimizer_and_scaler(policy, checkpoint, loader, run, weight_decay,
-                                                               learning_rate, (beta1, beta2))
+    optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
     start_iter, raw_policy = iter_num, policy  # the unwrapped model is the one saved
     if compile:
         policy = torch.compile(policy, dynamic=True)  # batch lengths change every step: one graph for all
         ref = torch.compile(ref, dynamic=True) if ref is not None else None
     ddp_policy = runtime.wrap_ddp(policy, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
-    peak_flops = runtime.device_peak_flops(run.device, run.dtype)
-    pairs_per_step = batch_size * gradient_accumulation_steps * run.world_size
+    peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
     if run.master:
         print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
-              f"{len(train_data)} train / {len(eval_data)} held-out pairs; {pairs_per_step} pairs per step; "
-              f"loss {loss_type}, beta {beta}; peak {peak_flops / 1e12 if peak_flops else float('nan'):.2f} TFLOP/s")
+              f"{len(train_data)} train / {len(eval_data)} held-out pairs; "
+              f"{batch_size * gradient_accumulation_steps * run.world_size} pairs per step; loss {loss_type}, beta {beta}")
 
     while True:
+        # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
         if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
             metrics = evaluate(policy, ref, eval_ref, eval_data, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            state = None if iter_num == start_iter else dict(  # what ckpt.pt holds: all a resume needs
-                script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                loader=loader.state_dict(), rng=runtime.rng_states(), config=config, ref_sha256=ref_sha256)
-            runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
+            log.log(iter_num, metrics)
+            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
+            if iter_num > start_iter and run.master:
+                runtime.save_checkpoint(dict(  # all that a resume needs
+                    script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                    loader=loader.state_dict(), rng=runtime.rng_states(), config=config, ref_sha256=ref_sha256),
+                    os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
-        lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        # this iteration's learning rate
+        lr = runtime.get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
-        sums, pairs, flops, tokens = torch.zeros(len(METRICS), device=run.device), 0, 0, 0
+        sums, pairs, flops, tokens = torch.zeros(len(DPO_METRICS), device=run.device), 0, 0, 0
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size pairs
-            losses, batch_sums, (n_tokens, n_targets, attended) = pair_step(ddp_policy, ref, train_ref, train_data, indices, run)
+            batch, batch_ref_logps = pair_batch(train_data, indices, train_ref, run)
+            losses, batch_sums = dpo_step(ddp_policy, ref, batch, batch_ref_logps, run.autocast, **loss_settings())
             scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
             sums += batch_sums
             pairs += len(indices)
-            tokens += n_tokens
-            flops += raw_policy.flops(n_tokens, n_targets, attended) + (raw_policy.flops(n_tokens, n_targets, attended, False)
-                                                                  if ref is not None else 0)
-        runtime.stop_unless_finite(sums[0], iter_num, run)
-        grad_norm = runtime.optimizer_step(ddp_policy, optimizer, scaler, grad_clip)
+            shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
+            tokens += shape[0]
+            flops += raw_policy.flops(*shape) + (raw_policy.flops(*shape, backward=False) if ref is not None else 0)
+        runtime.stop_unless_finite(sums[0], iter_num, run)  # a NaN loss never reaches the weights
+        grad_norm = runtime.optimizer_step(raw_policy, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
         iter_num += 1
         if iter_num % log_interval == 0:
             pairs = runtime.all_reduce_sum(torch.tensor(float(pairs), device=run.device), run).item()
             sums = runtime.all_reduce_sum(sums, run)  # means over the pairs the step really had
-            metrics = {name: (s / pairs).item() for name, s in zip(METRICS, sums)}
+            metrics = {name: (s / pairs).item() for name, s in zip(DPO_METRICS, sums)}
             log.log(iter_num, {**metrics, **runtime.speed(t0, pairs, tokens, flops, peak_flops, run),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run)

@@ -22,8 +22,9 @@ import torch
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, configure, one_of, optional
-from batches import dpo_batch, pad_rows
+from batches import dpo_batch
 from data import DataError, EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
+from losses import chosen_rejected_logps, sequence_logps
 from model import LoadError
 
 # -----------------------------------------------------------------------------
@@ -83,23 +84,10 @@ def sample_responses(model, prompt_ids, n, generator, ctx=nullcontext(), rows_pe
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_batch=128):
-    """log p(response | prompt) summed over each response's tokens, as a numpy array."""
-    device, out = model.lm_head.weight.device, []
-    for i in range(0, len(responses), rows_per_batch):
-        rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[i:i + rows_per_batch], responses[i:i + rows_per_batch])]
-        batch = pad_rows(rows).to(device)
-        with ctx:
-            out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
 def preference_accuracy(model, ref, pairs, run, n=None):
     """Held-out accuracy of the implicit reward: how often beta * log(pi / pi_ref) ranks the chosen
     response above the rejected one, a tie counting one half (so a policy equal to its reference
     scores 0.5)."""
-    from dpo import chosen_rejected_logps
     margins, n = [], min(n or len(pairs), len(pairs))
     for i in range(0, n, batch_size // 2):
         batch = dpo_batch(pairs, range(i, min(i + batch_size // 2, n))).to(run.device)

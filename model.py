@@ -27,6 +27,10 @@ OFFICIAL_MODELS = {
     'gpt2-xl':     'openai-community/gpt2-xl',      # 1558M
 }
 
+GPT2_SHAPES = {  # n_layer, n_head, n_embd of each
+    'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
+}
+
 # GPT-2 was written with a "Conv1D" layer whose weight is (in, out), the transpose of nn.Linear's
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 # the official files also hold each layer's causal-mask buffer, which is not a weight
@@ -51,7 +55,7 @@ class TargetLogProbs(torch.autograd.Function):
     def forward(ctx, x, weight, targets):  # x (N, C), weight (V, C), targets (N,): dtypes as given
         V = weight.size(0)
         # on CUDA, pad the vocabulary to a multiple of 64 (50257 -> 50304): with rows of an odd length
-        # the matmul falls back to slow kernels (measured on an H100: 14% of a compiled gpt2-medium step)
+        # the matmul falls back to slower kernels (docs/PERFORMANCE.md has what that cost)
         pad = -V % 64 if x.device.type in TargetLogProbs.PAD_VOCAB_ON else 0
         with torch.autocast(x.device.type, enabled=False):
             logits = x @ F.pad(weight, (0, 0, 0, pad)).T  # (N, V + pad), the one copy; padding columns unused
@@ -416,7 +420,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (matmul weights, embeddings) only, never on biases
         or LayerNorm gains; the fused kernel on CUDA and on CPU (one pass over each tensor instead of
-        a dozen: measured 0.05 s against 0.31 s per step for gpt2 on 2 CPU cores)."""
+        a dozen)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
@@ -505,9 +509,9 @@ def config_from_hub_json(path, dropout=0.0):
 @contextmanager
 def onednn_off(off=True):
     """oneDNN (mkldnn) off inside, when off. A cached step of one row is a matrix-vector product for
-    each weight, bound by reading the weights; in bf16 on a CPU, PyTorch's own kernel reads them at
-    about 40 GB/s where oneDNN's reaches 21 (AMD EPYC, avx512_bf16: gpt2 samples 114 tokens/s against
-    80). From two rows on oneDNN's matmul is the faster; float32 and float16 do not go through it."""
+    each weight, bound by reading the weights; in bf16 on a CPU, PyTorch's own kernel reads them
+    about twice as fast as oneDNN's (docs/PERFORMANCE.md). From two rows on oneDNN's matmul is the
+    faster; float32 and float16 do not go through it."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = before and not off
     try:
@@ -546,9 +550,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     # Inverse-CDF draw: one uniform a row, and the first token whose cumulative probability passes it.
-    # torch.multinomial draws an exponential for every vocabulary entry instead: 0.8 ms a token for one row
-    # on a CPU (6 ms for eight rows), against 0.05 ms here. float64, so the running sum over 50257 tokens
-    # stays exact enough that no token's share of [0, total) is visibly off.
+    # torch.multinomial draws an exponential for every vocabulary entry instead, many times slower on a
+    # CPU. float64, so the running sum over 50257 tokens stays exact enough that no token's share of
+    # [0, total) is visibly off.
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1), 1 up to rounding
     u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * total  # (B, 1)

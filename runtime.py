@@ -33,7 +33,7 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch
 
 def cpu_has_native_bf16():
     """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Elsewhere bf16 matmuls
-    are emulated: on one AVX2-only machine 0.3 GFLOP/s against 164 GFLOP/s in float32."""
+    are emulated, hundreds of times slower than float32 (docs/PERFORMANCE.md)."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = set(f.read().split())
@@ -186,19 +186,14 @@ def prepare_out_dir(out_dir, run, resuming, overwrite, sources):
             os.remove(os.path.join(out_dir, name))
 
 
-def optimizer_and_scaler(model, checkpoint, loader, run, weight_decay, learning_rate, betas):
-    """(optimizer, scaler, iteration): AdamW and the fp16 GradScaler, and when resuming, the
-    checkpoint's optimizer, scaler, data order and RNG states put back (the iteration is 0 otherwise)."""
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type)
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
-    if checkpoint is None:
-        return optimizer, scaler, 0
-    # resuming: the optimizer's moments, the fp16 loss scale, the data order and the RNG streams
+def restore_training_state(checkpoint, optimizer, scaler, loader):
+    """Put a checkpoint's optimizer moments, loss scale, data order and RNG streams back, so the run
+    continues exactly where it stopped; returns the iteration it stopped at."""
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
     set_rng_states(checkpoint['rng'])
-    return optimizer, scaler, checkpoint['iter_num']
+    return checkpoint['iter_num']
 
 
 def wrap_ddp(model, run):
@@ -206,16 +201,6 @@ def wrap_ddp(model, run):
     if not run.ddp:
         return model
     return DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None)
-
-
-def log_eval_and_save(log, iter_num, metrics, run, out_dir, state=None):
-    """Log the held-out metrics, stop (all ranks) on a non-finite held-out loss, and only then let
-    the master save state, if given, as out_dir/ckpt.pt: a checkpoint never holds weights that an
-    earlier step broke."""
-    log.log(iter_num, metrics)
-    stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')
-    if state is not None and run.master:
-        save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
 
 
 def write_json(path, obj):
@@ -248,8 +233,8 @@ def setup(device, dtype, seed, timeout_s=DDP_TIMEOUT_S):
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores where there are some
     torch.backends.cudnn.allow_tf32 = True
     # cuDNN's attention kernels plan anew for every new sequence length, and here every batch has
-    # its own: measured on an H100, 3.3 ms of CPU per backward call, 24% of a gpt2-medium DPO step's
-    # CPU time. Flash attention (or the memory-efficient kernel, with a mask) needs no plan.
+    # its own, which cost a quarter of a DPO step's CPU time on an H100 (docs/PERFORMANCE.md).
+    # Flash attention (or the memory-efficient kernel, with a mask) needs no plan.
     torch.backends.cuda.enable_cudnn_sdp(False)
     device_type = device.split(':')[0]
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
@@ -268,13 +253,6 @@ def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
         return min_lr
     progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-def set_lr(optimizer, it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
-    lr = get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    return lr
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -357,23 +335,32 @@ PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs a
 }
 
 
-def device_peak_flops(device, dtype, n=1024, reps=8):
-    """The peak that MFU is measured against: a GPU's published figure, or, on a CPU, the rate of a
-    large matmul measured here in the same dtype (a CPU has no one published figure)."""
+PEAK_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache', 'peak_flops.json')
+
+
+def cpu_name():
+    """The CPU's model name (what a measured peak is filed under), or the platform's word for it."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def peak_flops(device, dtype):
+    """The peak that MFU is measured against: a GPU's published figure, or, on a CPU (which has no
+    one published figure), the matmul rate that `python bench.py` measured on this CPU and cached
+    in PEAK_CACHE; None when neither is known (no MFU is logged then)."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         return peak / 2 if peak and dtype == 'float32' else peak
-    generator = torch.Generator().manual_seed(0)  # its own: the run's RNG stream stays as it was
-    a, b = (torch.randn(n, n, dtype=DTYPES[dtype], generator=generator) for _ in range(2))
-    a @ b  # warm up
-    best = float('inf')
-    for _ in range(3):  # the best of three: a peak, not a mean over whatever else the machine was doing
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 * reps / best
+    try:
+        with open(PEAK_CACHE) as f:
+            return json.load(f).get(f"{cpu_name()} {os.cpu_count()} cores {dtype}")
+    except (OSError, ValueError):
+        return None
 
 
 def speed(t0, pairs, tokens, flops, peak_flops, run):
@@ -382,8 +369,8 @@ def speed(t0, pairs, tokens, flops, peak_flops, run):
     if run.device_type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {'pairs_per_sec': pairs / seconds, 'tokens_per_sec': tokens * run.world_size / seconds,
-            'mfu': flops / seconds / peak_flops if peak_flops else float('nan')}
+    rates = {'pairs_per_sec': pairs / seconds, 'tokens_per_sec': tokens * run.world_size / seconds}
+    return {**rates, 'mfu': flops / seconds / peak_flops} if peak_flops else rates
 
 
 def write_eval(metrics, iter_num, out_dir, run):

@@ -14,7 +14,7 @@ import torch
 
 from configurator import Range, above, at_least, configure, one_of, optional
 from data import encode, response_text
-from evaluate import sequence_logps
+from losses import sequence_logps
 from model import EOT_TOKEN, LoadError
 from runtime import DTYPES, load_model, resolve_device, resolve_dtype
 

@@ -17,6 +17,7 @@ import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
 from batches import PairLoader, sft_batch
 from data import DataError, load_dataset
+from losses import SFT_METRICS, sft_step
 from model import GPT, GPTConfig, LoadError
 
 # -----------------------------------------------------------------------------
@@ -75,24 +76,11 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
     'grad_clip': at_least(0), 'eval_interval': at_least(1), 'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
     'log_interval': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
 }
-METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob per chosen response
-
-
-def sft_step(model, data, indices, run):
-    """The loss (mean NLL over the batch's response tokens) and the sums of METRICS' parts:
-    (NLL summed over tokens, log-prob summed over sequences, response tokens), plus the batch's
-    (tokens, targets, attended length) for the FLOPs count."""
-    batch = sft_batch(data, indices, pack).to(run.device)
-    n_targets = (batch.targets != -1).sum()
-    with run.autocast:
-        logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
-        loss = -logps.sum() / n_targets
-    sums = torch.stack([-logps.detach().sum(), logps.detach().sum(), n_targets.float()])
-    return loss, sums, batch.flops_shape()
 
 
 def sums_to_metrics(sums, sequences):
-    return {'loss': (sums[0] / sums[2]).item(), 'logps/chosen': (sums[1] / sequences).item()}
+    """SFT_METRICS from sft_step's sums over some batches and the sequences they held."""
+    return dict(zip(SFT_METRICS, ((sums[0] / sums[2]).item(), (sums[1] / sequences).item())))
 
 
 @torch.no_grad()
@@ -103,7 +91,7 @@ def evaluate(model, data, run):
                          shuffle=False, even=False).epoch_batches(0)
     sums, sequences = torch.zeros(3, device=run.device), torch.zeros((), device=run.device)
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        sums += sft_step(model, data, indices, run)[1]
+        sums += sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
         sequences += len(indices)
     model.train()
     metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(sequences, run))
@@ -134,48 +122,59 @@ def main(config):
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
-    optimizer, scaler, iter_num = runtime.optimizer_and_scaler(model, checkpoint, loader, run, weight_decay,
-                                                               learning_rate, (beta1, beta2))
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
     start_iter, raw_model = iter_num, model  # the unwrapped model is the one saved
     if compile:
         model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
     ddp_model = runtime.wrap_ddp(model, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
-    peak_flops = runtime.device_peak_flops(run.device, run.dtype)
-    per_step = batch_size * gradient_accumulation_steps * run.world_size
+    peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
     if run.master:
         print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
-              f"{len(train_data)} train / {len(eval_data)} held-out sequences; {per_step} sequences per step")
+              f"{len(train_data)} train / {len(eval_data)} held-out sequences; "
+              f"{batch_size * gradient_accumulation_steps * run.world_size} sequences per step")
 
     while True:
+        # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
         if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
             metrics = evaluate(model, eval_data, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
-            state = None if iter_num == start_iter else dict(  # what ckpt.pt holds: all a resume needs
-                script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                loader=loader.state_dict(), rng=runtime.rng_states(), config=config)
-            runtime.log_eval_and_save(log, iter_num, metrics, run, out_dir, state)
+            log.log(iter_num, metrics)
+            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
+            if iter_num > start_iter and run.master:
+                runtime.save_checkpoint(dict(  # all that a resume needs
+                    script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                    loader=loader.state_dict(), rng=runtime.rng_states(), config=config),
+                    os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
-        lr = runtime.set_lr(optimizer, iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        # this iteration's learning rate
+        lr = runtime.get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
         sums, sequences, flops, tokens = torch.zeros(3, device=run.device), 0, 0, 0
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size sequences
-            loss, batch_sums, (n_tokens, n_targets, attended) = sft_step(ddp_model, train_data, indices, run)
+            batch = sft_batch(train_data, indices, pack).to(run.device)
+            loss, batch_sums = sft_step(ddp_model, batch, run.autocast)
             scaler.scale(loss / gradient_accumulation_steps).backward()
             sums += batch_sums
             sequences += len(indices)
-            tokens += n_tokens
-            flops += raw_model.flops(n_tokens, n_targets, attended)
-        runtime.stop_unless_finite(sums[0], iter_num, run)
-        grad_norm = runtime.optimizer_step(ddp_model, optimizer, scaler, grad_clip)
+            shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
+            tokens += shape[0]
+            flops += raw_model.flops(*shape)
+        runtime.stop_unless_finite(sums[0], iter_num, run)  # a NaN loss never reaches the weights
+        grad_norm = runtime.optimizer_step(raw_model, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
         iter_num += 1
         if iter_num % log_interval == 0:
             sequences = runtime.all_reduce_sum(torch.tensor(float(sequences), device=run.device), run).item()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-import dpo
+import losses
 from batches import dpo_batch
 from model import GPT, GPTConfig
 
@@ -23,7 +23,7 @@ def tiny(device):
 def logps_and_grads(model, batch, dtype):
     model.zero_grad()
     with torch.autocast(batch.idx.device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-        chosen, rejected = dpo.chosen_rejected_logps(model, batch)
+        chosen, rejected = losses.chosen_rejected_logps(model, batch)
     (chosen.sum() - 2 * rejected.sum()).backward()
     return torch.cat([chosen, rejected]).detach(), [p.grad.clone() for p in model.parameters()]
 

@@ -165,3 +165,12 @@ def test_a_stalled_rank_ends_the_others_with_an_error_naming_the_collective(tmp_
 def test_master_first_runs_the_master_before_the_others(tmp_path):
     (_, err0), (out1, err1) = ranks('master_first', tmp_path, 29612)
     assert out1.strip() == 'marker there', err0[-2000:] + err1[-2000:]
+
+
+def test_training_reads_the_cpu_peak_that_bench_measured(tmp_path, monkeypatch):
+    from bench import measure_cpu_peak
+    monkeypatch.setattr(runtime, 'PEAK_CACHE', str(tmp_path / 'peak_flops.json'))
+    assert runtime.peak_flops('cpu', 'float32') is None  # nothing measured: no MFU, and nothing timed here
+    peak = measure_cpu_peak('float32', n=128, reps=1)
+    assert peak > 0 and runtime.peak_flops('cpu', 'float32') == peak
+    assert runtime.peak_flops('cpu', 'bfloat16') is None  # filed by dtype

@@ -1,5 +1,6 @@
-"""dpo.py's pure parts: each loss by hand, the gradient's closed form, ln 2 at step 0, the stacked
-forward against separate ones, and precomputed reference log-probs against live ones."""
+"""losses.py: each loss by hand, the gradient's closed form, ln 2 at step 0, the stacked forward
+against separate ones, packed rows against padded ones, and (dpo.py) precomputed reference log-probs
+against live ones."""
 
 import copy
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import dpo
+import losses
 import runtime
 from batches import dpo_batch, sft_batch
 from data import tokenize_pairs
@@ -31,14 +33,14 @@ softplus = lambda x: math.log1p(math.exp(x))  # -log sigmoid(-x)
     (dict(loss_type='simpo', simpo_gamma=0.5), softplus(0.5)),
 ])
 def test_losses_by_hand(kw, expected):
-    losses, chosen_rewards, rejected_rewards = dpo.preference_loss(**B, beta=0.1, **kw)
-    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    loss, chosen_rewards, rejected_rewards = losses.preference_loss(**B, beta=0.1, **kw)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert not chosen_rewards.requires_grad
 
 
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type must be one of sigmoid, ipo, hinge, simpo; got 'dpo'"):
-        dpo.preference_loss(**B, beta=0.1, loss_type='dpo')
+        losses.preference_loss(**B, beta=0.1, loss_type='dpo')
 
 
 @pytest.fixture(scope='module')
@@ -54,13 +56,13 @@ def model():
 
 def test_step_zero_loss_is_ln2_and_margins_zero(pairs, model):
     batch = dpo_batch(pairs, [0, 1, 2, 3])
-    chosen, rejected = dpo.chosen_rejected_logps(model, batch)
+    chosen, rejected = losses.chosen_rejected_logps(model, batch)
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(model, batch)  # the reference is the policy
-    losses, chosen_rewards, rejected_rewards = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
-    assert torch.all(losses == math.log(2))
-    sums = dpo.metric_sums(losses, chosen_rewards, rejected_rewards, chosen, rejected)
-    assert dict(zip(dpo.METRICS, (sums / 4).tolist()))['rewards/accuracies'] == 0.5  # ties count one half
+        ref_chosen, ref_rejected = losses.chosen_rejected_logps(model, batch)  # the reference is the policy
+    pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
+    assert torch.all(pair_losses == math.log(2))
+    sums = losses.metric_sums(pair_losses, chosen_rewards, rejected_rewards, chosen, rejected)
+    assert dict(zip(losses.DPO_METRICS, (sums / 4).tolist()))['rewards/accuracies'] == 0.5  # ties count one half
     assert torch.all(chosen_rewards - rejected_rewards == 0)
 
 
@@ -74,9 +76,9 @@ def test_gradient_is_the_closed_form(pairs, model):
     beta, params = 0.1, list(policy.parameters())
     batch = dpo_batch(pairs, [2])
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.chosen_rejected_logps(ref, batch)
-    chosen, rejected = dpo.chosen_rejected_logps(policy, batch)
-    loss = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum()
+        ref_chosen, ref_rejected = losses.chosen_rejected_logps(ref, batch)
+    chosen, rejected = losses.chosen_rejected_logps(policy, batch)
+    loss = losses.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum()
     grad_loss = torch.autograd.grad(loss, params, retain_graph=True)
     grad_chosen = torch.autograd.grad(chosen.sum(), params, retain_graph=True)
     grad_rejected = torch.autograd.grad(rejected.sum(), params)
@@ -90,7 +92,7 @@ def test_gradient_is_the_closed_form(pairs, model):
 def test_stacked_forward_equals_separate_forwards(pairs, model):
     indices = [0, 3, 5]
     with torch.no_grad():
-        chosen, rejected = dpo.chosen_rejected_logps(model, dpo_batch(pairs, indices))
+        chosen, rejected = losses.chosen_rejected_logps(model, dpo_batch(pairs, indices))
         alone_chosen = model(*sft_batch(pairs, indices)[:2]).sum(dim=1)  # prompt + chosen only, its own padding
         # the rejected rows on their own: the second half of a batch made of rejected responses only
         swapped = copy.copy(pairs)
@@ -112,7 +114,7 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     again = dpo.reference_logps(model, pairs, run)  # read back from the file
     assert (precomputed == again).all()
     with torch.no_grad():
-        live = torch.stack(dpo.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)
+        live = torch.stack(losses.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)
     torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
 
 
@@ -125,7 +127,7 @@ def test_packed_batch_equals_padded(model, varied_pairs):
     grads = []
     for batch in (padded, packed):
         model.zero_grad()
-        chosen, rejected = dpo.chosen_rejected_logps(model, batch)
+        chosen, rejected = losses.chosen_rejected_logps(model, batch)
         (chosen.sum() - 2 * rejected.sum()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         if batch is padded:
@@ -135,13 +137,10 @@ def test_packed_batch_equals_padded(model, varied_pairs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_sft_step_equals_padded(model, varied_pairs, monkeypatch):
-    import sft
-    run = runtime.setup('cpu', 'float32', 0)
-    padded = sft.sft_step(model, varied_pairs, [0, 1, 2, 3], run)
-    monkeypatch.setattr(sft, 'pack', True)
-    packed = sft.sft_step(model, varied_pairs, [0, 1, 2, 3], run)
-    assert sft_batch(varied_pairs, [0, 1, 2, 3], pack=True).idx.shape[0] < 4  # a real packing
+def test_packed_sft_step_equals_padded(model, varied_pairs):
+    padded_batch, packed_batch = (sft_batch(varied_pairs, [0, 1, 2, 3], pack) for pack in (False, True))
+    assert packed_batch.idx.shape[0] < 4  # a real packing
+    padded, packed = losses.sft_step(model, padded_batch), losses.sft_step(model, packed_batch)
     torch.testing.assert_close(packed[0], padded[0], atol=1e-6, rtol=1e-6)  # the loss
     torch.testing.assert_close(packed[1], padded[1], atol=1e-4, rtol=1e-6)  # NLL, log-prob, target sums
-    assert packed[2] == padded[2]  # FLOPs shape: padding is not counted either way
+    assert packed_batch.flops_shape() == padded_batch.flops_shape()  # padding is not counted either way

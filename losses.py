@@ -1,0 +1,111 @@
+"""
+The log-probabilities of a batch and the losses built on them: SFT's negative log-likelihood and the
+DPO family's preference_loss, with the step functions that sft.py and dpo.py train with and bench.py
+times. Settings come in as arguments, never from a script's globals.
+
+Conventions: a target of -1 means "no loss here" (prompt, padding), so summing a sequence's per-token
+log-probs gives exactly log p(response | prompt), <|endoftext|> included; log-probs of a response are
+sums over its tokens (as in the DPO paper), never means.
+"""
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from batches import pad_rows
+
+LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
+DPO_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
+               'logps/chosen', 'logps/rejected')
+SFT_METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob per chosen response
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    loss_type='sigmoid', label_smoothing=0.0, rpo_alpha=0.0, simpo_gamma=0.5,
+                    chosen_lengths=None, rejected_lengths=None):
+    """The DPO loss and its variants for B pairs.
+
+    *_logps: (B,) log-probabilities of each response, summed over its tokens, under the policy and
+    the reference (simpo ignores the reference). *_lengths: (B,) tokens of each response, for simpo
+    and rpo_alpha. Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are
+    detached from the graph: they are for logging.
+    """
+    if loss_type == 'simpo':  # reference-free: the reward is the length-normalised log-prob
+        chosen_rewards = beta * policy_chosen_logps / chosen_lengths
+        rejected_rewards = beta * policy_rejected_logps / rejected_lengths
+    else:  # the paper's implicit reward, beta * log(pi(y|x) / pi_ref(y|x))
+        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    margins = chosen_rewards - rejected_rewards  # (B,)
+    if loss_type == 'sigmoid':  # DPO; label smoothing makes it conservative DPO
+        losses = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    elif loss_type == 'ipo':  # IPO (Azar et al.): the log-ratio margin regressed onto 1 / (2 beta)
+        losses = (margins / beta - 1 / (2 * beta)) ** 2
+    elif loss_type == 'hinge':  # SLiC (Zhao et al.)
+        losses = torch.relu(1 - margins)
+    elif loss_type == 'simpo':  # SimPO (Meng et al.): a target margin gamma
+        losses = -F.logsigmoid(margins - simpo_gamma)
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    if rpo_alpha:  # RPO (Pang et al.): plus the chosen response's negative log-likelihood per token
+        losses = losses + rpo_alpha * -policy_chosen_logps / chosen_lengths
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def chosen_rejected_logps(model, batch):
+    """One forward over the batch of 2B sequences (padded or packed): summed response log-probs,
+    (B,) chosen and (B,) rejected."""
+    logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
+    return batch.sequence_sums(logps).chunk(2)
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_batch=128):
+    """log p(response | prompt) summed over each response's tokens, as a numpy array: for scoring
+    sampled responses (token lists) to prompts (token lists)."""
+    device, out = model.lm_head.weight.device, []
+    for i in range(0, len(responses), rows_per_batch):
+        rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[i:i + rows_per_batch], responses[i:i + rows_per_batch])]
+        batch = pad_rows(rows).to(device)
+        with ctx:
+            out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """Sums over the pairs of each of DPO_METRICS, to average over micro-batches and ranks later.
+    Accuracy counts a tie as one half, so it starts at 0.5 when the policy is the reference."""
+    accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,
+             chosen_logps, rejected_logps)
+    return torch.stack([p.detach().float().sum() for p in parts])  # (len(DPO_METRICS),)
+
+
+def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_settings):
+    """Losses (B,) and the sums of DPO_METRICS over a batch of B pairs: the policy's forward over
+    chosen and rejected together, the reference's under no_grad, or its precomputed log-probs
+    ref_logps (B, 2). loss_settings: preference_loss's beta, loss_type, label_smoothing, ..."""
+    with autocast:
+        chosen_logps, rejected_logps = chosen_rejected_logps(policy, batch)
+        if ref_logps is not None:
+            ref_chosen, ref_rejected = ref_logps.unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
+        chosen_lengths, rejected_lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # EOS included
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, **loss_settings)
+    return losses, metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+
+
+def sft_step(model, batch, autocast=nullcontext()):
+    """The loss (mean NLL over the batch's response tokens) and the sums that SFT_METRICS are made
+    of: (NLL summed over tokens, log-prob summed over sequences, response tokens)."""
+    n_targets = (batch.targets != -1).sum()
+    with autocast:
+        logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
+        loss = -logps.sum() / n_targets
+    return loss, torch.stack([-logps.detach().sum(), logps.detach().sum(), n_targets.float()])
