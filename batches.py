@@ -54,88 +54,36 @@ class Batch(NamedTuple):
         return tokens, int((self.targets != -1).sum()), float((self.lengths ** 2).sum() / tokens)
 
 
-def sequence_unit(prompt, response, n):
-    """A (prompt, response) sequence as one unit: the sequence without its last token, the response as
-    targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
-    L = len(prompt) + len(response) - 1
-    targets = np.full(L, -1, dtype=np.int64)
-    targets[len(prompt) - 1:] = response  # position t predicts token t + 1
-    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n), np.zeros(L, dtype=np.int64))
-
-
-def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
-    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed by
-    each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
-    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
-    P = len(prompt)
-    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), np.full(P - 1, n_chosen), np.zeros(P - 1, dtype=np.int64))]
-    for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
-        L = len(response)
-        parts.append((np.concatenate([prompt[-1:], response[:-1]]), response, np.arange(P - 1, P - 1 + L),
-                      np.full(L, n), np.full(L, branch)))
-    return tuple(np.concatenate(column) for column in zip(*parts))  # (idx, targets, positions, segments, branches)
-
-
-def pack_bins(lengths):
-    """Units of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
-    each a list of unit numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
-    capacity, rows, room = max(lengths), [], []
-    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
-        fit = next((r for r in range(len(rows)) if room[r] >= lengths[n]), None)
-        if fit is None:
-            rows.append([]), room.append(capacity)
-            fit = len(rows) - 1
-        rows[fit].append(n)
-        room[fit] -= lengths[n]
-    return rows
-
-
-def lay_out(units, n, pack):
-    """A Batch of n sequences from units (sequence_unit, pair_unit): one unit a row, padded at the end
-    to the longest; with pack, as many units a row as fit in the longest's length (pack_bins)."""
-    lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
-    bins = pack_bins(lengths) if pack else [[u] for u in range(len(units))]
-    T = max(lengths)
-    idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
-    targets, segments, owner = (np.full((len(bins), T), -1, dtype=np.int64) for _ in range(3))
-    positions, branches = np.zeros((len(bins), T), dtype=np.int64), np.zeros((len(bins), T), dtype=np.int64)
-    for row, members in enumerate(bins):
-        start = 0
-        for u in members:
-            end = start + lengths[u]
-            idx[row, start:end], targets[row, start:end], positions[row, start:end], segments[row, start:end], \
-                branches[row, start:end] = units[u]
-            owner[row, start:end] = u
-            start = end
-    position_ids = attn_mask = None
-    if pack:
-        position_ids, owner, branches = (torch.from_numpy(a) for a in (positions, owner, branches))
-        same_unit = owner[:, :, None] == owner[:, None, :]  # (R, T, T): query, key
-        visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # key shared, or own branch
-        attn_mask = (same_unit & visible & torch.ones(T, T, dtype=torch.bool).tril())[:, None]  # (R, 1, T, T)
-    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, torch.from_numpy(segments),
-                 lengths, n)
-
-
-def pad_rows(rows, pack=False):
-    """A Batch of the (prompt, response) token arrays rows, sequence n's targets those of rows[n]."""
-    return lay_out([sequence_unit(p, r, n) for n, (p, r) in enumerate(rows)], len(rows), pack)
+def pad_rows(rows):
+    """A Batch of the (prompt, response) token arrays rows, one a row, padded at the end to the longest
+    (the DPO paper's padded batch): row n holds prompt + response without its last token, and as
+    targets the next tokens, -1 on the prompt (but for its last token, which predicts the response's
+    first) and on the padding."""
+    lengths = np.array([len(p) + len(r) - 1 for p, r in rows], dtype=np.int64)  # cells each row uses
+    R, T = len(rows), lengths.max()
+    idx = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
+    targets, segments = np.full((R, T), -1, dtype=np.int64), np.full((R, T), -1, dtype=np.int64)
+    for n, (prompt, response) in enumerate(rows):
+        L = lengths[n]
+        idx[n, :L] = np.concatenate([prompt, response])[:-1]
+        targets[n, len(prompt) - 1:L] = response  # position t predicts token t + 1
+        segments[n, :L] = n
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), None, None, torch.from_numpy(segments), lengths, R)
 
 
 def dpo_batch(data, indices, pack=False):
-    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected (B..2B-1).
-    Padded: one sequence a row. Packed: each pair a unit with its prompt once (about a third fewer
-    tokens at HH's lengths), several units a row."""
-    B = len(indices)
+    """A Batch of 2B sequences for B pairs: the B chosen sequences (0..B-1), then the B rejected
+    (B..2B-1), so that one forward pass serves both. Padded: one sequence a row. Packed (pack_pairs,
+    below): each pair a unit with its prompt once, several units a row."""
     if pack:
-        return lay_out([pair_unit(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i), n, B + n)
-                        for n, i in enumerate(indices)], 2 * B, pack)
+        return pack_pairs([(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i)) for i in indices])
     return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
 
 
 def sft_batch(data, indices, pack=False):
     """A Batch of B sequences: prompt + chosen response, loss on the response only."""
-    return pad_rows([(data.get('prompt', i), data.get('chosen', i)) for i in indices], pack)
+    rows = [(data.get('prompt', i), data.get('chosen', i)) for i in indices]
+    return pack_sequences(rows) if pack else pad_rows(rows)
 
 
 def dpo_padding(data, batches, pack=False):
@@ -210,6 +158,84 @@ class PairLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+
+
+# -------------------------------------------------------------------- packing (pack=True)
+# Several sequences share a row, each seeing only itself under a block-diagonal causal mask, with
+# positions counted from its own start: the same log-probs and gradients as padded rows (tested),
+# with less padding, and for DPO each prompt once instead of twice.
+
+def sequence_unit(prompt, response, n):
+    """A (prompt, response) sequence as one unit: the sequence without its last token, the response as
+    targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
+    L = len(prompt) + len(response) - 1
+    targets = np.full(L, -1, dtype=np.int64)
+    targets[len(prompt) - 1:] = response  # position t predicts token t + 1
+    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n), np.zeros(L, dtype=np.int64))
+
+
+def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
+    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed by
+    each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
+    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
+    P = len(prompt)
+    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), np.full(P - 1, n_chosen), np.zeros(P - 1, dtype=np.int64))]
+    for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
+        L = len(response)
+        parts.append((np.concatenate([prompt[-1:], response[:-1]]), response, np.arange(P - 1, P - 1 + L),
+                      np.full(L, n), np.full(L, branch)))
+    return tuple(np.concatenate(column) for column in zip(*parts))  # (idx, targets, positions, segments, branches)
+
+
+def pack_bins(lengths):
+    """Units of these lengths in rows as long as the longest, first-fit decreasing: a list of rows,
+    each a list of unit numbers. Rows no longer than the padded ones keep attention's T^2 cost."""
+    capacity, rows, room = max(lengths), [], []
+    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        fit = next((r for r in range(len(rows)) if room[r] >= lengths[n]), None)
+        if fit is None:
+            rows.append([]), room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(n)
+        room[fit] -= lengths[n]
+    return rows
+
+
+def pack_units(units, n):
+    """A Batch of n sequences from units (sequence_unit, pair_unit): as many units a row as fit in the
+    longest's length (pack_bins), the rest of a row padding."""
+    lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
+    bins = pack_bins(lengths)
+    T = max(lengths)
+    idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
+    targets, segments, owner = (np.full((len(bins), T), -1, dtype=np.int64) for _ in range(3))
+    positions, branches = np.zeros((len(bins), T), dtype=np.int64), np.zeros((len(bins), T), dtype=np.int64)
+    for row, members in enumerate(bins):
+        start = 0
+        for u in members:
+            end = start + lengths[u]
+            idx[row, start:end], targets[row, start:end], positions[row, start:end], segments[row, start:end], \
+                branches[row, start:end] = units[u]
+            owner[row, start:end] = u
+            start = end
+    position_ids, owner, branches = (torch.from_numpy(a) for a in (positions, owner, branches))
+    same_unit = owner[:, :, None] == owner[:, None, :]  # (R, T, T): query, key
+    visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # key shared, or own branch
+    attn_mask = (same_unit & visible & torch.ones(T, T, dtype=torch.bool).tril())[:, None]  # (R, 1, T, T)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, torch.from_numpy(segments),
+                 lengths, n)
+
+
+def pack_sequences(rows):
+    """pad_rows' Batch, packed: each (prompt, response) row a unit, several units a row."""
+    return pack_units([sequence_unit(p, r, n) for n, (p, r) in enumerate(rows)], len(rows))
+
+
+def pack_pairs(pairs):
+    """dpo_batch's Batch, packed: each (prompt, chosen, rejected) pair a unit with its prompt once
+    (about a third fewer tokens at HH's lengths), chosen as sequence n, rejected as sequence B + n."""
+    B = len(pairs)
+    return pack_units([pair_unit(p, c, r, n, B + n) for n, (p, c, r) in enumerate(pairs)], 2 * B)
 
 
 if __name__ == '__main__':  # python batches.py --dataset=hh: the padding of each way of batching a dataset

@@ -98,12 +98,12 @@ def run_ours(weights_dir, pairs_path, pack):
 
 
 def main():
-    from model import GPT, GPT2_SHAPES, GPTConfig
+    from model import GPT, GPT2_SHAPES, GPTConfig, save_pretrained
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     n_layer, n_head, n_embd = GPT2_SHAPES[model]
     weights_dir = os.path.join(out_dir, f'{model}-random')
-    GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(weights_dir)
+    save_pretrained(GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)), weights_dir)
     pairs_path = os.path.join(out_dir, 'pairs.jsonl')
     make_pairs(pairs_path, np.random.default_rng(seed))
     padded, packed = run_ours(weights_dir, pairs_path, False), run_ours(weights_dir, pairs_path, True)

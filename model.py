@@ -1,6 +1,10 @@
 """
-GPT-2 in one file: the architecture, loading and saving the official weights in the Hugging Face
-hub layout, per-token log-probabilities for training and scoring, and KV-cached generation.
+GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
+forward pass (logits, or the log-probs of targets), then generation with a KV cache. A reader who
+stops at the end of that first section has all of GPT-2. After it, in sections of their own:
+- loading and saving the official weights in the Hugging Face hub layout;
+- the memory-lean log-probs of targets, beside the plain form they are tested against;
+- the CPU decoding speed-ups (oneDNN off for one-row steps, the inverse-CDF draw).
 
 This module knows nothing about datasets, losses or distributed training.
 References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.
@@ -18,68 +22,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every document, and every response here
-
-# the four official sizes, by their short names, and where the hub keeps them
-OFFICIAL_MODELS = {
-    'gpt2':        'openai-community/gpt2',         # 124M
-    'gpt2-medium': 'openai-community/gpt2-medium',  # 350M
-    'gpt2-large':  'openai-community/gpt2-large',   # 774M
-    'gpt2-xl':     'openai-community/gpt2-xl',      # 1558M
-}
-
-GPT2_SHAPES = {  # n_layer, n_head, n_embd of each
-    'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
-}
-
-# GPT-2 was written with a "Conv1D" layer whose weight is (in, out), the transpose of nn.Linear's
-CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-# the official files also hold each layer's causal-mask buffer, which is not a weight
-MASK_BUFFER = re.compile(r'h\.\d+\.attn\.(masked_)?bias$')
-
-
-class LoadError(ValueError):
-    """A model or checkpoint that cannot be loaded as asked; the message names the file and key."""
-
-
-class TargetLogProbs(torch.autograd.Function):
-    """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab) logits
-    in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32 a chunk
-    of rows at a time, and the backward pass turns the saved logits into the gradient
-    softmax - onehot chunk by chunk. F.cross_entropy would keep a float32 log-softmax (twice the
-    bytes of bf16 logits) for its backward, and make float32 copies on the way in and out."""
-
-    CHUNK = 2 ** 24  # float32 elements per chunk of rows: 64 MB, a few chunks (few kernel launches) at most
-    PAD_VOCAB_ON = ('cuda',)  # device types whose matmuls want the vocabulary padded (below)
-
-    @staticmethod
-    def forward(ctx, x, weight, targets):  # x (N, C), weight (V, C), targets (N,): dtypes as given
-        V = weight.size(0)
-        # on CUDA, pad the vocabulary to a multiple of 64 (50257 -> 50304): with rows of an odd length
-        # the matmul falls back to slower kernels (docs/PERFORMANCE.md has what that cost)
-        pad = -V % 64 if x.device.type in TargetLogProbs.PAD_VOCAB_ON else 0
-        with torch.autocast(x.device.type, enabled=False):
-            logits = x @ F.pad(weight, (0, 0, 0, pad)).T  # (N, V + pad), the one copy; padding columns unused
-            acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 inputs
-            lse = torch.empty(len(x), dtype=acc, device=x.device)  # (N,)
-            rows = max(1, TargetLogProbs.CHUNK // V)
-            for i in range(0, len(x), rows):
-                lse[i:i + rows] = torch.logsumexp(logits[i:i + rows, :V].to(acc), dim=-1)
-            logp = logits.gather(1, targets[:, None]).squeeze(1).to(acc) - lse  # (N,)
-        ctx.save_for_backward(x, weight, targets, logits, lse)
-        ctx.rows = rows
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (N,), lse's dtype
-        x, weight, targets, logits, lse = ctx.saved_tensors
-        V, rows = weight.size(0), ctx.rows
-        with torch.autocast(x.device.type, enabled=False):
-            grad_logits = torch.empty_like(logits)[:, :V]  # (N, V), rows as long as the logits' (aligned)
-            for i in range(0, len(x), rows):
-                g = grad[i:i + rows, None]  # (n, 1)
-                chunk = (logits[i:i + rows, :V].to(lse.dtype) - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax
-                grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)  # g * (onehot - softmax)
-            return grad_logits @ weight, grad_logits.T @ x, None  # (N, C), (V, C)
 
 
 @dataclass
@@ -101,31 +43,6 @@ class GPTConfig:
                              "takes n_embd / n_head of the channels)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
-
-    k, v: (n_layer, B, n_head, max_len, head_dim), allocated on the first write, in the dtype the
-    attention computes in (so it follows autocast or a bf16 model).
-    """
-
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len = n_layer, max_len
-        self.k = self.v = None
-        self.pos = 0  # positions filled so far; GPT.hidden_states advances it after the last layer
-
-    def update(self, layer, k, v):
-        # k, v: (B, n_head, T, head_dim) for the T new positions
-        B, H, T, D = k.shape
-        if self.k is None:
-            shape = (self.n_layer, B, H, self.max_len, D)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, pos+T, D) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -213,7 +130,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    # ---------------------------------------------------------------- forward passes
+    # ---------------------------------------------------------------- forward
 
     def hidden_states(self, idx, position_ids=None, attn_mask=None, kv_cache=None):
         """Final-LayerNorm outputs (B, T, n_embd) for token ids idx (B, T).
@@ -261,6 +178,8 @@ class GPT(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would give the projection
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
+        # log_softmax(x @ weight.T) at each target, as plain_target_logprobs computes it, but with one
+        # low-precision copy of the logits and no float32 one (the section "memory-lean log-probs" below)
         logp = TargetLogProbs.apply(x, weight, targets[keep])  # (N,) float32 (float64 for a float64 model)
         out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
         return out.masked_scatter(keep, logp)  # (B, T)
@@ -300,7 +219,7 @@ class GPT(nn.Module):
                 kv_cache = None  # the window has to slide: positions shift, cached keys are stale
             if kv_cache is not None:
                 new = idx[:, kv_cache.pos:]  # the whole prompt first, then one token at a time
-                with onednn_off(device.type == 'cpu' and new.numel() == 1):
+                with onednn_off(device.type == 'cpu' and new.numel() == 1):  # a CPU speed-up (last section)
                     logits = self(new, None, *self._positions_and_mask(valid, kv_cache.pos), kv_cache, last_only=True)
             else:
                 window, window_valid = idx[:, -block_size:], valid[:, -block_size:]
@@ -334,87 +253,6 @@ class GPT(nn.Module):
         mask |= query_pos[:, None] == torch.arange(S, device=valid.device)  # (T, S) the diagonal
         return position_ids, mask[:, None]  # (B, 1, T, S)
 
-    # ---------------------------------------------------------------- weights in the hub layout
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0, cache_dir=None):
-        """A GPT-2 from the hub or a local directory in the hub layout (config.json + model.safetensors).
-
-        name_or_dir: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id ('openai-community/gpt2'),
-        or a directory. Downloads go to the normal hub cache (or cache_dir) and are reused from it.
-        """
-        config_path, weights_path = resolve_pretrained_files(name_or_dir, cache_dir)
-        model = cls(config_from_hub_json(config_path, dropout))
-        from safetensors.torch import load_file  # safetensors holds only tensors: nothing runs on load
-        try:
-            state_dict = load_file(weights_path)
-        except Exception as e:
-            raise LoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
-        model.load_hub_state_dict(state_dict, weights_path)
-        return model
-
-    def load_hub_state_dict(self, state_dict, path='state dict'):
-        """Copy in weights whose keys follow either layout found in the wild: the official repos'
-        ('h.0.attn.c_attn.weight', with mask buffers, no lm_head) or transformers' save_pretrained
-        ('transformer.h.0...'). Conv1D weights are transposed to nn.Linear's (out, in)."""
-        ours = self.state_dict()
-        ours.pop('lm_head.weight')  # the same tensor as transformer.wte.weight
-        found, lm_head = {}, None  # our key -> (key in the file, tensor)
-        for key, t in state_dict.items():
-            if key == 'lm_head.weight':
-                lm_head = t
-                continue
-            name = key if key.startswith('transformer.') else 'transformer.' + key
-            if MASK_BUFFER.search(name):
-                continue
-            if name not in ours:
-                raise LoadError(f"{path}: unexpected key '{key}', which is not part of a GPT-2")
-            found[name] = (key, t.t() if name.endswith(CONV1D_WEIGHTS) else t)
-        prefix = 'transformer.' if any(k.startswith('transformer.') for k in state_dict) else ''
-        for name, param in ours.items():
-            if name not in found:
-                raise LoadError(f"{path}: missing key '{prefix}{name.removeprefix('transformer.')}'")
-            key, t = found[name]
-            if t.shape != param.shape:
-                raise LoadError(f"{path}: key '{key}' has shape {tuple(t.shape)} (as stored), "
-                                f"but the config asks for {tuple(param.shape)}")
-        if lm_head is not None and not torch.equal(lm_head, found['transformer.wte.weight'][1]):
-            raise LoadError(f"{path}: lm_head.weight differs from the token embedding; "
-                            "GPT-2 ties them and this model does too")
-        with torch.no_grad():
-            for name, param in ours.items():
-                param.copy_(found[name][1])
-
-    def save_pretrained(self, save_dir):
-        """Write config.json and model.safetensors in the layout transformers' save_pretrained uses,
-        so GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it. Each file is
-        written under a temporary name and then renamed, so a crash never leaves half a file."""
-        if not self.config.bias:
-            raise ValueError("a model with bias=False has no GPT-2 hub layout (GPT-2 has biases everywhere)")
-        from safetensors.torch import save_file
-        os.makedirs(save_dir, exist_ok=True)
-        tensors = {}
-        for name, t in self.state_dict().items():
-            if name == 'lm_head.weight':
-                continue  # tied: transformers rebuilds it from the token embedding
-            tensors[name] = (t.t() if name.endswith(CONV1D_WEIGHTS) else t).detach().cpu().contiguous()
-        c = self.config
-        hub_config = dict(
-            model_type='gpt2', architectures=['GPT2LMHeadModel'],
-            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
-            n_ctx=c.block_size, vocab_size=c.vocab_size, n_inner=None, activation_function='gelu_new',
-            layer_norm_epsilon=1e-5, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-            tie_word_embeddings=True, scale_attn_weights=True,
-            torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix('torch.'))
-        if EOT_TOKEN < c.vocab_size:
-            hub_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
-        weights_path, config_path = os.path.join(save_dir, 'model.safetensors'), os.path.join(save_dir, 'config.json')
-        save_file(tensors, weights_path + '.tmp', metadata={'format': 'pt'})
-        os.replace(weights_path + '.tmp', weights_path)
-        with open(config_path + '.tmp', 'w') as f:
-            json.dump(hub_config, f, indent=2)
-        os.replace(config_path + '.tmp', config_path)
-
     # ---------------------------------------------------------------- training helpers
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -437,18 +275,168 @@ class GPT(nn.Module):
         forward = n_tokens * body + n_targets * head
         return 3 * forward if backward else forward
 
-    def flops_per_token(self, seq_len, backward=True):
-        """FLOPs per token when every position has a target (plain language modelling)."""
-        return self.flops(1, 1, seq_len, backward)
 
-    @staticmethod
-    def estimate_mfu(flops_done, seconds, peak_flops):
-        """Model FLOPs utilisation: the FLOPs the model needed, per second, over the device's peak
-        (e.g. 989e12 for an H100 SXM in bf16; on a CPU, a measured matmul rate)."""
-        return flops_done / seconds / peak_flops
+# the pieces generate uses: the KV cache, and the choice of the next token
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim), allocated on the first write, in the dtype the
+    attention computes in (so it follows autocast or a bf16 model).
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.pos = 0  # positions filled so far; GPT.hidden_states advances it after the last layer
+
+    def update(self, layer, k, v):
+        # k, v: (B, n_head, T, head_dim) for the T new positions
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, H, self.max_len, D)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, pos+T, D) each
 
 
-# -------------------------------------------------------------------- loading helpers
+def top_k_filter(logits, k):
+    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th kept)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p_filter(logits, p):
+    """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability
+    reaches p (nucleus sampling); the likeliest token is always kept."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float('-inf'))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): greedy at temperature 0, else drawn from the
+    temperature-scaled distribution after the top-k and top-p filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return inverse_cdf_draw(probs, generator)  # torch.multinomial(probs, 1)'s draw, faster (last section)
+
+
+# -------------------------------------------------------------------- loading and saving the hub layout
+
+# the four official sizes, by their short names, and where the hub keeps them
+OFFICIAL_MODELS = {
+    'gpt2':        'openai-community/gpt2',         # 124M
+    'gpt2-medium': 'openai-community/gpt2-medium',  # 350M
+    'gpt2-large':  'openai-community/gpt2-large',   # 774M
+    'gpt2-xl':     'openai-community/gpt2-xl',      # 1558M
+}
+
+GPT2_SHAPES = {  # n_layer, n_head, n_embd of each
+    'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
+}
+
+# GPT-2 was written with a "Conv1D" layer whose weight is (in, out), the transpose of nn.Linear's
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# the official files also hold each layer's causal-mask buffer, which is not a weight
+MASK_BUFFER = re.compile(r'h\.\d+\.attn\.(masked_)?bias$')
+
+
+class LoadError(ValueError):
+    """A model or checkpoint that cannot be loaded as asked; the message names the file and key."""
+
+
+def from_pretrained(name_or_dir, dropout=0.0, cache_dir=None):
+    """A GPT-2 from the hub or a local directory in the hub layout (config.json + model.safetensors).
+
+    name_or_dir: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id ('openai-community/gpt2'),
+    or a directory. Downloads go to the normal hub cache (or cache_dir) and are reused from it.
+    """
+    config_path, weights_path = resolve_pretrained_files(name_or_dir, cache_dir)
+    model = GPT(config_from_hub_json(config_path, dropout))
+    from safetensors.torch import load_file  # safetensors holds only tensors: nothing runs on load
+    try:
+        state_dict = load_file(weights_path)
+    except Exception as e:
+        raise LoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    load_hub_state_dict(model, state_dict, weights_path)
+    return model
+
+def load_hub_state_dict(model, state_dict, path='state dict'):
+    """Copy in weights whose keys follow either layout found in the wild: the official repos'
+    ('h.0.attn.c_attn.weight', with mask buffers, no lm_head) or transformers' save_pretrained
+    ('transformer.h.0...'). Conv1D weights are transposed to nn.Linear's (out, in)."""
+    ours = model.state_dict()
+    ours.pop('lm_head.weight')  # the same tensor as transformer.wte.weight
+    found, lm_head = {}, None  # our key -> (key in the file, tensor)
+    for key, t in state_dict.items():
+        if key == 'lm_head.weight':
+            lm_head = t
+            continue
+        name = key if key.startswith('transformer.') else 'transformer.' + key
+        if MASK_BUFFER.search(name):
+            continue
+        if name not in ours:
+            raise LoadError(f"{path}: unexpected key '{key}', which is not part of a GPT-2")
+        found[name] = (key, t.t() if name.endswith(CONV1D_WEIGHTS) else t)
+    prefix = 'transformer.' if any(k.startswith('transformer.') for k in state_dict) else ''
+    for name, param in ours.items():
+        if name not in found:
+            raise LoadError(f"{path}: missing key '{prefix}{name.removeprefix('transformer.')}'")
+        key, t = found[name]
+        if t.shape != param.shape:
+            raise LoadError(f"{path}: key '{key}' has shape {tuple(t.shape)} (as stored), "
+                            f"but the config asks for {tuple(param.shape)}")
+    if lm_head is not None and not torch.equal(lm_head, found['transformer.wte.weight'][1]):
+        raise LoadError(f"{path}: lm_head.weight differs from the token embedding; "
+                        "GPT-2 ties them and this model does too")
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(found[name][1])
+
+def save_pretrained(model, save_dir):
+    """Write config.json and model.safetensors in the layout transformers' save_pretrained uses,
+    so GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it. Each file is
+    written under a temporary name and then renamed, so a crash never leaves half a file."""
+    if not model.config.bias:
+        raise ValueError("a model with bias=False has no GPT-2 hub layout (GPT-2 has biases everywhere)")
+    from safetensors.torch import save_file
+    os.makedirs(save_dir, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == 'lm_head.weight':
+            continue  # tied: transformers rebuilds it from the token embedding
+        tensors[name] = (t.t() if name.endswith(CONV1D_WEIGHTS) else t).detach().cpu().contiguous()
+    c = model.config
+    hub_config = dict(
+        model_type='gpt2', architectures=['GPT2LMHeadModel'],
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+        n_ctx=c.block_size, vocab_size=c.vocab_size, n_inner=None, activation_function='gelu_new',
+        layer_norm_epsilon=1e-5, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        tie_word_embeddings=True, scale_attn_weights=True,
+        torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix('torch.'))
+    if EOT_TOKEN < c.vocab_size:
+        hub_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    weights_path, config_path = os.path.join(save_dir, 'model.safetensors'), os.path.join(save_dir, 'config.json')
+    save_file(tensors, weights_path + '.tmp', metadata={'format': 'pt'})
+    os.replace(weights_path + '.tmp', weights_path)
+    with open(config_path + '.tmp', 'w') as f:
+        json.dump(hub_config, f, indent=2)
+    os.replace(config_path + '.tmp', config_path)
+
 
 def resolve_pretrained_files(name_or_dir, cache_dir=None):
     """Paths (config.json, model.safetensors) of a local hub-layout directory, or of a hub model
@@ -504,7 +492,58 @@ def config_from_hub_json(path, dropout=0.0):
         raise LoadError(f"{path}: {e}") from None
 
 
-# -------------------------------------------------------------------- sampling
+# -------------------------------------------------------------------- memory-lean log-probs of targets
+
+def plain_target_logprobs(x, weight, targets):
+    """log_softmax(x @ weight.T)[n, targets[n]] for N rows x (N, C), the plain way: what
+    TargetLogProbs computes, and what it is tested against. It keeps the (N, vocab) logits and a
+    float32 log-softmax of them for the backward pass."""
+    logits = (x @ weight.T).to(torch.promote_types(x.dtype, torch.float32))  # (N, V), at least float32
+    return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+
+
+class TargetLogProbs(torch.autograd.Function):
+    """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab) logits
+    in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32 a chunk
+    of rows at a time, and the backward pass turns the saved logits into the gradient
+    softmax - onehot chunk by chunk. F.cross_entropy would keep a float32 log-softmax (twice the
+    bytes of bf16 logits) for its backward, and make float32 copies on the way in and out."""
+
+    CHUNK = 2 ** 24  # float32 elements per chunk of rows: 64 MB, a few chunks (few kernel launches) at most
+    PAD_VOCAB_ON = ('cuda',)  # device types whose matmuls want the vocabulary padded (below)
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):  # x (N, C), weight (V, C), targets (N,): dtypes as given
+        V = weight.size(0)
+        # on CUDA, pad the vocabulary to a multiple of 64 (50257 -> 50304): with rows of an odd length
+        # the matmul falls back to slower kernels (docs/PERFORMANCE.md has what that cost)
+        pad = -V % 64 if x.device.type in TargetLogProbs.PAD_VOCAB_ON else 0
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x @ F.pad(weight, (0, 0, 0, pad)).T  # (N, V + pad), the one copy; padding columns unused
+            acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 inputs
+            lse = torch.empty(len(x), dtype=acc, device=x.device)  # (N,)
+            rows = max(1, TargetLogProbs.CHUNK // V)
+            for i in range(0, len(x), rows):
+                lse[i:i + rows] = torch.logsumexp(logits[i:i + rows, :V].to(acc), dim=-1)
+            logp = logits.gather(1, targets[:, None]).squeeze(1).to(acc) - lse  # (N,)
+        ctx.save_for_backward(x, weight, targets, logits, lse)
+        ctx.rows = rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,), lse's dtype
+        x, weight, targets, logits, lse = ctx.saved_tensors
+        V, rows = weight.size(0), ctx.rows
+        with torch.autocast(x.device.type, enabled=False):
+            grad_logits = torch.empty_like(logits)[:, :V]  # (N, V), rows as long as the logits' (aligned)
+            for i in range(0, len(x), rows):
+                g = grad[i:i + rows, None]  # (n, 1)
+                chunk = (logits[i:i + rows, :V].to(lse.dtype) - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax
+                grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)  # g * (onehot - softmax)
+            return grad_logits @ weight, grad_logits.T @ x, None  # (N, C), (V, C)
+
+
+# -------------------------------------------------------------------- CPU decoding speed-ups
 
 @contextmanager
 def onednn_off(off=True):
@@ -520,35 +559,9 @@ def onednn_off(off=True):
         torch.backends.mkldnn.enabled = before
 
 
-def top_k_filter(logits, k):
-    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th kept)."""
-    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float('-inf'))
-
-
-def top_p_filter(logits, p):
-    """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability
-    reaches p (nucleus sampling); the likeliest token is always kept."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of the tokens ranked above
-    drop_sorted = mass_before >= p  # the set already reached p without this token
-    drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float('-inf'))
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V): greedy at temperature 0, else drawn from the
-    temperature-scaled distribution after the top-k and top-p filters."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
+def inverse_cdf_draw(probs, generator=None):
+    """One token id per row of probs (B, V), drawn with its probability, as torch.multinomial(probs, 1)
+    draws it (tested against the distribution)."""
     # Inverse-CDF draw: one uniform a row, and the first token whose cumulative probability passes it.
     # torch.multinomial draws an exponential for every vocabulary entry instead, many times slower on a
     # CPU. float64, so the running sum over 50257 tokens stays exact enough that no token's share of

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError
-from model import GPT, GPTConfig, LoadError
+from model import GPT, GPTConfig, LoadError, from_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -147,7 +147,7 @@ def load_checkpoint(path, map_location='cpu', script=None):
 def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None):
     """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
     already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
-    else goes to GPT.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory)."""
+    else goes to model.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory)."""
     if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
         checkpoint = checkpoint or load_checkpoint(path, map_location=device)
@@ -162,7 +162,7 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
         except RuntimeError as e:
             raise LoadError(f"{path}: the weights do not fit its model_args: {e}") from e
     else:
-        model = GPT.from_pretrained(init_from, dropout=dropout)
+        model = from_pretrained(init_from, dropout=dropout)
     return model.to(device)
 
 

@@ -1,15 +1,15 @@
-"""Shared fixtures: tiny random GPT-2s written to disk by transformers (the test-only oracle), in
-both key layouts found on the hub."""
+"""Shared fixtures and helpers: the repository root, tiny random GPT-2s written to disk by
+transformers (the test-only oracle) in both key layouts found on the hub, and a few tokenized pairs.
+(pytest.ini puts the repository root on the import path.)"""
 
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the scripts are run from
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=128, bos_token_id=0, eos_token_id=0)
 

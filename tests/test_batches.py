@@ -28,7 +28,7 @@ def test_packed_rows_by_hand():
     rows = [(np.array([1, 2]), np.array([3, 4, 5])), (np.array([6]), np.array([7, 8])),
             (np.array([9, 10]), np.array([11, 12])), (np.array([13]), np.array([14]))]
     assert batches.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
-    batch = batches.pad_rows(rows, pack=True)
+    batch = batches.pack_sequences(rows)
     assert batch.idx.tolist() == [[1, 2, 3, 4], [9, 10, 11, 13], [6, 7, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, 3, 4, 5], [-1, 11, 12, 14], [7, 8, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 0], [2, 2, 2, 3], [1, 1, -1, -1]]

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pack', [False, True])
 def test_bench_reports_every_step(pack):
     result = subprocess.run([sys.executable, 'bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',

@@ -13,8 +13,8 @@ import evaluate
 import sample
 import sft
 from configurator import apply_overrides, check_ranges, configure
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
 
 

@@ -12,8 +12,8 @@ import pytest
 
 import data
 from data import EOT_TOKEN, DataError, encode, load_dataset, split_transcripts, truncate
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_jsonl(path, rows):

@@ -13,8 +13,8 @@ import runtime
 from data import tokenize_pairs
 from model import GPT, GPTConfig
 from synthetic import synthetic_pairs, true_reward
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
@@ -71,6 +71,7 @@ def test_plots_write_pngs(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
     out = tmp_path / 'demo'
     result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4',

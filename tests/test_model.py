@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, edit_json
-from model import TargetLogProbs, GPT, GPTConfig, LoadError, sample_next_token, top_k_filter, top_p_filter
+from model import (GPT, GPTConfig, LoadError, TargetLogProbs, from_pretrained, plain_target_logprobs, sample_next_token,
+                   save_pretrained, top_k_filter, top_p_filter)
 
 
 def tiny_gpt(seed=0, **kw):
@@ -23,7 +24,7 @@ def tiny_gpt(seed=0, **kw):
 
 @pytest.mark.parametrize('layout', ['hf_dir', 'official_dir'])
 def test_logits_equal_transformers_in_both_layouts(layout, hf_model, request):
-    ours = GPT.from_pretrained(request.getfixturevalue(layout)).eval()
+    ours = from_pretrained(request.getfixturevalue(layout)).eval()
     idx = torch.randint(0, TINY['vocab_size'], (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(idx).logits
@@ -33,7 +34,7 @@ def test_logits_equal_transformers_in_both_layouts(layout, hf_model, request):
 
 
 def test_greedy_generation_equals_transformers(hf_dir, hf_model):
-    ours = GPT.from_pretrained(hf_dir).eval()
+    ours = from_pretrained(hf_dir).eval()
     prompts = torch.randint(1, TINY['vocab_size'], (2, 6), generator=torch.Generator().manual_seed(2))
     expected = hf_model.generate(prompts, max_new_tokens=25, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[:, 6:]
@@ -44,13 +45,13 @@ def test_greedy_generation_equals_transformers(hf_dir, hf_model):
 def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path):
     from transformers import GPT2LMHeadModel
     ours = tiny_gpt()
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     theirs, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
     idx = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), theirs.eval()(idx).logits, atol=1e-4, rtol=0)
-    again = GPT.from_pretrained(str(tmp_path))  # and back: the exact same tensors
+    again = from_pretrained(str(tmp_path))  # and back: the exact same tensors
     for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']  # no temp files left
@@ -68,12 +69,12 @@ def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
     (repo / 'refs' / 'main').write_text('0' * 40)
     for name in ('config.json', 'model.safetensors'):
         shutil.copy(os.path.join(hf_dir, name), snapshot)
-    from_hub = GPT.from_pretrained('gpt2', cache_dir=str(tmp_path))
-    from_dir = GPT.from_pretrained(hf_dir)
+    from_hub = from_pretrained('gpt2', cache_dir=str(tmp_path))
+    from_dir = from_pretrained(hf_dir)
     for a, b in zip(from_hub.state_dict().values(), from_dir.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(LoadError, match='could not get config.json of openai-community/gpt2-medium'):
-        GPT.from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
+        from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------- loading errors
@@ -95,47 +96,47 @@ def test_missing_key_is_named(official_dir, tmp_path):
     path = copy_dir(official_dir, tmp_path / 'm')
     rewrite_weights(path, lambda t: t.pop('h.1.mlp.c_fc.bias'))
     with pytest.raises(LoadError, match=r"model.safetensors: missing key 'h\.1\.mlp\.c_fc\.bias'"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
 
 
 def test_unexpected_key_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     rewrite_weights(path, lambda t: t.update({'transformer.h.0.attn.rotary.weight': torch.zeros(2)}))
     with pytest.raises(LoadError, match=r"unexpected key 'transformer\.h\.0\.attn\.rotary\.weight'"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
 
 
 def test_shape_mismatch_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), n_positions=32)  # the file has 64 positions
     with pytest.raises(LoadError, match=r"key 'transformer\.wpe\.weight' has shape \(64, 32\).*\(32, 32\)"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
 
 
 def test_missing_file_and_unknown_name(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     os.remove(os.path.join(path, 'model.safetensors'))
     with pytest.raises(LoadError, match=r"model\.safetensors does not exist"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
     with pytest.raises(LoadError, match="'./no/such/dir' is not a directory"):
-        GPT.from_pretrained('./no/such/dir')
+        from_pretrained('./no/such/dir')
 
 
 def test_unsupported_config_is_refused(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), activation_function='relu')
     with pytest.raises(LoadError, match="activation_function='relu' is not supported"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
 
 
 def test_a_shape_that_cannot_be_built_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), n_head=5)  # 32 channels do not split into 5 heads
     with pytest.raises(LoadError, match=r"config\.json: n_embd=32 is not a multiple of n_head=5"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
     edit_json(os.path.join(path, 'config.json'), n_head=4, n_layer=0)
     with pytest.raises(LoadError, match=r"config\.json: n_layer=0 must be a whole number >= 1"):
-        GPT.from_pretrained(path)
+        from_pretrained(path)
 
 
 # ---------------------------------------------------------------- log-probs
@@ -275,11 +276,10 @@ def test_param_count_and_flops_by_hand():
     N = V * C + L * per_layer + 2 * C  # token embedding (= lm_head), blocks, final LN; no positions
     assert model.num_params() == N
     assert model.num_params(non_embedding=False) == N + T * C
-    assert model.flops_per_token(T) == 6 * N + 12 * L * C * T
-    assert model.flops_per_token(T, backward=False) == 2 * N + 4 * L * C * T
+    assert model.flops(1, 1, T) == 6 * N + 12 * L * C * T  # a token with a target: 6N, plus attention
+    assert model.flops(1, 1, T, backward=False) == 2 * N + 4 * L * C * T
     # 10 tokens of which 3 have a target: the vocabulary projection (2 V C per token) only for those 3
     assert model.flops(10, 3, T, backward=False) == 10 * (2 * (N - V * C) + 4 * L * C * T) + 3 * 2 * V * C
-    assert GPT.estimate_mfu(2e12, 4.0, 1e12) == 0.5
 
 
 def test_optimizer_groups_decay_only_matrices():
@@ -322,7 +322,8 @@ def test_target_log_probs_gradients_by_finite_differences(chunk, monkeypatch):
     x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.tensor([0, 6, 3, 3, 1])
-    expected = torch.log_softmax(x @ weight.T, dim=-1)[torch.arange(5), targets]
+    expected = torch.log_softmax(x @ weight.T, dim=-1)[torch.arange(5), targets]  # by indexing
+    torch.testing.assert_close(plain_target_logprobs(x, weight, targets), expected)
     torch.testing.assert_close(TargetLogProbs.apply(x, weight, targets), expected)
     assert torch.autograd.gradcheck(lambda a, b: TargetLogProbs.apply(a, b, targets), (x, weight))
 

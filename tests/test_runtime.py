@@ -13,8 +13,8 @@ import torch
 import runtime
 from configurator import ConfigError
 from model import GPT, GPTConfig, LoadError
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
@@ -156,12 +156,14 @@ def ranks(test, tmp_path, port):
     return [p.communicate(timeout=120) for p in procs]
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_ends_the_others_with_an_error_naming_the_collective(tmp_path):
     (out0, err0), _ = ranks('stall', tmp_path, 29611)
     assert "rank 0: the all-reduce of the loss waited more than 2 s for the other ranks" in out0, err0[-2000:]
     assert float(out0.split()[0]) < 7  # not the 8 s the stuck rank sleeps
 
 
+@pytest.mark.slow
 def test_master_first_runs_the_master_before_the_others(tmp_path):
     (_, err0), (out1, err1) = ranks('master_first', tmp_path, 29612)
     assert out1.strip() == 'marker there', err0[-2000:] + err1[-2000:]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import runtime
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, save_pretrained
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_sample(*args):
@@ -24,12 +24,13 @@ def tiny_dirs(tmp_path_factory):
     args = dict(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)
     model = GPT(GPTConfig(**args))
     root = tmp_path_factory.mktemp('sample')
-    model.save_pretrained(root / 'hub')
+    save_pretrained(model, root / 'hub')
     runtime.save_checkpoint({'model_args': args, 'model': model.state_dict()}, str(root / 'out' / 'ckpt.pt'))
     (root / 'prompt.txt').write_text('Human: hi\n\nAssistant:')
     return root
 
 
+@pytest.mark.slow
 def test_samples_from_a_hub_directory_and_a_checkpoint(tiny_dirs):
     hub = run_sample(f'--init_from={tiny_dirs / "hub"}', '--num_samples=2', '--max_new_tokens=8',
                      '--temperature=0', f'--start=FILE:{tiny_dirs / "prompt.txt"}', '--dtype=float32')
