@@ -4,7 +4,8 @@ resume), and the rows of token ids a forward pass runs over (Batch: one padded s
 packed units with a block-diagonal causal mask).
 
 Conventions: a target of -1 means "no loss here" (prompt, padding); a sequence's log-prob is the
-sum over its targets, which is exactly log p(response | prompt), EOS included.
+sum over its targets, which is exactly log p(response | prompt), its <|endoftext|> included (unless
+truncation cut the response's end, and with it the <|endoftext|>).
 """
 
 import sys
@@ -20,11 +21,11 @@ class Batch(NamedTuple):
     """Rows for one forward pass over n response sequences, padded or packed.
 
     idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
-    sequence's log-probs over its targets gives exactly log p(response | prompt), EOS included.
+    sequence's log-probs over its targets gives exactly log p(response | prompt).
     position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain causal
     attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a token see
     only its own unit (below).
-    segments: (R, T) which of the n sequences each cell's target belongs to, -1 on padding.
+    segments: (R, T) which of the n sequences each cell belongs to (prompt cells included), -1 on padding.
     lengths: numpy, the tokens of each unit: a unit is a sequence without its last token, or, packed
     for DPO, a pair: its prompt once, then both responses, each seeing the prompt but not the other.
     """

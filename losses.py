@@ -94,7 +94,7 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
         else:
             with torch.no_grad():
                 ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
-        chosen_lengths, rejected_lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # EOS included
+        chosen_lengths, rejected_lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # tokens, <|endoftext|> included
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, **loss_settings)

@@ -1,10 +1,12 @@
 """
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
-forward pass (logits, or the log-probs of targets), then generation with a KV cache. A reader who
-stops at the end of that first section has all of GPT-2. After it, in sections of their own:
+forward pass (logits, or the log-probs of targets), generation with a KV cache, and the optimizer
+and FLOPs helpers. A reader who stops at the end of that first section has all of GPT-2's math. Three
+calls in it lead to a later section, each doing what its plain form beside it does, only faster or
+leaner (and tested against it); the sections, after the first:
 - loading and saving the official weights in the Hugging Face hub layout;
-- the memory-lean log-probs of targets, beside the plain form they are tested against;
-- the CPU decoding speed-ups (oneDNN off for one-row steps, the inverse-CDF draw).
+- the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
+- the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's draw).
 
 This module knows nothing about datasets, losses or distributed training.
 References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.

@@ -26,7 +26,8 @@ from model import GPT, GPTConfig, LoadError, from_pretrained
 
 
 class TrainingError(RuntimeError):
-    """A run that has to stop (a NaN loss, a mismatched reference); the message says why and where."""
+    """A run that has to stop (a NaN loss, a full disk, a rank that stopped answering); the message
+    says why and where."""
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -186,13 +187,15 @@ def prepare_out_dir(out_dir, run, resuming, overwrite, sources):
             os.remove(os.path.join(out_dir, name))
 
 
-def restore_training_state(checkpoint, optimizer, scaler, loader):
-    """Put a checkpoint's optimizer moments, loss scale, data order and RNG streams back, so the run
-    continues exactly where it stopped; returns the iteration it stopped at."""
+def restore_training_state(checkpoint, optimizer, scaler, loader, run):
+    """Put a checkpoint's optimizer moments, loss scale, data order and this rank's RNG states back,
+    so the run continues exactly where it stopped; returns the iteration it stopped at."""
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
-    set_rng_states(checkpoint['rng'])
+    states = checkpoint['rng'] if isinstance(checkpoint['rng'], list) else [checkpoint['rng']]  # older: rank 0's
+    if run.rank < len(states):  # a rank the saving run did not have keeps the seed + rank stream of setup()
+        set_rng_states(states[run.rank])
     return checkpoint['iter_num']
 
 
@@ -312,8 +315,16 @@ def stop_unless_finite(loss_sum, iter_num, run, what='loss'):
                             "checkpoint is untouched (try a lower learning_rate, or dtype=float32)")
 
 
-def rng_states():
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_states(run):
+    """Every rank's RNG states, rank 0's first, so that each rank of a resumed run continues its own
+    random stream (dropout). Under DDP a collective: every rank calls it."""
+    states = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not run.ddp:
+        return [states]
+    gathered = [None] * run.world_size
+    with collective('the gathering of the RNG states', run):
+        dist.all_gather_object(gathered, states)
+    return gathered
 
 
 def set_rng_states(states):

@@ -102,7 +102,7 @@ def main(config):
     run = runtime.setup(device, dtype, seed)
     checkpoint, model_from = None, init_from
     if init_from == 'resume':  # the run in out_dir goes on
-        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), run.device, script='sft')
+        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), 'cpu', script='sft')
         model_from = checkpoint['config']['init_from']
     if not eval_only:  # stop before anything is written over a run or a model this run reads
         runtime.prepare_out_dir(out_dir, run, checkpoint is not None, overwrite, {'init_from': model_from})
@@ -124,8 +124,9 @@ def main(config):
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
-    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader) if checkpoint else 0
-    start_iter, raw_model = iter_num, model  # the unwrapped model is the one saved
+    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
+    start_iter, raw_model = iter_num, model  # the unwrapped model: the one stepped and saved
+    del checkpoint  # its tensors live in the model and the optimizer now
     if compile:
         model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
     ddp_model = runtime.wrap_ddp(model, run)
@@ -139,19 +140,22 @@ def main(config):
     while True:
         # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
-        if eval_only or due and not (checkpoint and iter_num == start_iter):  # a resumed run's was logged
+        logged_already = iter_num == start_iter > 0  # by the run that saved the checkpoint resumed here
+        if eval_only or due and not logged_already:
             metrics = evaluate(model, eval_data, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
             log.log(iter_num, metrics)
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
-            if iter_num > start_iter and run.master:
-                runtime.save_checkpoint(dict(  # all that a resume needs
-                    script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                    loader=loader.state_dict(), rng=runtime.rng_states(), config=config),
-                    os.path.join(out_dir, 'ckpt.pt'))
+            if iter_num > start_iter:
+                rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                if run.master:
+                    runtime.save_checkpoint(dict(  # all that a resume needs
+                        script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                        loader=loader.state_dict(), rng=rng, config=config),
+                        os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
         # this iteration's learning rate

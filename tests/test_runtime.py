@@ -91,6 +91,25 @@ def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
         runtime.load_checkpoint(path, script='dpo')
 
 
+def test_each_rank_resumes_its_own_random_stream():
+    states = []
+    for rank in range(2):  # what two ranks saved
+        torch.manual_seed(100 + rank)
+        states.append(runtime.rng_states(SimpleNamespace(ddp=False))[0])
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=4))
+    optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
+    scaler, loader = torch.amp.GradScaler('cpu', enabled=False), SimpleNamespace(load_state_dict=lambda s: None)
+    checkpoint = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loader={}, iter_num=7, rng=states)
+    draws = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        assert runtime.restore_training_state(checkpoint, optimizer, scaler, loader, SimpleNamespace(rank=rank)) == 7
+        draws.append(torch.rand(3))
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        assert torch.equal(draws[rank], torch.rand(3))  # rank r continues the stream rank r saved
+
+
 def test_out_dir_holding_a_run_or_a_model_it_reads_is_refused(tmp_path):
     run = SimpleNamespace(master=True)
     out = tmp_path / 'out'
