@@ -243,7 +243,8 @@ if __name__ == '__main__':  # python batches.py --dataset=hh: the padding of eac
     from configurator import configure
     from data import DATA_CACHE_DIR, load_dataset
     cli = dict(dataset='synthetic', data_path='', max_length=512, max_prompt_length=256, hh_subsets='all',
-               batch_size=64, cache_dir=DATA_CACHE_DIR)
+               batch_size=64, cache_dir=DATA_CACHE_DIR,
+               __file__=__file__, __doc__=__doc__)  # for --help: the file's name and its docstring
     configure(cli)
     try:
         data = load_dataset(cli['dataset'], 'train', cli['data_path'], '', cli['max_length'], cli['max_prompt_length'],

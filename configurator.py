@@ -3,6 +3,7 @@ nanoGPT's configurator, with early and clear errors. A script's config is its mo
 the command line overrides them, left to right:
 
     python sample.py config/sample_gpt2.py --num_samples=3 --temperature=0.8
+    python dpo.py --help       # every setting, its default and what it is
 
 A config file is plain Python whose top-level assignments become overrides; --key=value sets one key,
 its value read as a Python literal (True, 3, 1e-5, 'text') or else taken as a plain string.
@@ -13,8 +14,10 @@ stops the run with one sentence naming the key or the file and line, before any 
 import ast
 import difflib
 import inspect
+import io
 import os
 import sys
+import tokenize
 import traceback
 from typing import Callable, NamedTuple
 
@@ -24,9 +27,10 @@ class ConfigError(ValueError):
 
 
 def config_keys(namespace):
-    """The names a script's globals offer as config: plain values, not modules or functions."""
+    """The names a script's globals offer as config: plain values in lower case, not modules,
+    functions or constants (EOT_TOKEN)."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, (bool, int, float, str, type(None)))}
+            if not k.startswith('_') and k == k.lower() and isinstance(v, (bool, int, float, str, type(None)))}
 
 
 def check_value(key, value, default, source):
@@ -146,11 +150,47 @@ def apply_overrides(namespace, args):
     return applied
 
 
+def settings_help(namespace):
+    """A script's --help: the first paragraph of its docstring, then every setting with its default
+    and the comment beside it in the config block, under the block's section comments."""
+    script = os.path.basename(namespace.get('__file__') or 'script.py')
+    lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]"]
+    doc = (namespace.get('__doc__') or '').strip()
+    if doc:
+        lines += ['', doc.split('\n\n')[0]]
+    comments, assigned = {}, {}  # line number -> (column, text); setting -> its line number
+    path = namespace.get('__file__')
+    if path and os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = (token.start[1], token.string.lstrip('#').strip())
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                assigned.setdefault(node.targets[0].id, node.lineno)
+    lines += ['', 'settings (--key=default, then what it is):']
+    settings = sorted(config_keys(namespace).items(), key=lambda kv: assigned.get(kv[0], float('inf')))
+    width = min(36, max(len(f"--{k}={v!r}") for k, v in settings))
+    for key, default in settings:
+        heading = comments.get(assigned.get(key, 0) - 1)
+        if heading and heading[0] == 0 and not heading[1].startswith('---'):
+            lines.append(f"  {heading[1]}")
+        comment = comments.get(assigned.get(key))
+        text = comment[1] if comment and comment[0] > 0 else ''
+        lines.append(f"    {f'--{key}={default!r}':<{width}}  {text}".rstrip())
+    return '\n'.join(lines)
+
+
 def configure(namespace, ranges=None, args=None):
     """apply_overrides, then check_ranges, for a script's __main__: prints what changed, or the
-    one-line error and exits."""
+    one-line error and exits; --help (or -h) prints settings_help and exits."""
+    args = sys.argv[1:] if args is None else args
+    if '--help' in args or '-h' in args:
+        print(settings_help(namespace))
+        sys.exit(0)
     try:
-        applied = apply_overrides(namespace, sys.argv[1:] if args is None else args)
+        applied = apply_overrides(namespace, args)
         check_ranges(namespace, ranges or {})
     except ConfigError as e:
         sys.exit(f"config error: {e}")

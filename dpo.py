@@ -9,7 +9,6 @@ The loss family is one pure function, losses.preference_loss; the run is the fla
 """
 
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -254,4 +253,4 @@ if __name__ == '__main__':
     try:
         main(config_keys(globals()))
     except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
-        sys.exit(f"error: {e}")
+        runtime.exit_with_error(e)

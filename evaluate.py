@@ -14,7 +14,6 @@ Samples and scores go to a JSONL file, ready for an external judge.
 
 import json
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -180,4 +179,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ConfigError, LoadError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        runtime.exit_with_error(e)

@@ -7,6 +7,7 @@ results (as in the DPO paper's IMDb figure). matplotlib is optional: `pip instal
 """
 
 import json
+import os
 import sys
 
 from configurator import configure
@@ -17,7 +18,14 @@ frontier = ''  # demo.py's demo.json: draws true reward against KL, one point pe
 png = 'plot.png'
 # -----------------------------------------------------------------------------
 
-CURVES = ('loss', 'rewards/accuracies', 'rewards/margins', 'rewards/chosen', 'rewards/rejected')
+CURVES = {  # metric: the y-axis label
+    'loss': 'loss',
+    'rewards/accuracies': 'reward accuracy (ties count 1/2)',
+    'rewards/margins': 'reward margin, chosen - rejected',
+    'rewards/chosen': 'reward of chosen responses',
+    'rewards/rejected': 'reward of rejected responses',
+    'logps/chosen': 'log-prob of chosen responses',
+}
 
 
 def pyplot():
@@ -30,32 +38,55 @@ def pyplot():
     return plt
 
 
+def read_rows(path, what):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        sys.exit(f"error: cannot read {path} ({what}): {e.strerror}")
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} is not a JSON-lines file ({what}): {e.msg}")
+
+
 def plot_curves(metrics_path, png_path):
-    """One panel per metric of CURVES found in the file, train and held-out (eval/) values."""
+    """A grid of panels, one per metric of CURVES found in the file: the training values as a line,
+    the held-out (eval/) values as markers, joined by a line only when there are more than two
+    (two points are not a trend)."""
     plt = pyplot()
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_rows(metrics_path, 'a metrics.jsonl of sft.py or dpo.py')
     names = [n for n in CURVES if any(n in r or f'eval/{n}' in r for r in rows)]
     if not names:
         sys.exit(f"error: {metrics_path} has none of {', '.join(CURVES)}")
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for key, label, style in ((name, 'train', '-'), (f'eval/{name}', 'held-out', 'o-')):
-            points = [(r['iter'], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=label, markersize=3)
-        ax.set_title(name)
+    cols = min(3, len(names))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        train = [(r['iter'], r[name]) for r in rows if name in r]
+        held_out = [(r['iter'], r[f'eval/{name}']) for r in rows if f'eval/{name}' in r]
+        if train:
+            ax.plot(*zip(*train), '-', linewidth=1, label='train')
+        if held_out:
+            ax.plot(*zip(*held_out), 'o-' if len(held_out) > 2 else 'o', markersize=5, label='held-out')
         ax.set_xlabel('iteration')
-        ax.legend()
+        ax.set_ylabel(CURVES[name])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis('off')
+    run = os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
+    fig.suptitle(f"{run}: training curves ({metrics_path})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=100)
 
 
 def plot_frontier(results_path, png_path):
     """Mean true reward against KL to the reference, one labelled point per policy."""
     plt = pyplot()
-    with open(results_path) as f:
-        rows = json.load(f)['policies']
+    try:
+        with open(results_path) as f:
+            rows = json.load(f)['policies']
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: cannot read {results_path} as demo.py's demo.json: {e}")
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for row in rows:
         ax.scatter(row['kl'], row['mean_true_reward'], s=40, marker='s' if row['policy'] == 'SFT' else 'o')

@@ -163,8 +163,35 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
         except RuntimeError as e:
             raise LoadError(f"{path}: the weights do not fit its model_args: {e}") from e
     else:
-        model = from_pretrained(init_from, dropout=dropout)
+        try:
+            model = from_pretrained(init_from, dropout=dropout)
+        except LoadError as e:
+            raise LoadError(f"{e}{missing_run_hint(init_from)}") from None
     return model.to(device)
+
+
+def missing_run_hint(name):
+    """For a model source that does not exist: the config in config/ whose out_dir it is, as the
+    command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
+    import glob
+    from configurator import read_config_file
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py'))):
+        try:
+            out = read_config_file(path).get('out_dir')
+        except ConfigError:
+            continue
+        if not os.path.exists(name) and out == name.rstrip('/'):
+            script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
+            return f"; it is the out_dir of config/{os.path.basename(path)}: run python {script} config/{os.path.basename(path)} first"
+    return ''
+
+
+def exit_with_error(error):
+    """Stop the process with one line, 'error: ...'. Under torchrun only rank 0 prints it (every rank
+    meets the same mistake), unless the error is this rank's own (a collective that timed out)."""
+    if int(os.environ.get('RANK', 0)) == 0 or str(error).startswith('rank '):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def prepare_out_dir(out_dir, run, resuming, overwrite, sources):

@@ -7,7 +7,6 @@ chosen responses, loss on response tokens only. Its out_dir is the start and the
 """
 
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -193,4 +192,4 @@ if __name__ == '__main__':
     try:
         main(config_keys(globals()))
     except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
-        sys.exit(f"error: {e}")
+        runtime.exit_with_error(e)

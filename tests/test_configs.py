@@ -3,6 +3,7 @@ stops before any work with one line naming the key, the value and the range."""
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -12,7 +13,7 @@ import dpo
 import evaluate
 import sample
 import sft
-from configurator import apply_overrides, check_ranges, configure
+from configurator import apply_overrides, check_ranges, config_keys, configure
 from conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
@@ -92,3 +93,17 @@ def test_bad_settings_stop_with_one_line(name, args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         configure(namespace, SCRIPTS[name].RANGES, args)
     assert str(stop.value) == 'config error: ' + message.format(list=config)
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_comment(name, capsys):
+    script = SCRIPTS[name]
+    with pytest.raises(SystemExit) as stop:
+        configure(dict(vars(script)), script.RANGES, ['--lerning_rate=1', '--help'])  # --help wins over a typo
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python {name}.py [config/file.py ...] [--key=value ...]")
+    for key, default in config_keys(vars(script)).items():
+        assert f"--{key}={default!r}" in out
+    if name == 'dpo':  # the comment beside the setting, under the config block's section heading
+        assert re.search(r"\n  the loss\n    --beta=0\.1 +the KL penalty's strength", out)

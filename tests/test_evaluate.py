@@ -69,6 +69,9 @@ def test_plots_write_pngs(tmp_path):
     plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
     for name in ('curves.png', 'frontier.png'):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+    result = subprocess.run([sys.executable, 'plot.py', f'--metrics={tmp_path / "missing.jsonl"}'], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.stderr.strip() == f"error: cannot read {tmp_path / 'missing.jsonl'} (a metrics.jsonl of sft.py or dpo.py): No such file or directory"
 
 
 @pytest.mark.slow
@@ -85,3 +88,10 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert [r['policy'] for r in rows] == ['SFT', 'DPO beta=0.1']
     assert rows[0]['kl'] == 0.0 and rows[0]['win_rate'] == 0.5 and rows[0]['preference_accuracy'] == 0.5
     assert (tmp_path / 'frontier.png').read_bytes()[:8] == PNG
+    assert (out / 'dpo-beta0.1' / 'curves.png').read_bytes()[:8] == PNG  # the demo draws its training curves
+    next_steps = result.stdout[result.stdout.index('Next, for example:'):].splitlines()[1:5]
+    sample = next_steps[0].split()  # the first command the demo suggests runs as printed
+    assert sample[:2] == ['python', 'sample.py']
+    sampled = subprocess.run([sys.executable, *sample[1:], '--num_samples=1', '--max_new_tokens=4', '--device=cpu'],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0 and 'Human: Write a' in sampled.stdout, sampled.stderr[-2000:]

@@ -195,3 +195,13 @@ def test_training_reads_the_cpu_peak_that_bench_measured(tmp_path, monkeypatch):
     peak = measure_cpu_peak('float32', n=128, reps=1)
     assert peak > 0 and runtime.peak_flops('cpu', 'float32') == peak
     assert runtime.peak_flops('cpu', 'bfloat16') is None  # filed by dtype
+
+
+@pytest.mark.parametrize('rank,message,printed', [('0', 'bad key', True), ('1', 'bad key', False),
+                                                  ('1', 'rank 1: the barrier timed out', True)])
+def test_under_torchrun_an_error_is_printed_once(rank, message, printed):
+    code = f"import runtime; runtime.exit_with_error(runtime.TrainingError({message!r}))"
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, 'RANK': rank})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {message}" if printed else '')

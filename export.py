@@ -1,0 +1,60 @@
+"""
+Export a trained model (an SFT or DPO run's out_dir) to a directory in the Hugging Face hub layout:
+config.json and model.safetensors, with GPT-2's tokenizer files beside them. transformers then
+loads it as any GPT-2, and `huggingface-cli upload` publishes the directory as it is:
+
+    python export.py --init_from=out-demo/dpo-beta0.1 --to=hf-dpo
+    python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
+               m = AutoModelForCausalLM.from_pretrained('hf-dpo'); t = AutoTokenizer.from_pretrained('hf-dpo')"
+    huggingface-cli upload your-name/your-model hf-dpo
+
+The directory also loads back here (`--init_from=hf-dpo` in sample.py, evaluate.py, sft.py, dpo.py).
+"""
+
+import json
+import os
+import shutil
+import sys
+
+from configurator import configure
+from data import gpt2_bpe_files
+from model import EOT_TOKEN, LoadError, save_pretrained
+from runtime import load_model
+
+# -----------------------------------------------------------------------------
+init_from = 'out-dpo'  # a run's out_dir (its ckpt.pt), or any model sample.py takes
+to = ''  # the directory to write; '' is init_from with '-hf' appended
+# -----------------------------------------------------------------------------
+
+
+def save_tokenizer(save_dir, block_size):
+    """GPT-2's tokenizer as transformers reads it: its two BPE files under the names transformers gives
+    them (vocab.json, merges.txt), the special token and the longest sequence."""
+    vocab_bpe, encoder_json = gpt2_bpe_files()
+    shutil.copyfile(encoder_json, os.path.join(save_dir, 'vocab.json'))
+    shutil.copyfile(vocab_bpe, os.path.join(save_dir, 'merges.txt'))
+    eot = '<|endoftext|>'
+    tokenizer_config = dict(tokenizer_class='GPT2Tokenizer', model_max_length=block_size, bos_token=eot,
+                            eos_token=eot, unk_token=eot, add_prefix_space=False)
+    with open(os.path.join(save_dir, 'tokenizer_config.json'), 'w') as f:
+        json.dump(tokenizer_config, f, indent=2)
+    with open(os.path.join(save_dir, 'special_tokens_map.json'), 'w') as f:
+        json.dump(dict(bos_token=eot, eos_token=eot, unk_token=eot), f, indent=2)
+    with open(os.path.join(save_dir, 'generation_config.json'), 'w') as f:
+        json.dump(dict(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN), f, indent=2)
+
+
+def main():
+    save_dir = to or init_from.rstrip('/') + '-hf'
+    model = load_model(init_from)
+    save_pretrained(model, save_dir)
+    save_tokenizer(save_dir, model.config.block_size)
+    print(f"wrote {save_dir}: {', '.join(sorted(os.listdir(save_dir)))}")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    try:
+        main()
+    except (LoadError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

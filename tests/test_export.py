@@ -1,0 +1,35 @@
+"""export.py: a run's checkpoint leaves the project as a hub-layout directory that transformers loads
+as it is, model and tokenizer, with our logits and our token ids."""
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import runtime
+from conftest import ROOT
+from data import encode
+from model import GPT, GPTConfig
+
+
+@pytest.mark.slow
+def test_exported_checkpoint_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()  # GPT-2's vocabulary
+    runtime.save_checkpoint({'model_args': asdict(ours.config), 'model': ours.state_dict()}, str(tmp_path / 'run' / 'ckpt.pt'))
+    result = subprocess.run([sys.executable, 'export.py', f'--init_from={tmp_path / "run"}', f'--to={tmp_path / "hf"}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, tokenizer = (cls.from_pretrained(str(tmp_path / 'hf')) for cls in (AutoModelForCausalLM, AutoTokenizer))
+    text = "The reviewer liked the acting, less so the 2 hour plot."
+    ids = tokenizer.encode(text)
+    assert ids == encode(text) and tokenizer.eos_token_id == 50256
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(torch.tensor([ids])).logits, ours(torch.tensor([ids])), atol=1e-5, rtol=1e-5)
+    assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'generation_config.json', 'merges.txt',
+                                                   'model.safetensors', 'special_tokens_map.json',
+                                                   'tokenizer_config.json', 'vocab.json']
