@@ -14,7 +14,9 @@ cached (runtime.PEAK_CACHE), so that training logs an MFU on this CPU too withou
 import json
 import os
 import re
+import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -106,12 +108,27 @@ def timed(step, run):
     return (time.perf_counter() - t0) / steps, totals / steps
 
 
+@contextmanager
+def quiet_stderr():
+    """Standard error silenced inside: torch.profiler's CPU build writes a 'USDT: ... profiler_start'
+    line there for every use. An exception inside still reaches the user, once stderr is back."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_allocation_peak(fn):
     """fn()'s result, and the most bytes of CPU tensors it held at once beyond those alive before it:
     the running sum of torch.profiler's allocation and free events, the CPU counterpart of
     torch.cuda.max_memory_allocated (what malloc keeps of freed memory does not count)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
@@ -163,7 +180,7 @@ def profile_step(step, run):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     cuda = run.device_type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
+    with quiet_stderr(), torch_profile(activities=activities) as prof:
         for _ in range(3):
             step()
         if cuda:
@@ -264,11 +281,13 @@ def main():
           f"grouped and packed {pad['grouped_packed']:.1%}")
     print(f"{'step':<26}{'s/step':>8}{'pairs/s':>9}{'tokens/s':>10}{'MFU':>7}{'peak GB':>9}{'need GB':>9}{'ratio':>7}"
           f"{'act MB/pair':>13}{'logits MB/pair':>16}")
-    nan = float('nan')
-    for r in rows:
-        print(f"{r['step']:<26}{r['seconds']:>8.3f}{r.get('pairs_per_sec', nan):>9.2f}{r['tokens_per_sec']:>10.1f}"
-              f"{r.get('mfu', nan):>7.1%}{r.get('peak_GB', nan):>9.2f}{r.get('need_GB', nan):>9.2f}"
-              f"{r.get('peak_over_need', nan):>7.2f}{r.get('saved_MB_per_pair', nan):>13.1f}{r.get('logits_MB_per_pair', nan):>16.1f}")
+    columns = (('pairs_per_sec', 9, '.2f'), ('tokens_per_sec', 10, '.1f'), ('mfu', 7, '.1%'), ('peak_GB', 9, '.2f'),
+               ('need_GB', 9, '.2f'), ('peak_over_need', 7, '.2f'), ('saved_MB_per_pair', 13, '.1f'),
+               ('logits_MB_per_pair', 16, '.1f'))
+    for r in rows:  # '-' where a figure does not apply (sampling has no pairs, MFU or memory accounting)
+        print(f"{r['step']:<26}{r['seconds']:>8.3f}" + ''.join(
+            f"{format(r[key], spec) if key in r else '-':>{width}}" for key, width, spec in columns))
+    print("(pairs/s and MB/pair of the sft row count sequences, one per pair)")
     print(json.dumps(results))
 
 

@@ -11,6 +11,7 @@ Each side runs `steps` optimizer steps; the first `warmup_steps` are left out of
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ n_pairs = 256
 dtype = 'float32'  # 'float32' or 'bfloat16'
 compile = False  # ours compiled (TRL runs eager)
 gradient_checkpointing = False  # TRL's: its DPOConfig turns it on by default (recomputes activations, slower); ours never does
-out_dir = 'out-bench-trl'
+out_dir = 'out-bench-trl'  # scratch space: random weights, pairs, both trainers' checkpoints (GBs)
+keep = False  # keep out_dir when done (it is deleted otherwise)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -116,6 +118,9 @@ def main():
     print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'compile': compile,
                       'trl_gradient_checkpointing': gradient_checkpointing,
                       'trl_s_per_step': trl, 'ours_s_per_step': padded, 'ours_packed_s_per_step': packed}))
+    if not keep:
+        shutil.rmtree(out_dir)
+        print(f"deleted {out_dir} (--keep=True keeps it)")
 
 
 if __name__ == '__main__':

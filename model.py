@@ -454,15 +454,27 @@ def resolve_pretrained_files(name_or_dir, cache_dir=None):
     if name_or_dir.startswith(('.', '/', '~')) or os.path.exists(name_or_dir) or repo_id.count('/') != 1:
         raise LoadError(f"'{name_or_dir}' is not a directory, nor a model name ({', '.join(OFFICIAL_MODELS)}) "
                         "nor a hub id like openai-community/gpt2")
-    from huggingface_hub import hf_hub_download
     paths = []
     for filename in ('config.json', 'model.safetensors'):
         try:
-            paths.append(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+            paths.append(hub_file(repo_id, filename, cache_dir=cache_dir))
         except Exception as e:  # offline, unknown repo, no safetensors file, ...
-            raise LoadError(f"could not get {filename} of {repo_id} from the Hugging Face hub "
-                            f"or its cache: {type(e).__name__}: {e}") from e
+            raise LoadError(f"could not get {filename} of {repo_id} from the Hugging Face hub or its cache "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); without internet, pass "
+                            "a local hub-layout directory, or fill the hub cache where there is internet and "
+                            "set HF_HUB_OFFLINE=1") from None
     return tuple(paths)
+
+
+def hub_file(repo_id, filename, repo_type=None, cache_dir=None):
+    """The local path of a file of a hub repo: the hub cache's copy when there is one, with no
+    network call at all (an unreachable hub then costs nothing), else downloaded into the cache.
+    (A repo updated on the hub after the download keeps its cached files: delete them to refresh.)"""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir, local_files_only=True)
+    except Exception:  # not in the cache (yet)
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
 
 
 def config_from_hub_json(path, dropout=0.0):

@@ -73,8 +73,19 @@ def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
     from_dir = from_pretrained(hf_dir)
     for a, b in zip(from_hub.state_dict().values(), from_dir.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(LoadError, match='could not get config.json of openai-community/gpt2-medium'):
+    with pytest.raises(LoadError, match=r'could not get config.json of openai-community/gpt2-medium from the Hugging '
+                                        r'Face hub or its cache \(.*\); without internet, pass a local hub-layout '
+                                        r'directory, or fill the hub cache .* set HF_HUB_OFFLINE=1$'):
         from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
+    # online (HF_HUB_OFFLINE unset), files in the cache are taken from it without asking the hub anything:
+    # an unreachable hub costs no time
+    import huggingface_hub.file_download
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    def no_network(*args, **kwargs):
+        raise AssertionError('the hub was asked although the cache holds the files')
+    monkeypatch.setattr(huggingface_hub.file_download, 'get_hf_file_metadata', no_network)
+    for a, b in zip(from_pretrained('gpt2', cache_dir=str(tmp_path)).state_dict().values(), from_dir.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- loading errors
