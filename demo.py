@@ -59,6 +59,16 @@ def table(rows):
     return '\n'.join(lines)
 
 
+def held_out_change(dpo_dir):
+    """What DPO did on the held-out pairs, from its first and last evaluations in metrics.jsonl."""
+    with open(os.path.join(dpo_dir, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f if '"eval/loss"' in line]
+    first, last = rows[0], rows[-1]
+    change = lambda key, spec: f"{format(first['eval/' + key], spec)} to {format(last['eval/' + key], spec)}"
+    return (f"held-out reward accuracy {change('rewards/accuracies', '.2f')}, margin {change('rewards/margins', '.2f')}; "
+            f"log-prob of the chosen responses {change('logps/chosen', '.2f')}, of the rejected {change('logps/rejected', '.2f')}")
+
+
 def main():
     t0 = time.time()
     system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
@@ -81,6 +91,8 @@ def main():
             rows.append({'policy': name, **json.load(f)})
     with open(os.path.join(out_dir, 'demo.json'), 'w') as f:
         json.dump({'seed': seed, 'seconds': time.time() - t0, 'policies': rows}, f, indent=2)
+    for name, policy_dir in policies[1:]:
+        print(f"{name}: {held_out_change(policy_dir)}")
     print(f"\n{table(rows)}\n\n{rows[0]['samples']} samples per policy "
           f"({num_prompts} held-out prompts x {samples_per_prompt}); seed {seed}; {time.time() - t0:.0f} s in all")
     if frontier_png:

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
@@ -126,7 +127,7 @@ def reference_logps(ref, data, run):
                         shuffle=False).epoch_batches(0)
     indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
     values = []
-    for share in shares:
+    for share in tqdm(shares, desc="the reference's log-probs", unit=' batches', disable=not run.master):
         batch = dpo_batch(data, share, pack).to(run.device)
         with run.autocast:
             values.append(torch.stack(chosen_rejected_logps(ref, batch), dim=1).float())  # (b, 2)

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, configure, one_of, optional
@@ -68,12 +69,14 @@ def win_rate(rewards, baseline_rewards):
 
 
 @torch.no_grad()
-def sample_responses(model, prompt_ids, n, generator, ctx=nullcontext(), rows_per_batch=128, **sampling):
+def sample_responses(model, prompt_ids, n, generator, ctx=nullcontext(), rows_per_batch=128, desc='sampling',
+                     **sampling):
     """n responses (token lists, ending at EOT when one was drawn) for each prompt: a list of
-    len(prompt_ids) * n, the n samples of a prompt side by side, generated rows_per_batch at a time."""
+    len(prompt_ids) * n, the n samples of a prompt side by side, generated rows_per_batch at a time
+    (with a progress bar on stderr: this is the long part)."""
     rows = [p for p in prompt_ids for _ in range(n)]
     responses = []
-    for i in range(0, len(rows), rows_per_batch):
+    for i in tqdm(range(0, len(rows), rows_per_batch), desc=desc, unit=' batches', disable=len(rows) <= rows_per_batch):
         batch = rows[i:i + rows_per_batch]
         room = model.config.block_size - max(map(len, batch))  # prompt + response must fit, to be scored
         with ctx:
@@ -131,7 +134,8 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
             summary['preference_accuracy'] = preference_accuracy(policy, ref, pairs, run, num_pairs)
     if baseline is not None and true_reward is not None:
         baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
-                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size, **sampling)
+                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size,
+                                              'sampling the baseline', **sampling)
         baseline_rewards = [true_reward(t, response_text(r))
                             for t, r in zip(texts, baseline_responses)]
         summary['win_rate'] = win_rate([rec['true_reward'] for rec in records], baseline_rewards)
