@@ -5,6 +5,7 @@ The training loops themselves stay in sft.py and dpo.py, flat and readable top t
 """
 
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError
+from configurator import ConfigError, read_config_file
 from model import GPT, GPTConfig, LoadError, from_pretrained
 
 
@@ -151,7 +152,7 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     else goes to model.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory)."""
     if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
-        checkpoint = checkpoint or load_checkpoint(path, map_location=device)
+        checkpoint = checkpoint or load_checkpoint(path)  # to the CPU: only the weights go on to the device
         if 'model_args' not in checkpoint or 'model' not in checkpoint:
             raise LoadError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of this project")
         try:
@@ -173,8 +174,6 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
 def missing_run_hint(name):
     """For a model source that does not exist: the config in config/ whose out_dir it is, as the
     command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
-    import glob
-    from configurator import read_config_file
     for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py'))):
         try:
             out = read_config_file(path).get('out_dir')
