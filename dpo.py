@@ -246,7 +246,7 @@ def main(config):
             metrics = {name: (s / pairs).item() for name, s in zip(DPO_METRICS, sums)}
             log.log(iter_num, {**metrics, **runtime.speed(t0, pairs, tokens, flops, peak_flops, run),
                                'grad_norm': grad_norm, 'lr': lr})
-    runtime.finish(run)
+    runtime.finish(run, log)
 
 
 if __name__ == '__main__':

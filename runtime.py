@@ -344,13 +344,18 @@ def stop_unless_finite(loss_sum, iter_num, run, what='loss'):
 def rng_states(run):
     """Every rank's RNG states, rank 0's first, so that each rank of a resumed run continues its own
     random stream (dropout). Under DDP a collective: every rank calls it."""
-    states = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    mine = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if not run.ddp:
-        return [states]
-    gathered = [None] * run.world_size
-    with collective('the gathering of the RNG states', run):
-        dist.all_gather_object(gathered, states)
-    return gathered
+        return [mine]
+    # one all-reduce of a (ranks, bytes) table in which each rank fills its own row (all_gather_object
+    # left gloo deadlocked at exit now and then: its work outlived the process group)
+    flat = torch.cat([mine['torch'], *mine['cuda']])  # (n,) uint8, the same n on every rank
+    table = torch.zeros(run.world_size, flat.numel(), dtype=torch.int32, device=run.device)
+    table[run.rank] = flat.to(run.device, torch.int32)
+    table = all_reduce_sum(table, run, 'the RNG states').to('cpu', torch.uint8)
+    sizes = [mine['torch'].numel()] + [t.numel() for t in mine['cuda']]
+    return [{'torch': parts[0].clone(), 'cuda': [p.clone() for p in parts[1:]]} for parts in
+            (row.split(sizes) for row in table)]
 
 
 def set_rng_states(states):
@@ -359,10 +364,18 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def finish(run):
-    if run.ddp:  # wait for the master's last save: a rank that leaves early can abort the others
+def finish(run, log):
+    """The end of a run: the metric log closed, and under DDP, once every rank is here (the master's
+    last save done: a rank that left early could abort the others), the process ends at once with
+    os._exit(0). The interpreter's own teardown would destroy gloo's process group with the GIL held
+    while gloo's worker thread, freeing the last collective, waits for that GIL: a deadlock, seen in
+    about one run of ten on 2 CPU ranks."""
+    log.close()
+    if run.ddp:
         barrier(run, "at the end, waiting for the master's last save")
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # -------------------------------------------------------------------- measuring and logging
@@ -443,6 +456,10 @@ class MetricLog:
             f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
         if self.wandb is not None:
             self.wandb.log(metrics, step=iter_num)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path):

@@ -184,7 +184,7 @@ def main(config):
             metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), sequences)  # over what the step really had
             log.log(iter_num, {**metrics, **runtime.speed(t0, sequences, tokens, flops, peak_flops, run),
                                'grad_norm': grad_norm, 'lr': lr})
-    runtime.finish(run)
+    runtime.finish(run, log)
 
 
 if __name__ == '__main__':
