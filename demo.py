@@ -99,18 +99,20 @@ def main():
         stage('plot', 'plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
     dpo_dir = policies[-1][1]
     curves = os.path.join(dpo_dir, 'curves.png')
+    plot_curves = f"python plot.py --metrics={os.path.join(dpo_dir, 'metrics.jsonl')} --png={curves}"
     if importlib.util.find_spec('matplotlib'):
-        stage('plot', 'plot.py', f'--metrics={os.path.join(dpo_dir, "metrics.jsonl")}', f'--png={curves}')
+        stage('plot', *plot_curves.split()[1:])
+        curves_said = f"the DPO run's training curves: {curves}"
+    else:
+        curves_said = f"to draw the DPO run's training curves: pip install matplotlib, then {plot_curves}"
     prompt_file = os.path.join(out_dir, 'prompt.txt')  # a held-out prompt, in the task's format
     with open(prompt_file, 'w') as f:
         f.write(synthetic_pairs(1, SYNTHETIC['test'][1])[0]['prompt'])
     print(f"""
 Results: {os.path.join(out_dir, 'demo.json')}. The models: {sft_dir} (SFT), {dpo_dir} (DPO); each policy's
-samples with their scores: samples.jsonl in its directory; the DPO run's training curves: {curves}
-({'drawn' if importlib.util.find_spec('matplotlib') else 'pip install matplotlib, then python plot.py draws them'}).
+samples with their scores: samples.jsonl in its directory; {curves_said}.
 Next, for example:
-  python sample.py --init_from={dpo_dir} --ref_from={sft_dir} --num_samples=4 --max_new_tokens=48 --start=FILE:{prompt_file}
-  python plot.py --metrics={os.path.join(dpo_dir, 'metrics.jsonl')} --png=curves.png
+  python sample.py --init_from={dpo_dir} --ref_from={sft_dir} --num_samples=8 --max_new_tokens=48 --start=FILE:{prompt_file}
   python demo.py --betas=0.05,0.1,0.5 --frontier_png=frontier.png --out_dir=out-demo-frontier
   python export.py --init_from={dpo_dir} --to=hf-dpo   # for transformers and the hub
 (The task's prompts have the form of {prompt_file}, "\\n\\nHuman: ...\\n\\nAssistant:": a plain prompt gives
