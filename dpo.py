@@ -115,11 +115,11 @@ def evaluate(model, ref, ref_logps, data, run):
 
 
 @torch.no_grad()
-def reference_logps(ref, data, run):
+def reference_logps(ref, ref_sha256, data, run):
     """(N, 2) float32: the reference's summed log-probs of every pair's chosen and rejected response,
     computed once (each rank its share) and cached next to the token cache, keyed by the
-    reference's weights and the dtype."""
-    path = f"{data.path[:-len('.npz')]}-ref-{runtime.weights_sha256(ref)[:12]}-{run.dtype}.npy"
+    reference's weights (ref_sha256, runtime.weights_sha256 of ref) and the dtype."""
+    path = f"{data.path[:-len('.npz')]}-ref-{ref_sha256[:12]}-{run.dtype}.npy"
     if os.path.exists(path):
         return np.load(path)
     ref.eval()
@@ -176,7 +176,7 @@ def main(config):
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     train_ref = eval_ref = None
     if precompute_ref_logps:
-        train_ref, eval_ref = reference_logps(ref, train_data, run), reference_logps(ref, eval_data, run)
+        train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         group_by_length=group_by_length)

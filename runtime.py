@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -174,12 +173,14 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
 def missing_run_hint(name):
     """For a model source that does not exist: the config in config/ whose out_dir it is, as the
     command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
+    if os.path.exists(name):
+        return ''
     for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py'))):
         try:
             out = read_config_file(path).get('out_dir')
         except ConfigError:
             continue
-        if not os.path.exists(name) and out == name.rstrip('/'):
+        if out == name.rstrip('/'):
             script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
             return f"; it is the out_dir of config/{os.path.basename(path)}: run python {script} config/{os.path.basename(path)} first"
     return ''
@@ -347,8 +348,8 @@ def rng_states(run):
     mine = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if not run.ddp:
         return [mine]
-    # one all-reduce of a (ranks, bytes) table in which each rank fills its own row (all_gather_object
-    # left gloo deadlocked at exit now and then: its work outlived the process group)
+    # one all-reduce of a (ranks, bytes) table in which each rank fills its own row: plain tensors, on
+    # the device the backend wants, with nothing pickled (as all_gather_object would)
     flat = torch.cat([mine['torch'], *mine['cuda']])  # (n,) uint8, the same n on every rank
     table = torch.zeros(run.world_size, flat.numel(), dtype=torch.int32, device=run.device)
     table[run.rank] = flat.to(run.device, torch.int32)

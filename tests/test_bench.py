@@ -1,7 +1,6 @@
 """bench.py runs (tiny model, one step each) and reports what it promises; no timing is asserted."""
 
 import json
-import os
 import subprocess
 import sys
 

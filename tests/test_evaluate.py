@@ -1,7 +1,6 @@
 """evaluate.py's numbers on hand-made cases, plot.py's pictures, and a shortened demo end to end."""
 
 import json
-import os
 import subprocess
 import sys
 

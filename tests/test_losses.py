@@ -108,10 +108,10 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     run = runtime.setup('cpu', 'float32', 0)
     pairs = copy.copy(pairs)
     pairs.path = str(tmp_path / 'pairs.npz')
-    precomputed = dpo.reference_logps(model, pairs, run)
+    precomputed = dpo.reference_logps(model, runtime.weights_sha256(model), pairs, run)
     cached = [p.name for p in tmp_path.iterdir()]
     assert len(cached) == 1 and cached[0].startswith('pairs-ref-') and cached[0].endswith('-float32.npy')
-    again = dpo.reference_logps(model, pairs, run)  # read back from the file
+    again = dpo.reference_logps(model, runtime.weights_sha256(model), pairs, run)  # read back from the file
     assert (precomputed == again).all()
     with torch.no_grad():
         live = torch.stack(losses.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)

@@ -1,6 +1,5 @@
 """sample.py end to end, as users run it, on a tiny model with GPT-2's vocabulary."""
 
-import os
 import subprocess
 import sys
 
