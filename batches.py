@@ -87,9 +87,10 @@ def sft_batch(data, indices, pack=False):
     return pack_sequences(rows) if pack else pad_rows(rows)
 
 
-def dpo_padding(data, batches, pack=False):
-    """The share of padding among all cells of the DPO batches: padded, 2B rows as long as the longest
-    sequence; packed, pairs (prompt once, both responses) laid out by pack_bins."""
+def dpo_cells(data, batches, pack=False):
+    """(real tokens, cells) over the DPO batches, cells being what the forward passes compute:
+    padded, 2B rows as long as the batch's longest sequence; packed, pairs (prompt once, both
+    responses) laid out by pack_bins."""
     prompt, chosen, rejected = data.lengths('prompt'), data.lengths('chosen'), data.lengths('rejected')
     real = cells = 0
     for b in batches:
@@ -100,6 +101,12 @@ def dpo_padding(data, batches, pack=False):
             lengths = np.concatenate([prompt[b] + chosen[b] - 1, prompt[b] + rejected[b] - 1])
             n_rows = len(lengths)
         real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
+    return int(real), int(cells)
+
+
+def dpo_padding(data, batches, pack=False):
+    """The share of padding among all cells of the DPO batches (see dpo_cells)."""
+    real, cells = dpo_cells(data, batches, pack)
     return 1.0 - real / cells
 
 
@@ -253,5 +260,8 @@ if __name__ == '__main__':  # python batches.py --dataset=hh: the padding of eac
         sys.exit(f"error: {e}")
     for grouped in (False, True):
         batches = PairLoader(data.pair_lengths(), cli['batch_size'], group_by_length=grouped).epoch_batches(0)
-        print(f"padding of DPO batches of {cli['batch_size']} pairs{', grouped by length' if grouped else ''}: "
-              f"{dpo_padding(data, batches):.1%} padded rows, {dpo_padding(data, batches, pack=True):.1%} packed")
+        print(f"DPO batches of {cli['batch_size']} pairs{', grouped by length' if grouped else ''}:")
+        for pack in (False, True):  # packing saves cells twice: less padding, and each prompt once
+            real, cells = dpo_cells(data, batches, pack)
+            print(f"  {'packed' if pack else 'padded rows'}: {1 - real / cells:.1%} padding, "
+                  f"{cells / len(data):.0f} token cells a pair")

@@ -144,11 +144,16 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
 
 def ranking_agreement(records):
     """How well the implicit reward ranks a prompt's samples by true reward: the true reward of the
-    sample it ranks first against the mean over all samples (what a random pick gets)."""
+    sample it ranks first against the mean over all samples (what a random pick gets). Samples tied
+    at the top (a policy equal to its reference gives every sample reward 0) count by their mean, as
+    a random tie-break would: a ranking that cannot tell them apart gains nothing."""
     by_prompt = {}
     for rec in records:
         by_prompt.setdefault(rec['prompt'], []).append(rec)
-    top = [max(recs, key=lambda r: r['implicit_reward'])['true_reward'] for recs in by_prompt.values()]
+    top = []
+    for recs in by_prompt.values():
+        best = max(r['implicit_reward'] for r in recs)
+        top.append(np.mean([r['true_reward'] for r in recs if r['implicit_reward'] == best]))
     return {'true_reward_of_top_ranked': float(np.mean(top)),
             'true_reward_of_random': float(np.mean([r['true_reward'] for r in records]))}
 

@@ -434,6 +434,9 @@ def save_pretrained(model, save_dir):
         hub_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
     weights_path, config_path = os.path.join(save_dir, 'model.safetensors'), os.path.join(save_dir, 'config.json')
     save_file(tensors, weights_path + '.tmp', metadata={'format': 'pt'})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights_path + '.tmp', 0o666 & ~umask)  # safetensors writes 0600; give it a normal file's mode
     os.replace(weights_path + '.tmp', weights_path)
     with open(config_path + '.tmp', 'w') as f:
         json.dump(hub_config, f, indent=2)

@@ -414,13 +414,14 @@ def peak_flops(device, dtype):
         return None
 
 
-def speed(t0, pairs, tokens, flops, peak_flops, run):
-    """Throughput of the step that started at t0: pairs (or sequences) and real tokens per second
-    over all ranks, and MFU, this rank's model FLOPs over its device's peak."""
+def speed(t0, examples, tokens, flops, peak_flops, run, unit='pairs'):
+    """Throughput of the step that started at t0: examples (unit: 'pairs' for DPO, 'sequences' for
+    SFT) and real tokens per second over all ranks, and MFU, this rank's model FLOPs over its
+    device's peak."""
     if run.device_type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    rates = {'pairs_per_sec': pairs / seconds, 'tokens_per_sec': tokens * run.world_size / seconds}
+    rates = {f'{unit}_per_sec': examples / seconds, 'tokens_per_sec': tokens * run.world_size / seconds}
     return {**rates, 'mfu': flops / seconds / peak_flops} if peak_flops else rates
 
 

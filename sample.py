@@ -58,11 +58,11 @@ def read_prompt(start):
 def main():
     run_device = resolve_device(device)
     run_dtype = resolve_dtype(dtype, run_device)
-    print(f"device {run_device}, dtype {run_dtype}")
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
         raise LoadError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: name the model to sample from, "
                         "--init_from=gpt2 (or gpt2-medium, a hub id, a hub-layout directory, a run's out_dir "
                         "such as out-demo/dpo-beta0.1), or the run with --out_dir=DIR")
+    print(f"device {run_device}, dtype {run_dtype}")
     model = load_model(init_from, out_dir, run_device)
     model.eval()
     # sampling only: cast the weights themselves (no autocast), so each step reads half the bytes

@@ -182,7 +182,7 @@ def main(config):
         if iter_num % log_interval == 0:
             sequences = runtime.all_reduce_sum(torch.tensor(float(sequences), device=run.device), run).item()
             metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), sequences)  # over what the step really had
-            log.log(iter_num, {**metrics, **runtime.speed(t0, sequences, tokens, flops, peak_flops, run),
+            log.log(iter_num, {**metrics, **runtime.speed(t0, sequences, tokens, flops, peak_flops, run, unit='sequences'),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run, log)
 

@@ -31,6 +31,16 @@ def test_ranking_agreement_by_hand():
                                                    'true_reward_of_random': (1.0 + 0.0 + 0.2 + 0.6) / 4}
 
 
+def test_ranking_agreement_ties_count_by_their_mean():
+    """A ranking that cannot tell samples apart (all implicit rewards 0) gains nothing over a random pick,
+    whatever order the samples came in."""
+    records = [{'prompt': 'a', 'implicit_reward': 0.0, 'true_reward': t} for t in (0.9, 0.1, 0.2)]
+    result = evaluate.ranking_agreement(records)
+    assert result['true_reward_of_top_ranked'] == result['true_reward_of_random'] == (0.9 + 0.1 + 0.2) / 3
+    records[1]['implicit_reward'] = 1.0
+    assert evaluate.ranking_agreement(records)['true_reward_of_top_ranked'] == 0.1
+
+
 def test_a_policy_equal_to_its_reference_and_baseline():
     """KL 0 and implicit reward 0 on every sample, win rate 0.5 against itself, accuracy 0.5."""
     torch.manual_seed(0)

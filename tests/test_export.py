@@ -33,3 +33,6 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'generation_config.json', 'merges.txt',
                                                    'model.safetensors', 'special_tokens_map.json',
                                                    'tokenizer_config.json', 'vocab.json']
+    umask = os.umask(0)
+    os.umask(umask)  # every file readable as the user's other files are (safetensors alone writes 0600)
+    assert {oct(os.stat(tmp_path / 'hf' / name).st_mode & 0o777) for name in os.listdir(tmp_path / 'hf')} == {oct(0o666 & ~umask)}
