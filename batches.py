@@ -87,6 +87,16 @@ def sft_batch(data, indices, pack=False):
     return pack_sequences(rows) if pack else pad_rows(rows)
 
 
+def kto_batch(data, indices, max_length, pack=False):
+    """Two Batches of B unpaired rows each: the rows (prompt i, completion i), and the mismatched
+    rows that KTO's KL reference point is estimated from: prompt i with the completion of the
+    batch's row i - 1 (row 0 with the last one's), as TRL's KTOTrainer pairs them, cut to fit max_length."""
+    prompts, completions = [data.get('prompt', i) for i in indices], [data.get('completion', i) for i in indices]
+    mismatched = [(p, c[:max_length - len(p)]) for p, c in zip(prompts, completions[-1:] + completions[:-1])]
+    make = pack_sequences if pack else pad_rows
+    return make(list(zip(prompts, completions))), make(mismatched)
+
+
 def dpo_cells(data, batches, pack=False):
     """(real tokens, cells) over the DPO batches, cells being what the forward passes compute:
     padded, 2B rows as long as the batch's longest sequence; packed, pairs (prompt once, both

@@ -198,11 +198,20 @@ def string_fields(row, fields, where):
 
 def read_pairs(path, strict=True):
     """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected} full
-    transcripts split like HH. strict: an unusable pair stops with its line; otherwise (HH) it is
-    counted by reason. Returns (pairs, {reason: count}); each pair records where it came from."""
+    transcripts split like HH; or unpaired rows {prompt, completion, label} (KTO's data, the layout
+    TRL's KTOTrainer reads: label true for a desirable completion). strict: an unusable example
+    stops with its line; otherwise (HH) it is counted by reason. Returns (examples, {reason:
+    count}); each example records where it came from."""
     pairs, dropped = [], Counter()
     for lineno, row in json_lines(path):
         where = f"{path}, line {lineno}"
+        if pairs and ('label' in row) != ('label' in pairs[0]):
+            kinds = ('an unpaired row (with a label)', 'pairs') if 'label' in row else ('a pair', 'unpaired rows')
+            raise DataError(f"{where}: {kinds[0]} in a file of {kinds[1]} ({pairs[0]['where']}); "
+                            "a file holds one kind")
+        if 'label' in row:
+            pairs.append(unpaired_row(row, where))
+            continue
         if 'prompt' in row:
             prompt, chosen, rejected = string_fields(row, ('prompt', 'chosen', 'rejected'), where)
             result = response_problem(chosen, rejected) or (prompt, chosen, rejected)
@@ -217,6 +226,16 @@ def read_pairs(path, strict=True):
     if not pairs:
         raise DataError(f"{path} holds no usable pairs" + (f" (dropped: {dict(dropped)})" if dropped else ""))
     return pairs, dropped
+
+
+def unpaired_row(row, where):
+    """A KTO row {prompt, completion, label} checked: strings, a non-empty completion, a true/false label."""
+    prompt, completion = string_fields(row, ('prompt', 'completion'), where)
+    if not isinstance(row['label'], bool):
+        raise DataError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+    if not completion.strip():
+        raise DataError(f"{where}: the completion is empty")
+    return dict(prompt=prompt, completion=completion, label=row['label'], where=where)
 
 
 def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
@@ -334,12 +353,17 @@ def ragged(seqs):
 
 
 class PairData:
-    """Tokenized pairs. arrays holds, for each of prompt, chosen and rejected, a ragged array
-    ('{field}_tokens', '{field}_offsets'); stats holds what was read, dropped and truncated."""
+    """Tokenized pairs, or unpaired rows (KTO's). arrays holds, for each field, a ragged array
+    ('{field}_tokens', '{field}_offsets'): prompt, chosen and rejected for pairs; prompt and
+    completion for rows, which also have 'label' (N,) bool, True for a desirable completion.
+    stats holds what was read, dropped and truncated."""
     FIELDS = ('prompt', 'chosen', 'rejected')
+    ROW_FIELDS = ('prompt', 'completion')
 
     def __init__(self, arrays, stats, path=None):
         self.arrays, self.stats, self.path = arrays, stats, path  # path: its file in the token cache
+        self.unpaired = 'label' in arrays
+        self.fields = self.ROW_FIELDS if self.unpaired else self.FIELDS
 
     def __len__(self):
         return len(self.arrays['prompt_offsets']) - 1
@@ -352,7 +376,10 @@ class PairData:
         return np.diff(self.arrays[f'{field}_offsets'])
 
     def pair_lengths(self):
-        """Tokens of the longer row each pair makes (prompt + longer response): what pads a batch."""
+        """Tokens of the longer row each pair makes (prompt + longer response), or of each unpaired
+        row: what pads a batch."""
+        if self.unpaired:
+            return self.lengths('prompt') + self.lengths('completion')
         return self.lengths('prompt') + np.maximum(self.lengths('chosen'), self.lengths('rejected'))
 
     def save(self, path):
@@ -370,37 +397,57 @@ class PairData:
 
 
 def tokenize_pairs(pairs, max_length, max_prompt_length):
-    """PairData from text pairs: each part tokenized on its own, <|endoftext|> after each response,
-    then truncated to fit. Raw lengths (before truncation) go into the stats."""
-    tokens = {field: encode_all([p[field] for p in pairs], f"tokenizing {field}") for field in PairData.FIELDS}
-    raw = {field: np.diff(tokens[field][1]) + (field != 'prompt') for field in PairData.FIELDS}  # with EOS
+    """PairData from text pairs (or unpaired rows): each part tokenized on its own, <|endoftext|>
+    after each response, then truncated to fit. Raw lengths (before truncation) go into the stats."""
+    fields = PairData.ROW_FIELDS if 'label' in pairs[0] else PairData.FIELDS
+    tokens = {field: encode_all([p[field] for p in pairs], f"tokenizing {field}") for field in fields}
+    raw = {field: np.diff(tokens[field][1]) + (field != 'prompt') for field in fields}  # with EOS
     get = lambda field, i: tokens[field][0][tokens[field][1][i]:tokens[field][1][i + 1]]
-    kept = {field: [] for field in PairData.FIELDS}
+    kept = {field: [] for field in fields}
     n_truncated = 0
     for i, pair in enumerate(pairs):
         prompt = get('prompt', i) if raw['prompt'][i] else [EOT_TOKEN]  # empty: start after <|endoftext|>, as GPT-2 does
-        fitted = truncate(prompt, np.append(get('chosen', i), EOT_TOKEN), np.append(get('rejected', i), EOT_TOKEN),
-                          max_length, max_prompt_length)
+        first, last = (np.append(get(field, i), EOT_TOKEN) for field in (fields[1], fields[-1]))  # a row: its completion twice
+        fitted = truncate(prompt, first, last, max_length, max_prompt_length)
         if fitted is None:
             raise DataError(f"{pair['where']}: the prompt keeps {min(len(prompt), max_prompt_length)} tokens "
                             f"after truncation to max_prompt_length={max_prompt_length}, which leaves no room "
                             f"for a response within max_length={max_length}")
-        for field, seq in zip(PairData.FIELDS, fitted):
+        for field, seq in zip(fields, fitted):
             kept[field].append(seq)
         n_truncated += fitted[3]
     arrays = {}
-    for field in PairData.FIELDS:
+    for field in fields:
         arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(kept[field])
+    if fields == PairData.ROW_FIELDS:
+        arrays['label'] = np.array([p['label'] for p in pairs], dtype=bool)
     stats = dict(pairs=len(pairs), truncated=int(n_truncated),
                  raw_lengths={f: [int(np.percentile(raw[f], 50)), int(np.percentile(raw[f], 95)), int(raw[f].max())]
-                              for f in PairData.FIELDS})
+                              for f in fields})
     return PairData(arrays, stats)
 
 
+def unpair(data):
+    """KTO's rows from pairs: each pair gives a desirable row (prompt, chosen) and an undesirable
+    one (prompt, rejected), in the order pair 0 chosen, pair 0 rejected, pair 1 chosen, ..."""
+    if data.unpaired:
+        return data
+    rows = {field: [] for field in PairData.ROW_FIELDS}
+    for i in range(len(data)):
+        for response in ('chosen', 'rejected'):
+            rows['prompt'].append(data.get('prompt', i))
+            rows['completion'].append(data.get(response, i))
+    arrays = {'label': np.tile([True, False], len(data))}
+    for field, seqs in rows.items():
+        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(seqs)
+    return PairData(arrays, {**data.stats, 'unpaired from': f"{len(data)} pairs"}, data.path)
+
+
 def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
-                 hh_subsets='all', cache_dir=DATA_CACHE_DIR, hub_cache_dir=None):
+                 hh_subsets='all', cache_dir=DATA_CACHE_DIR, hub_cache_dir=None, unpaired_ok=False):
     """The tokenized pairs of one split ('train' or 'test'), from the token cache when it holds them
-    for exactly these settings, else read, tokenized and cached (written only once all is valid)."""
+    for exactly these settings, else read, tokenized and cached (written only once all is valid).
+    A JSONL file of unpaired rows is refused unless unpaired_ok (KTO trains on them)."""
     identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets, hub_cache_dir)
     settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
                     tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
@@ -422,6 +469,10 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
         data.save(path)
         data.stats['cache'] = f"wrote {path}"
     data.path = path
+    if data.unpaired and not unpaired_ok:
+        raise DataError(f"{data_path if split == 'train' else eval_data_path} holds unpaired rows "
+                        "(prompt/completion/label): only loss_type='kto' trains on them; this needs pairs "
+                        "(prompt/chosen/rejected)")
     return data
 
 
@@ -430,10 +481,12 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
 def describe(data, split):
     """Lines that say what a split holds: counts, drops with reasons, lengths."""
     s = data.stats
-    lines = [f"{split}: {len(data)} pairs ({s['cache']})",
+    lines = [f"{split}: {len(data)} {'unpaired rows' if data.unpaired else 'pairs'} ({s['cache']})",
              f"  truncated to fit: {s['truncated']}",
              f"  dropped: {sum(s['dropped'].values())}" + ''.join(f"\n    {n:>7}  {reason}" for reason, n in s['dropped'].items())]
-    for field in PairData.FIELDS:
+    if data.unpaired:
+        lines.append(f"  desirable: {data.arrays['label'].sum()}, undesirable: {(~data.arrays['label']).sum()}")
+    for field in data.fields:
         p50, p95, longest = s['raw_lengths'][field]
         lines.append(f"  {field:>8} tokens (before truncation): p50 {p50}, p95 {p95}, max {longest}")
     return '\n'.join(lines)
@@ -450,7 +503,7 @@ if __name__ == '__main__':
             if cli['dataset'] == 'jsonl' and split == 'test' and not cli['eval_data_path']:
                 continue
             data = load_dataset(cli['dataset'], split, cli['data_path'], cli['eval_data_path'], cli['max_length'],
-                                cli['max_prompt_length'], cli['hh_subsets'], cli['cache_dir'])
+                                cli['max_prompt_length'], cli['hh_subsets'], cli['cache_dir'], unpaired_ok=True)
             print(describe(data, split))
     except DataError as e:
         sys.exit(f"error: {e}")

@@ -4,8 +4,11 @@ preference pairs against a frozen reference, usually both the SFT model.
 
     python dpo.py config/dpo_synthetic.py
     torchrun --standalone --nproc_per_node=8 dpo.py config/hh.py
+    python dpo.py config/kto_synthetic.py   # KTO: unpaired rows, each a thumbs up or down
 
-The loss family is one pure function, losses.preference_loss; the run is the flat loop in main().
+The pairwise loss family is one pure function, losses.preference_loss; KTO (loss_type='kto') is
+losses.kto_loss, on unpaired rows (a JSONL file of prompt/completion/label, or pairs split into a
+desirable and an undesirable row). The run is the flat loop in main().
 """
 
 import os
@@ -18,9 +21,9 @@ from tqdm import tqdm
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
-from batches import PairLoader, dpo_batch
-from data import DataError, load_dataset
-from losses import DPO_METRICS, LOSS_TYPES, chosen_rejected_logps, dpo_step
+from batches import PairLoader, dpo_batch, kto_batch
+from data import DataError, load_dataset, unpair
+from losses import DPO_METRICS, KTO_METRICS, LOSS_TYPES, chosen_rejected_logps, dpo_step, kto_step, means
 from model import LoadError
 
 # -----------------------------------------------------------------------------
@@ -39,15 +42,17 @@ group_by_length = True  # batches of pairs of similar length: less padding
 pack = False  # several sequences a row (block-diagonal causal attention) instead of one padded row each: less padding still
 # the loss
 beta = 0.1  # the KL penalty's strength: the reward is beta * log(pi / pi_ref)
-loss_type = 'sigmoid'  # 'sigmoid' (DPO), 'ipo', 'hinge' or 'simpo'
+loss_type = 'sigmoid'  # 'sigmoid' (DPO), 'ipo', 'hinge', 'simpo', or 'kto' (unpaired rows)
 label_smoothing = 0.0  # sigmoid only: conservative DPO, the assumed probability that a label is flipped
 rpo_alpha = 0.0  # > 0 adds rpo_alpha times the chosen response's NLL per token (RPO)
 simpo_gamma = 0.5  # simpo only: the target reward margin
+desirable_weight = 1.0  # kto only: the weight of a desirable row's loss (the paper: weight x count about even)
+undesirable_weight = 1.0  # kto only: the weight of an undesirable row's loss
 precompute_ref_logps = False  # compute the reference's log-probs once (cached with the tokens), then train without it in memory
 # training
 out_dir = 'out-dpo'
 overwrite = False  # a new run may replace the run already in out_dir (its ckpt.pt and metrics.jsonl)
-batch_size = 8  # pairs per micro-batch per rank
+batch_size = 8  # pairs (kto: rows) per micro-batch per rank
 gradient_accumulation_steps = 8  # pairs per optimizer step: batch_size * gradient_accumulation_steps * ranks
 max_iters = 1000
 learning_rate = 1e-6
@@ -76,8 +81,9 @@ seed = 1337
 
 RANGES = {  # what each setting may be: configure() checks them all before any work
     'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
-    'max_prompt_length': at_least(1), 'beta': above(0), 'loss_type': one_of(*LOSS_TYPES),
+    'max_prompt_length': at_least(1), 'beta': above(0), 'loss_type': one_of(*LOSS_TYPES, 'kto'),
     'label_smoothing': within(0, 0.5), 'rpo_alpha': at_least(0), 'simpo_gamma': at_least(0),
+    'desirable_weight': above(0), 'undesirable_weight': above(0),
     'batch_size': at_least(1), 'gradient_accumulation_steps': at_least(1), 'max_iters': at_least(0),
     'learning_rate': above(0), 'warmup_iters': at_least(0), 'lr_decay_iters': at_least(1), 'min_lr': at_least(0),
     'weight_decay': at_least(0), 'beta1': within(0, 1), 'beta2': within(0, 1), 'grad_clip': at_least(0),
@@ -86,32 +92,34 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
 }
 
 
-def loss_settings():
-    """The settings of losses.preference_loss, as this run has them."""
-    return dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
-                simpo_gamma=simpo_gamma)
-
-
-def pair_batch(data, indices, ref_logps, run):
-    """The batch of the pairs indices on the device, and their precomputed reference log-probs
-    (B, 2) when there are some (ref_logps: (N, 2) for the whole split), else None."""
+def step(model, ref, data, indices, ref_logps, run):
+    """The forward of the examples indices (pairs; kto: rows): losses (B,) and the totals of the
+    metrics (losses.dpo_step or losses.kto_step), the batch trained on, and the batches that only
+    run forward (for the FLOPs). ref_logps: the split's precomputed reference log-probs (N, 2), or None."""
+    if loss_type == 'kto':
+        batch, kl_batch = (b.to(run.device) for b in kto_batch(data, indices, max_length, pack))
+        desirable = torch.from_numpy(data.arrays['label'][indices]).to(run.device)  # (B,) bool
+        losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        return losses, totals, batch, [kl_batch, batch, kl_batch]  # the policy's mismatched rows, the reference's both
     batch = dpo_batch(data, indices, pack).to(run.device)
-    return batch, None if ref_logps is None else torch.from_numpy(ref_logps[indices]).to(run.device)
+    batch_ref_logps = None if ref_logps is None else torch.from_numpy(ref_logps[indices]).to(run.device)  # (B, 2)
+    losses, totals = dpo_step(model, ref, batch, batch_ref_logps, run.autocast, beta=beta, loss_type=loss_type,
+                              label_smoothing=label_smoothing, rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma)
+    return losses, totals, batch, [batch] if ref is not None else []
 
 
 @torch.no_grad()
-def evaluate(model, ref, ref_logps, data, run):
-    """Held-out means of DPO_METRICS over eval_iters batches (all with -1), over all ranks."""
+def evaluate(model, ref, ref_logps, data, metric_names, run):
+    """Held-out means of the metrics over eval_iters batches (all with -1), over all ranks."""
     model.eval()
     batches = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
                          shuffle=False, even=False).epoch_batches(0)
-    sums, pairs = torch.zeros(len(DPO_METRICS), device=run.device), torch.zeros((), device=run.device)
+    totals = torch.zeros(len(metric_names), 2, device=run.device)  # (sum, count) of each metric
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        sums += dpo_step(model, ref, *pair_batch(data, indices, ref_logps, run), run.autocast, **loss_settings())[1]
-        pairs += len(indices)
+        totals += step(model, ref, data, indices, ref_logps, run)[1]
     model.train()
-    sums, pairs = runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(pairs, run)
-    return {f'eval/{name}': (s / pairs).item() for name, s in zip(DPO_METRICS, sums)}
+    return means(metric_names, runtime.all_reduce_sum(totals, run), prefix='eval/')
 
 
 @torch.no_grad()
@@ -171,9 +179,19 @@ def main(config):
                         "changed since the run started (sha256 differs); resume with the same reference")
     if max_length > policy.config.block_size:
         raise ConfigError(f"max_length={max_length} is longer than the model's block_size {policy.config.block_size}")
+    kto = loss_type == 'kto'
+    if kto and precompute_ref_logps:
+        raise ConfigError("precompute_ref_logps=True does not go with loss_type='kto': its KL reference point pairs "
+                          "each row with another row of its batch, which changes every epoch; keep the live reference")
+    if kto and batch_size < 2:
+        raise ConfigError("loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with "
+                          "another row of the same batch")
     with runtime.master_first(run):  # one process writes the token cache, the others read it
-        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
-        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+        train_data, eval_data = (load_dataset(dataset, split, data_path, eval_data_path, max_length, max_prompt_length,
+                                              hh_subsets, unpaired_ok=kto) for split in ('train', 'test'))
+    if kto:  # pairs become two rows each, one desirable and one not; unpaired rows stay as they are
+        train_data, eval_data = unpair(train_data), unpair(eval_data)
+    metric_names = KTO_METRICS if kto else DPO_METRICS
     train_ref = eval_ref = None
     if precompute_ref_logps:
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
@@ -193,15 +211,15 @@ def main(config):
     peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
     if run.master:
         print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
-              f"{len(train_data)} train / {len(eval_data)} held-out pairs; "
-              f"{batch_size * gradient_accumulation_steps * run.world_size} pairs per step; loss {loss_type}, beta {beta}")
+              f"{len(train_data)} train / {len(eval_data)} held-out {'rows' if kto else 'pairs'}; "
+              f"{batch_size * gradient_accumulation_steps * run.world_size} per step; loss {loss_type}, beta {beta}")
 
     while True:
         # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
         logged_already = iter_num == start_iter > 0  # by the run that saved the checkpoint resumed here
         if eval_only or due and not logged_already:
-            metrics = evaluate(policy, ref, eval_ref, eval_data, run)
+            metrics = evaluate(policy, ref, eval_ref, eval_data, metric_names, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
@@ -223,28 +241,25 @@ def main(config):
             group['lr'] = lr
         # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
-        sums, pairs, flops, tokens = torch.zeros(len(DPO_METRICS), device=run.device), 0, 0, 0
+        totals, flops, tokens = torch.zeros(len(metric_names), 2, device=run.device), 0, 0  # (sum, count) of each metric
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size pairs
-            batch, batch_ref_logps = pair_batch(train_data, indices, train_ref, run)
-            losses, batch_sums = dpo_step(ddp_policy, ref, batch, batch_ref_logps, run.autocast, **loss_settings())
+            losses, batch_totals, batch, forward_only = step(ddp_policy, ref, train_data, indices, train_ref, run)
             # every pair weighs the same, also in a short batch at the end of an epoch
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
-            sums += batch_sums
-            pairs += len(indices)
+            totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
             tokens += shape[0]
-            flops += raw_policy.flops(*shape) + (raw_policy.flops(*shape, backward=False) if ref is not None else 0)
-        runtime.stop_unless_finite(sums[0], iter_num, run)  # sums[0]: the loss's; a NaN never reaches the weights
+            flops += raw_policy.flops(*shape) + sum(raw_policy.flops(*b.flops_shape(), backward=False) for b in forward_only)
+        runtime.stop_unless_finite(totals[0, 0], iter_num, run)  # the loss's sum: a NaN never reaches the weights
         grad_norm = runtime.optimizer_step(raw_policy, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
         iter_num += 1
         if iter_num % log_interval == 0:
-            pairs = runtime.all_reduce_sum(torch.tensor(float(pairs), device=run.device), run).item()
-            sums = runtime.all_reduce_sum(sums, run)  # means over the pairs the step really had
-            metrics = {name: (s / pairs).item() for name, s in zip(DPO_METRICS, sums)}
-            log.log(iter_num, {**metrics, **runtime.speed(t0, pairs, tokens, flops, peak_flops, run),
+            totals = runtime.all_reduce_sum(totals, run)  # means over the pairs the step really had, on all ranks
+            pairs = totals[0, 1].item()  # the loss's count: one a pair (kto: a row)
+            log.log(iter_num, {**means(metric_names, totals), **runtime.speed(t0, pairs, tokens, flops, peak_flops, run, 'rows' if kto else 'pairs'),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run, log)
 

@@ -1,7 +1,10 @@
 """
-The log-probabilities of a batch and the losses built on them: SFT's negative log-likelihood and the
-DPO family's preference_loss, with the step functions that sft.py and dpo.py train with and bench.py
-times. Settings come in as arguments, never from a script's globals.
+The log-probabilities of a batch and the losses built on them: SFT's negative log-likelihood, the
+DPO family's preference_loss, and KTO's kto_loss, with the step functions that sft.py and dpo.py
+train with and bench.py times. Settings come in as arguments, never from a script's globals.
+
+Each step returns its metrics as totals, (M, 2): per metric, the sum of its values and how many
+there were, so that micro-batches and ranks add up before one division (means) gives exact means.
 
 Conventions: a target of -1 means "no loss here" (prompt, padding), so summing a sequence's per-token
 log-probs gives exactly log p(response | prompt), <|endoftext|> included; log-probs of a response are
@@ -19,6 +22,7 @@ from batches import pad_rows
 LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
 DPO_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
                'logps/chosen', 'logps/rejected')
+KTO_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'kl', 'logps/chosen', 'logps/rejected')  # TRL's names
 SFT_METRICS = ('loss', 'logps/chosen')  # NLL per response token; summed log-prob per chosen response
 
 
@@ -54,11 +58,32 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def chosen_rejected_logps(model, batch):
-    """One forward over the batch of 2B sequences (padded or packed): summed response log-probs,
-    (B,) chosen and (B,) rejected."""
+def kto_loss(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, beta, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """KTO's loss (Ethayarajh et al., 2024, eq. 7) for B unpaired rows.
+
+    *_logps: (B,) summed log-probs of each row's completion; *_kl_logps: (B,) of the mismatched rows
+    (a prompt with another row's completion); desirable: (B,) bool, the labels. The reference point
+    z is the batch's KL estimate, mean(policy_kl_logps - ref_kl_logps), detached and clamped at 0: a
+    desirable completion gains by rising above it, an undesirable one by falling below it.
+    Returns (losses (B,), rewards (B,) beta * log-ratio, detached, z).
+    """
+    log_ratios = policy_logps - ref_logps  # (B,) r = log pi(y|x) - log pi_ref(y|x)
+    z = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios))))
+    return losses, beta * log_ratios.detach(), z
+
+
+def batch_logps(model, batch):
+    """One forward over a batch's sequences (padded or packed): (n,) summed response log-probs."""
     logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
-    return batch.sequence_sums(logps).chunk(2)
+    return batch.sequence_sums(logps)
+
+
+def chosen_rejected_logps(model, batch):
+    """One forward over the batch of 2B sequences: summed response log-probs, (B,) chosen and (B,) rejected."""
+    return batch_logps(model, batch).chunk(2)
 
 
 @torch.no_grad()
@@ -74,17 +99,34 @@ def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_bat
     return torch.cat(out).numpy()
 
 
-def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
-    """Sums over the pairs of each of DPO_METRICS, to average over micro-batches and ranks later.
-    Accuracy counts a tie as one half, so it starts at 0.5 when the policy is the reference."""
+def totals(*parts):
+    """(M, 2) float32 from M (values, mask) parts: the sum of the values where mask holds (all of
+    them when mask is None), and how many those are."""
+    rows = []
+    for values, mask in parts:
+        values = values.detach().float()
+        mask = torch.ones_like(values) if mask is None else mask.float()
+        rows.append(torch.stack([(values * mask).sum(), mask.sum()]))
+    return torch.stack(rows)
+
+
+def means(names, totals, prefix=''):
+    """{prefix + name: mean} from totals (M, 2) added up over micro-batches and ranks; a metric with
+    nothing counted (no undesirable row in a KTO step, say) is left out, not logged as NaN."""
+    return {prefix + name: s / n for name, (s, n) in zip(names, totals.tolist()) if n > 0}
+
+
+def dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """totals of DPO_METRICS over B pairs. Accuracy counts a tie as one half, so it starts at 0.5
+    when the policy is the reference."""
     accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,
              chosen_logps, rejected_logps)
-    return torch.stack([p.detach().float().sum() for p in parts])  # (len(DPO_METRICS),)
+    return totals(*((p, None) for p in parts))  # (len(DPO_METRICS), 2)
 
 
 def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_settings):
-    """Losses (B,) and the sums of DPO_METRICS over a batch of B pairs: the policy's forward over
+    """Losses (B,) and the totals of DPO_METRICS over a batch of B pairs: the policy's forward over
     chosen and rejected together, the reference's under no_grad, or its precomputed log-probs
     ref_logps (B, 2). loss_settings: preference_loss's beta, loss_type, label_smoothing, ..."""
     with autocast:
@@ -98,14 +140,29 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, **loss_settings)
-    return losses, metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    return losses, dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+
+
+def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), beta=0.1, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """Losses (B,) and the totals of KTO_METRICS over B unpaired rows: batch and kl_batch are
+    batches.kto_batch's (the rows, and the mismatched rows), desirable (B,) bool their labels. Only
+    the rows' forward keeps a graph: z, from the mismatched rows, is detached anyway."""
+    with autocast:
+        logps = batch_logps(policy, batch)  # (B,)
+        with torch.no_grad():
+            kl_logps, ref_logps, ref_kl_logps = batch_logps(policy, kl_batch), batch_logps(ref, batch), batch_logps(ref, kl_batch)
+        losses, rewards, z = kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta,
+                                      desirable_weight, undesirable_weight)
+    return losses, totals((losses, None), (rewards, desirable), (rewards, ~desirable), (z, None),
+                          (logps, desirable), (logps, ~desirable))
 
 
 def sft_step(model, batch, autocast=nullcontext()):
-    """The loss (mean NLL over the batch's response tokens) and the sums that SFT_METRICS are made
-    of: (NLL summed over tokens, log-prob summed over sequences, response tokens)."""
-    n_targets = (batch.targets != -1).sum()
+    """The loss (mean NLL over the batch's response tokens) and the totals of SFT_METRICS: the NLL
+    over response tokens, the log-prob over sequences."""
+    has_target = batch.targets != -1
     with autocast:
         logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)  # (R, T), 0 off the responses
-        loss = -logps.sum() / n_targets
-    return loss, torch.stack([-logps.detach().sum(), logps.detach().sum(), n_targets.float()])
+        loss = -logps.sum() / has_target.sum()
+    return loss, totals((-logps, has_target), (batch.sequence_sums(logps.detach().float()), None))

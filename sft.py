@@ -16,7 +16,7 @@ import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
 from batches import PairLoader, sft_batch
 from data import DataError, load_dataset
-from losses import SFT_METRICS, sft_step
+from losses import SFT_METRICS, means, sft_step
 from model import GPT, GPTConfig, LoadError
 
 # -----------------------------------------------------------------------------
@@ -77,24 +77,17 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
 }
 
 
-def sums_to_metrics(sums, sequences):
-    """SFT_METRICS from sft_step's sums over some batches and the sequences they held."""
-    return dict(zip(SFT_METRICS, ((sums[0] / sums[2]).item(), (sums[1] / sequences).item())))
-
-
 @torch.no_grad()
 def evaluate(model, data, run):
     """Held-out NLL per token of the chosen responses, over eval_iters batches (all with -1), all ranks."""
     model.eval()
     batches = PairLoader(data.pair_lengths(), batch_size, rank=run.rank, world_size=run.world_size,
                          shuffle=False, even=False).epoch_batches(0)
-    sums, sequences = torch.zeros(3, device=run.device), torch.zeros((), device=run.device)
+    totals = torch.zeros(len(SFT_METRICS), 2, device=run.device)  # (sum, count) of each metric
     for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        sums += sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
-        sequences += len(indices)
+        totals += sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
     model.train()
-    metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), runtime.all_reduce_sum(sequences, run))
-    return {f'eval/{k}': v for k, v in metrics.items()}
+    return means(SFT_METRICS, runtime.all_reduce_sum(totals, run), prefix='eval/')
 
 
 def main(config):
@@ -163,26 +156,25 @@ def main(config):
             group['lr'] = lr
         # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
-        sums, sequences, flops, tokens = torch.zeros(3, device=run.device), 0, 0, 0
+        totals, flops, tokens = torch.zeros(len(SFT_METRICS), 2, device=run.device), 0, 0  # (sum, count) of each metric
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size sequences
             batch = sft_batch(train_data, indices, pack).to(run.device)
-            loss, batch_sums = sft_step(ddp_model, batch, run.autocast)
+            loss, batch_totals = sft_step(ddp_model, batch, run.autocast)
             scaler.scale(loss / gradient_accumulation_steps).backward()
-            sums += batch_sums
-            sequences += len(indices)
+            totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
             tokens += shape[0]
             flops += raw_model.flops(*shape)
-        runtime.stop_unless_finite(sums[0], iter_num, run)  # a NaN loss never reaches the weights
+        runtime.stop_unless_finite(totals[0, 0], iter_num, run)  # the loss's sum: a NaN never reaches the weights
         grad_norm = runtime.optimizer_step(raw_model, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
         iter_num += 1
         if iter_num % log_interval == 0:
-            sequences = runtime.all_reduce_sum(torch.tensor(float(sequences), device=run.device), run).item()
-            metrics = sums_to_metrics(runtime.all_reduce_sum(sums, run), sequences)  # over what the step really had
-            log.log(iter_num, {**metrics, **runtime.speed(t0, sequences, tokens, flops, peak_flops, run, unit='sequences'),
+            totals = runtime.all_reduce_sum(totals, run)  # means over what the step really had, on all ranks
+            sequences = totals[1, 1].item()  # the count of logps/chosen: one a sequence
+            log.log(iter_num, {**means(SFT_METRICS, totals), **runtime.speed(t0, sequences, tokens, flops, peak_flops, run, unit='sequences'),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run, log)
 

@@ -106,6 +106,14 @@ def test_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     (['{"prompt": "a", "chosen": " b", "rejected": "  "}'], r"d\.jsonl, line 1: the rejected response is empty"),
     (['{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: X\\n\\nAssistant: c"}'],
      r"d\.jsonl, line 1: chosen and rejected differ before the last Assistant turn"),
+    # KTO's unpaired rows
+    (['{"prompt": "a", "completion": " b", "label": "yes"}'], r"d\.jsonl, line 1: field 'label' must be true or false, got 'yes'"),
+    (['{"prompt": "a", "label": true}'], r"d\.jsonl, line 1: missing field 'completion'"),
+    (['{"prompt": "a", "completion": " ", "label": false}'], r"d\.jsonl, line 1: the completion is empty"),
+    (['{"prompt": "a", "completion": " b", "label": true}', '{"prompt": "a", "chosen": " b", "rejected": " c"}'],
+     r"d\.jsonl, line 2: a pair in a file of unpaired rows \(.*d\.jsonl, line 1\); a file holds one kind"),
+    (['{"prompt": "a", "chosen": " b", "rejected": " c"}', '{"prompt": "a", "completion": " b", "label": true}'],
+     r"d\.jsonl, line 2: an unpaired row \(with a label\) in a file of pairs"),
     (['{"prompt": "' + 'word ' * 300 + '", "chosen": " b", "rejected": " c"}'],
      r"d\.jsonl, line 1: the prompt keeps 64 tokens after truncation to max_prompt_length=64, .*max_length=64"),
 ])
@@ -113,7 +121,8 @@ def test_bad_input_is_named_and_nothing_is_written(lines, message, tmp_path):
     path = write_jsonl(tmp_path / 'd.jsonl', lines)
     cache = tmp_path / 'cache'
     with pytest.raises(DataError, match=message):
-        load_dataset('jsonl', 'train', data_path=path, max_length=64, max_prompt_length=64, cache_dir=str(cache))
+        load_dataset('jsonl', 'train', data_path=path, max_length=64, max_prompt_length=64, cache_dir=str(cache),
+                     unpaired_ok=True)
     assert not cache.exists() or not os.listdir(cache)
 
 

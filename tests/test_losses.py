@@ -61,8 +61,9 @@ def test_step_zero_loss_is_ln2_and_margins_zero(pairs, model):
         ref_chosen, ref_rejected = losses.chosen_rejected_logps(model, batch)  # the reference is the policy
     pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     assert torch.all(pair_losses == math.log(2))
-    sums = losses.metric_sums(pair_losses, chosen_rewards, rejected_rewards, chosen, rejected)
-    assert dict(zip(losses.DPO_METRICS, (sums / 4).tolist()))['rewards/accuracies'] == 0.5  # ties count one half
+    totals = losses.dpo_totals(pair_losses, chosen_rewards, rejected_rewards, chosen, rejected)
+    assert totals[:, 1].tolist() == [4] * len(losses.DPO_METRICS)  # every metric counts the 4 pairs
+    assert losses.means(losses.DPO_METRICS, totals)['rewards/accuracies'] == 0.5  # ties count one half
     assert torch.all(chosen_rewards - rejected_rewards == 0)
 
 

@@ -1,0 +1,19 @@
+# KTO on the embedded task, from (and against) the SFT model of config/sft_synthetic.py. Each
+# preference pair gives two unpaired rows: its chosen response as desirable, its rejected one as
+# undesirable (a JSONL file of prompt/completion/label rows works the same, with dataset='jsonl').
+#   python sft.py config/sft_synthetic.py && python dpo.py config/kto_synthetic.py
+init_from = 'out-sft-synthetic'
+dataset = 'synthetic'
+max_length = 64
+max_prompt_length = 32
+out_dir = 'out-kto-synthetic'
+loss_type = 'kto'
+beta = 0.1
+batch_size = 64                  # rows: the 32 pairs of config/dpo_synthetic.py's step
+gradient_accumulation_steps = 1
+max_iters = 300
+learning_rate = 1e-4
+warmup_iters = 20
+eval_interval = 100
+eval_iters = -1                  # all 2,000 held-out rows
+log_interval = 25
