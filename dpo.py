@@ -5,10 +5,13 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/dpo_synthetic.py
     torchrun --standalone --nproc_per_node=8 dpo.py config/hh.py
     python dpo.py config/kto_synthetic.py   # KTO: unpaired rows, each a thumbs up or down
+    python dpo.py config/online_synthetic.py   # online DPO: pairs sampled from the policy, ranked by a judge
 
 The pairwise loss family is one pure function, losses.preference_loss; KTO (loss_type='kto') is
 losses.kto_loss, on unpaired rows (a JSONL file of prompt/completion/label, or pairs split into a
-desirable and an undesirable row). The run is the flat loop in main().
+desirable and an undesirable row). Online DPO (online=True) changes where the pairs come from:
+each micro-step samples two responses per prompt from the policy as it is, and a judge picks the
+better one (online.py). The run is the flat loop in main().
 """
 
 import os
@@ -25,6 +28,7 @@ from batches import PairLoader, dpo_batch, kto_batch
 from data import DataError, load_dataset, unpair
 from losses import DPO_METRICS, KTO_METRICS, LOSS_TYPES, chosen_rejected_logps, dpo_step, kto_step, means
 from model import LoadError
+from online import ONLINE_METRICS, JudgeError, load_judge, online_pairs
 
 # -----------------------------------------------------------------------------
 # the models
@@ -49,6 +53,11 @@ simpo_gamma = 0.5  # simpo only: the target reward margin
 desirable_weight = 1.0  # kto only: the weight of a desirable row's loss (the paper: weight x count about even)
 undesirable_weight = 1.0  # kto only: the weight of an undesirable row's loss
 precompute_ref_logps = False  # compute the reference's log-probs once (cached with the tokens), then train without it in memory
+# online DPO: each micro-step's pairs sampled from the policy as it trains, ranked by a judge (online.py)
+online = False  # True: two samples of the current policy per prompt of the data, the judge's better one chosen, ties dropped
+judge = 'true_reward'  # 'true_reward' (the embedded task), 'module:function' (yours), or 'implicit:DIR' (a DPO run's implicit reward)
+online_temperature = 1.0  # of the policy's samples
+online_max_new_tokens = 48  # a sample's tokens at most (prompt + sample also within max_length)
 # training
 out_dir = 'out-dpo'
 overwrite = False  # a new run may replace the run already in out_dir (its ckpt.pt and metrics.jsonl)
@@ -83,7 +92,8 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
     'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
     'max_prompt_length': at_least(1), 'beta': above(0), 'loss_type': one_of(*LOSS_TYPES, 'kto'),
     'label_smoothing': within(0, 0.5), 'rpo_alpha': at_least(0), 'simpo_gamma': at_least(0),
-    'desirable_weight': above(0), 'undesirable_weight': above(0),
+    'desirable_weight': above(0), 'undesirable_weight': above(0), 'online_temperature': above(0),
+    'online_max_new_tokens': at_least(1),
     'batch_size': at_least(1), 'gradient_accumulation_steps': at_least(1), 'max_iters': at_least(0),
     'learning_rate': above(0), 'warmup_iters': at_least(0), 'lr_decay_iters': at_least(1), 'min_lr': at_least(0),
     'weight_decay': at_least(0), 'beta1': within(0, 1), 'beta2': within(0, 1), 'grad_clip': at_least(0),
@@ -183,6 +193,9 @@ def main(config):
     if kto and precompute_ref_logps:
         raise ConfigError("precompute_ref_logps=True does not go with loss_type='kto': its KL reference point pairs "
                           "each row with another row of its batch, which changes every epoch; keep the live reference")
+    if online and (kto or precompute_ref_logps):
+        raise ConfigError("online=True samples new pairs every step: it trains with a pairwise loss_type (not 'kto') "
+                          "and a live reference (not precompute_ref_logps=True)")
     if kto and batch_size < 2:
         raise ConfigError("loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with "
                           "another row of the same batch")
@@ -192,6 +205,7 @@ def main(config):
     if kto:  # pairs become two rows each, one desirable and one not; unpaired rows stay as they are
         train_data, eval_data = unpair(train_data), unpair(eval_data)
     metric_names = KTO_METRICS if kto else DPO_METRICS
+    judge_scores = load_judge(judge, run.device, run.autocast) if online else None  # a bad judge stops before training
     train_ref = eval_ref = None
     if precompute_ref_logps:
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
@@ -212,7 +226,8 @@ def main(config):
     if run.master:
         print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
               f"{len(train_data)} train / {len(eval_data)} held-out {'rows' if kto else 'pairs'}; "
-              f"{batch_size * gradient_accumulation_steps * run.world_size} per step; loss {loss_type}, beta {beta}")
+              f"{batch_size * gradient_accumulation_steps * run.world_size} per step; loss {loss_type}, beta {beta}"
+              + (f"; online, judge {judge}" if online else ""))
 
     while True:
         # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations, and at the end
@@ -242,11 +257,21 @@ def main(config):
         # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
         totals, flops, tokens = torch.zeros(len(metric_names), 2, device=run.device), 0, 0  # (sum, count) of each metric
+        online_totals, sample_seconds = torch.zeros(len(ONLINE_METRICS), 2), 0.0
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size pairs
-            losses, batch_totals, batch, forward_only = step(ddp_policy, ref, train_data, indices, train_ref, run)
+            if online:  # batch_size pairs sampled from the policy now, ranked by the judge
+                t_sample = time.perf_counter()
+                data, sampled_totals = online_pairs(raw_policy, train_data, lambda: next(loader), batch_size, judge_scores,
+                                                    run, max_length, max_new_tokens=online_max_new_tokens,
+                                                    temperature=online_temperature)
+                online_totals += sampled_totals
+                sample_seconds += time.perf_counter() - t_sample
+                indices = np.arange(len(data))
+            else:  # a batch at the end of an epoch may hold fewer than batch_size pairs
+                data, indices = train_data, next(loader)
+            losses, batch_totals, batch, forward_only = step(ddp_policy, ref, data, indices, train_ref, run)
             # every pair weighs the same, also in a short batch at the end of an epoch
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals += batch_totals
@@ -259,7 +284,11 @@ def main(config):
         if iter_num % log_interval == 0:
             totals = runtime.all_reduce_sum(totals, run)  # means over the pairs the step really had, on all ranks
             pairs = totals[0, 1].item()  # the loss's count: one a pair (kto: a row)
-            log.log(iter_num, {**means(metric_names, totals), **runtime.speed(t0, pairs, tokens, flops, peak_flops, run, 'rows' if kto else 'pairs'),
+            if online:  # the judge's scores of all the samples drawn, on all ranks; this rank's seconds sampling
+                online_metrics = {**means(ONLINE_METRICS, runtime.all_reduce_sum(online_totals.to(run.device), run)),
+                                  'online/sample_seconds': sample_seconds}
+            log.log(iter_num, {**means(metric_names, totals), **(online_metrics if online else {}),
+                               **runtime.speed(t0, pairs, tokens, flops, peak_flops, run, 'rows' if kto else 'pairs'),
                                'grad_norm': grad_norm, 'lr': lr})
     runtime.finish(run, log)
 
@@ -268,5 +297,5 @@ if __name__ == '__main__':
     configure(globals(), RANGES)
     try:
         main(config_keys(globals()))
-    except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
+    except (ConfigError, LoadError, DataError, JudgeError, runtime.TrainingError) as e:
         runtime.exit_with_error(e)

@@ -14,11 +14,9 @@ Samples and scores go to a JSONL file, ready for an external judge.
 
 import json
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import runtime
 from configurator import ConfigError, Range, above, at_least, configure, one_of, optional
@@ -26,6 +24,7 @@ from batches import dpo_batch
 from data import DataError, EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
 from losses import chosen_rejected_logps, sequence_logps
 from model import LoadError
+from online import sample_responses
 
 # -----------------------------------------------------------------------------
 init_from = 'out-dpo-synthetic'  # the policy: an out_dir, a GPT-2 name, hub id or hub-layout directory
@@ -66,23 +65,6 @@ def win_rate(rewards, baseline_rewards):
     """The share of paired samples where rewards beats baseline_rewards, a tie counting one half."""
     a, b = np.asarray(rewards, dtype=float), np.asarray(baseline_rewards, dtype=float)
     return float(np.mean((a > b) + 0.5 * (a == b)))
-
-
-@torch.no_grad()
-def sample_responses(model, prompt_ids, n, generator, ctx=nullcontext(), rows_per_batch=128, desc='sampling',
-                     **sampling):
-    """n responses (token lists, ending at EOT when one was drawn) for each prompt: a list of
-    len(prompt_ids) * n, the n samples of a prompt side by side, generated rows_per_batch at a time
-    (with a progress bar on stderr: this is the long part)."""
-    rows = [p for p in prompt_ids for _ in range(n)]
-    responses = []
-    for i in tqdm(range(0, len(rows), rows_per_batch), desc=desc, unit=' batches', disable=len(rows) <= rows_per_batch):
-        batch = rows[i:i + rows_per_batch]
-        room = model.config.block_size - max(map(len, batch))  # prompt + response must fit, to be scored
-        with ctx:
-            responses += model.generate(batch, generator=generator, **{**sampling, 'max_new_tokens': min(
-                sampling['max_new_tokens'], room)})
-    return responses
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ of the held-out loss and rewards on the same weights and rows."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
