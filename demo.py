@@ -5,10 +5,13 @@ sampled responses and the task's true reward.
 
     python demo.py
     python demo.py --betas=0.05,0.1,0.2,0.5 --frontier_png=frontier.png   # the reward-vs-KL frontier
+    python demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.1,0.5 --online_judges=true_reward,implicit \
+        --best_of=4 --out_dir=out-compare --frontier_png=out-compare/frontier.png   # the whole DPO family
 
 Each stage is the command a user would type (sft.py, dpo.py, evaluate.py with the configs in
 config/), run one after the other; the results land in out_dir/demo.json. Running the demo again
-replaces the runs it made in out_dir before (--overwrite=True).
+replaces the runs it made in out_dir before (--overwrite=True). With several seeds, each seed runs
+every stage in out_dir/seed{N}, and the table and the figure give the mean and the spread.
 """
 
 import importlib.util
@@ -18,7 +21,9 @@ import subprocess
 import sys
 import time
 
-from configurator import at_least, configure
+import numpy as np
+
+from configurator import Range, at_least, configure
 from data import SYNTHETIC
 from synthetic import synthetic_pairs
 
@@ -28,6 +33,10 @@ seed = 1337
 sft_iters = 600  # config/sft_synthetic.py's schedule, cut or stretched to this many steps
 dpo_iters = 300  # config/dpo_synthetic.py's
 betas = '0.1'  # one DPO run per comma-separated value
+kto_betas = ''  # one KTO run (config/kto_synthetic.py) per value, e.g. '0.1,0.5'
+online_judges = ''  # online DPO runs (config/online_synthetic.py): 'true_reward' and/or 'implicit' (the first DPO run's implicit reward)
+best_of = 0  # N >= 2: also the best-of-N baseline, N samples of the SFT model per prompt, the best by true reward kept
+seeds = ''  # several seeds, e.g. '1337,1': every stage once per seed ('' runs seed alone)
 num_prompts = 200  # held-out prompts, each answered samples_per_prompt times by each policy
 samples_per_prompt = 4
 num_pairs = 1000  # held-out pairs for the implicit reward's accuracy
@@ -36,7 +45,10 @@ dtype = 'auto'
 frontier_png = ''  # also draw true reward against KL for the SFT and every DPO policy
 # -----------------------------------------------------------------------------
 RANGES = {'seed': at_least(0), 'sft_iters': at_least(1), 'dpo_iters': at_least(1), 'num_prompts': at_least(1),
-          'samples_per_prompt': at_least(1), 'num_pairs': at_least(0)}
+          'samples_per_prompt': at_least(1), 'num_pairs': at_least(0),
+          'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'),
+          'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit'},
+                                 "'' or a comma-separated list of true_reward, implicit")}
 COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
 
 
@@ -51,11 +63,16 @@ def stage(name, *command):
 
 
 def table(rows):
-    """A markdown table of the policies' results."""
+    """A markdown table of the policies' results: over several seeds, the mean ± the standard
+    deviation; '-' where a policy has no such figure (best-of-N has no implicit reward)."""
     lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {r['mean_true_reward']:.3f} | {r['win_rate']:.3f} | {r['kl']:.2f} | "
-                     f"{r['preference_accuracy']:.3f} |")
+    for name in dict.fromkeys(r['policy'] for r in rows):
+        cells = [name]
+        for key, digits in (('mean_true_reward', 3), ('win_rate', 3), ('kl', 2), ('preference_accuracy', 3)):
+            values = [r[key] for r in rows if r['policy'] == name and key in r]
+            spread = f" ± {np.std(values):.{digits}f}" if len(values) > 1 else ''
+            cells.append(f"{np.mean(values):.{digits}f}{spread}" if values else '-')
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -69,35 +86,61 @@ def held_out_change(dpo_dir):
             f"log-prob of the chosen responses {change('logps/chosen', '.2f')}, of the rejected {change('logps/rejected', '.2f')}")
 
 
-def main():
-    t0 = time.time()
+def run_seed(seed, out):
+    """Every stage for one seed, in the directory out: the policies trained [(name, directory)] and
+    one row of results a policy."""
     system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
-    sft_dir = os.path.join(out_dir, 'sft')
+    sft_dir = os.path.join(out, 'sft')
     stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
           f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', '--overwrite=True', *system)
     policies = [('SFT', sft_dir)]
-    for beta in betas.split(','):
-        dpo_dir = os.path.join(out_dir, f'dpo-beta{beta}')
-        stage(f'DPO beta={beta}', 'dpo.py', 'config/dpo_synthetic.py', f'--init_from={sft_dir}', f'--out_dir={dpo_dir}',
-              f'--beta={beta}', f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', '--overwrite=True', *system)
-        policies.append((f'DPO beta={beta}', dpo_dir))
+    runs = [(f'DPO beta={b}', f'dpo-beta{b}', 'config/dpo_synthetic.py', f'--beta={b}') for b in betas.split(',')]
+    runs += [(f'KTO beta={b}', f'kto-beta{b}', 'config/kto_synthetic.py', f'--beta={b}') for b in filter(None, kto_betas.split(','))]
+    for judge in filter(None, online_judges.split(',')):  # the implicit judge: the first DPO run's implicit reward
+        runs.append((f'online DPO, judge {judge.replace("_", " ")}', f'online-{judge}', 'config/online_synthetic.py',
+                     '--judge=' + ('true_reward' if judge == 'true_reward' else f'implicit:{os.path.join(out, runs[0][1])}')))
+    for name, directory, config, setting in runs:
+        run_dir = os.path.join(out, directory)
+        stage(name, 'dpo.py', config, f'--init_from={sft_dir}', f'--out_dir={run_dir}', setting,
+              f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', '--overwrite=True', *system)
+        policies.append((name, run_dir))
     rows = []
+    scoring = [f'--ref_from={sft_dir}', f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}',
+               f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}', *system]
     for name, policy_dir in policies:  # every policy against the SFT model: its reference and baseline
         summary_path = os.path.join(policy_dir, 'summary.json')
-        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--ref_from={sft_dir}',
-              f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}', f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}',
-              f'--summary_out={summary_path}', *system)
+        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--summary_out={summary_path}', *scoring)
         with open(summary_path) as f:
-            rows.append({'policy': name, **json.load(f)})
+            rows.append({'policy': name, 'seed': seed, **json.load(f)})
+    if best_of:
+        summary_path = os.path.join(out, f'best-of-{best_of}.json')
+        stage(f'best-of-{best_of}', 'evaluate.py', f'--init_from={sft_dir}', f'--best_of={best_of}',
+              f'--out={os.path.join(out, f"best-of-{best_of}.jsonl")}', f'--summary_out={summary_path}', *scoring)
+        with open(summary_path) as f:
+            rows.append({'policy': f'best-of-{best_of} (SFT)', 'seed': seed, **json.load(f)})
+    return policies, rows
+
+
+def main():
+    t0 = time.time()
+    if 'implicit' in online_judges and not betas:
+        sys.exit("error: online_judges=implicit ranks samples by the first DPO run's implicit reward: give betas")
+    all_seeds = [int(s) for s in seeds.split(',')] if seeds else [seed]
+    rows = []
+    for s in all_seeds:
+        policies, seed_rows = run_seed(s, out_dir if len(all_seeds) == 1 else os.path.join(out_dir, f'seed{s}'))
+        rows += seed_rows
     with open(os.path.join(out_dir, 'demo.json'), 'w') as f:
-        json.dump({'seed': seed, 'seconds': time.time() - t0, 'policies': rows}, f, indent=2)
+        json.dump({'seeds': all_seeds, 'seconds': time.time() - t0, 'policies': rows}, f, indent=2)
     for name, policy_dir in policies[1:]:
-        print(f"{name}: {held_out_change(policy_dir)}")
+        if not name.startswith('KTO'):  # KTO's rows have no pairs to be accurate on
+            print(f"{name}: {held_out_change(policy_dir)}")
     print(f"\n{table(rows)}\n\n{rows[0]['samples']} samples per policy "
-          f"({num_prompts} held-out prompts x {samples_per_prompt}); seed {seed}; {time.time() - t0:.0f} s in all")
+          f"({num_prompts} held-out prompts x {samples_per_prompt}); seed{'s' if len(all_seeds) > 1 else ''} "
+          f"{', '.join(map(str, all_seeds))}; {time.time() - t0:.0f} s in all")
     if frontier_png:
         stage('plot', 'plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
-    dpo_dir = policies[-1][1]
+    sft_dir, dpo_dir = policies[0][1], [d for name, d in policies if name.startswith('DPO')][-1]  # the last seed's
     curves = os.path.join(dpo_dir, 'curves.png')
     plot_curves = f"python plot.py --metrics={os.path.join(dpo_dir, 'metrics.jsonl')} --png={curves}"
     if importlib.util.find_spec('matplotlib'):

@@ -41,6 +41,7 @@ prompts = ''  # a JSONL file of {"prompt": ...} lines instead of the dataset's h
 num_prompts = 200
 num_pairs = 1000  # held-out pairs for the implicit reward's preference accuracy
 samples_per_prompt = 4
+best_of = 0  # N > 1: score the best-of-N policy instead, N samples of init_from per prompt with the highest true reward kept (embedded task)
 max_new_tokens = 48
 temperature = 1.0
 top_k = None
@@ -55,7 +56,7 @@ seed = 1337
 RANGES = {  # what each setting may be: configure() checks them all before any work
     'beta': above(0), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
     'max_prompt_length': at_least(1), 'num_prompts': at_least(1), 'num_pairs': at_least(0),
-    'samples_per_prompt': at_least(1), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
+    'samples_per_prompt': at_least(1), 'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
     'top_k': optional(at_least(1)), 'top_p': optional(Range(lambda v: 0 < v <= 1, 'in (0, 1]')),
     'batch_size': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
 }
@@ -124,6 +125,31 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
     return summary, records
 
 
+def best_of_n(policy, prompt_texts, run, baseline, true_reward):
+    """The best-of-N baseline (the DPO paper's TL;DR figure): for each prompt, best_of samples of the
+    policy, the one with the highest true reward kept. Its KL to the sampled policy is at most
+    log N - (N - 1) / N (exact when no two samples tie), the value reported. Returns (summary, records)."""
+    prompt_ids = [encode(p)[-max_prompt_length:] or [EOT_TOKEN] for p in prompt_texts]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    responses = sample_responses(policy, prompt_ids, best_of, torch.Generator(run.device).manual_seed(seed), run.autocast,
+                                 batch_size, f'sampling best-of-{best_of}', **sampling)
+    texts = [response_text(r) for r in responses]
+    rewards = np.array([true_reward(p, t) for p, t in zip((p for p in prompt_texts for _ in range(best_of)), texts)])
+    best = rewards.reshape(len(prompt_texts), best_of).argmax(1) + best_of * np.arange(len(prompt_texts))  # (P,) indices
+    records = [{'prompt': p, 'response': texts[i], 'true_reward': float(rewards[i]), 'best_of': best_of}
+               for p, i in zip(prompt_texts, best)]
+    summary = {'samples': len(records), 'mean_true_reward': float(rewards[best].mean()),
+               'kl': float(np.log(best_of) - (best_of - 1) / best_of)}
+    if baseline is not None:  # each best sample against the baseline's samples_per_prompt samples of its prompt
+        baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
+                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size,
+                                              'sampling the baseline', **sampling)
+        baseline_rewards = [true_reward(p, response_text(r)) for p, r in
+                            zip((p for p in prompt_texts for _ in range(samples_per_prompt)), baseline_responses)]
+        summary['win_rate'] = win_rate(np.repeat(rewards[best], samples_per_prompt), baseline_rewards)
+    return summary, records
+
+
 def ranking_agreement(records):
     """How well the implicit reward ranks a prompt's samples by true reward: the true reward of the
     sample it ranks first against the mean over all samples (what a random pick gets). Samples tied
@@ -153,8 +179,13 @@ def main():
         prompt_texts = list(dict.fromkeys(decode(pairs.get('prompt', i).tolist()) for i in range(len(pairs))))[:num_prompts]
         if dataset == 'synthetic':
             from synthetic import true_reward
-    summary, records = evaluate_policy(policy, prompt_texts, run, ref, baseline, pairs, true_reward)
-    if ref is not None and true_reward is not None:
+    if best_of and true_reward is None:
+        raise ConfigError("best_of needs a true reward to pick the best sample by: dataset='synthetic', without prompts")
+    if best_of:
+        summary, records = best_of_n(policy, prompt_texts, run, baseline, true_reward)
+    else:
+        summary, records = evaluate_policy(policy, prompt_texts, run, ref, baseline, pairs, true_reward)
+    if ref is not None and true_reward is not None and not best_of:
         summary.update(ranking_agreement(records))
     path = out or os.path.join(init_from if os.path.isdir(init_from) else '.', 'samples.jsonl')
     with runtime.atomic_open(path) as f:

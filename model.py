@@ -150,8 +150,9 @@ class GPT(nn.Module):
         if attn_mask is None and past > 0:
             if T > 1:  # a chunk after cached positions: causal, shifted by the cache (bottom-right)
                 attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
-            else:  # one new token may look at everything before it
-                attn_mask = torch.ones(1, 1, dtype=torch.bool, device=idx.device)
+            else:  # one new token may look at everything before it; the mask spans every key, since
+                # CUDA's memory-efficient kernel refuses a mask broadcast along its last dimension
+                attn_mask = torch.ones(1, past + 1, dtype=torch.bool, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, attn_mask, kv_cache)

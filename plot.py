@@ -79,26 +79,47 @@ def plot_curves(metrics_path, png_path):
     fig.savefig(png_path, dpi=100)
 
 
+FAMILIES = {  # how a policy's name begins: its marker and colour on the frontier
+    'SFT': ('s', 'black'), 'DPO': ('o', 'tab:blue'), 'KTO': ('^', 'tab:orange'),
+    'online DPO': ('D', 'tab:green'), 'best-of': ('*', 'tab:red'),
+}
+
+
 def plot_frontier(results_path, png_path):
-    """Mean true reward against KL to the reference, one labelled point per policy."""
+    """Mean true reward against KL to the reference, one point per policy: over several seeds the
+    mean, with bars of one standard deviation both ways. Runs of one family at several betas are
+    joined in order of KL, as a frontier."""
+    import numpy as np
     plt = pyplot()
     try:
         with open(results_path) as f:
             rows = json.load(f)['policies']
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: cannot read {results_path} as demo.py's demo.json: {e}")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for row in rows:
-        ax.scatter(row['kl'], row['mean_true_reward'], s=40, marker='s' if row['policy'] == 'SFT' else 'o')
-        ax.annotate(row['policy'], (row['kl'], row['mean_true_reward']), textcoords='offset points', xytext=(5, 4))
-    ax.set_xlabel('KL(policy || SFT reference), from samples')
+    seeds = len({r.get('seed') for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for family, (marker, colour) in FAMILIES.items():
+        points = []
+        for name in dict.fromkeys(r['policy'] for r in rows if r['policy'].startswith(family)):
+            kl, reward = (np.array([r[k] for r in rows if r['policy'] == name]) for k in ('kl', 'mean_true_reward'))
+            points.append((kl.mean(), reward.mean(), name))
+            ax.errorbar(kl.mean(), reward.mean(), xerr=kl.std() if len(kl) > 1 else None,
+                        yerr=reward.std() if len(reward) > 1 else None, fmt=marker, color=colour,
+                        markersize=11 if marker == '*' else 7, capsize=3, label=family if len(points) == 1 else None)
+            label = name if family in ('SFT', 'best-of') else name.replace(family, '').strip(' ,')
+            ax.annotate(label, (kl.mean(), reward.mean()), textcoords='offset points', xytext=(6, 5), fontsize=8,
+                        color=colour)
+        if len(points) > 1 and family in ('DPO', 'KTO'):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], '-', color=colour, alpha=0.4)
+    if max(r['kl'] for r in rows) > 5:  # a run that collapsed far away: linear up to 1 nat, logarithmic beyond
+        ax.set_xscale('symlog', linthresh=1.0, linscale=2.0)
+    ax.set_xlabel('KL(policy || SFT reference), from samples (nats)')
     ax.set_ylabel('mean true reward of samples')
-    ax.set_title('embedded task: reward vs KL')
+    ax.set_title('embedded task: true reward vs KL' + (f' (mean ± sd over {seeds} seeds)' if seeds > 1 else ''))
     ax.grid(alpha=0.3)
-    kl_low, kl_high = min(0.0, *(row['kl'] for row in rows)), max(row['kl'] for row in rows)
-    span = (kl_high - kl_low) or 1.0  # KL estimated from samples can come out below 0
-    ax.set_xlim(kl_low - 0.04 * span, kl_high + 0.3 * span)  # room for the labels right of the points
-    ax.margins(y=0.1)
+    ax.legend(loc='upper right', fontsize=9)
+    ax.margins(x=0.12, y=0.1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 

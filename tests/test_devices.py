@@ -60,3 +60,22 @@ def test_cuda_bf16_packed_rows(varied_pairs):
     assert_close(logps_and_grads(model, packed.to('cuda'), 'bfloat16'), on_gpu, 'bfloat16')
     on_cpu = logps_and_grads(copy.deepcopy(model).cpu(), padded, 'float32')
     assert_close((on_gpu[0].cpu(), [g.cpu() for g in on_gpu[1]]), on_cpu, 'bfloat16')
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_cached_generation_equals_recomputed(device):
+    """Greedy tokens with the KV cache equal those recomputed over the whole window, for prompts of
+    equal lengths (no padding: each new token's mask is one query against every key) and unequal ones.
+    On CUDA with cuDNN's attention off, as runtime.setup has it, so that the memory-efficient kernel
+    runs: it refused the decode step's mask when that was broadcast along the keys."""
+    model = tiny(device).eval()
+    cudnn = device == 'cuda' and torch.backends.cuda.cudnn_sdp_enabled()
+    if device == 'cuda':
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        for prompts in ([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3], [4, 5, 6, 7, 8]]):
+            cached = model.generate(prompts, 6, temperature=0)
+            assert cached == model.generate(prompts, 6, temperature=0, use_cache=False)
+    finally:
+        if device == 'cuda':
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)

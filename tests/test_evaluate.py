@@ -1,6 +1,8 @@
 """evaluate.py's numbers on hand-made cases, plot.py's pictures, and a shortened demo end to end."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -105,3 +107,29 @@ def test_shortened_demo_end_to_end(tmp_path):
     sampled = subprocess.run([sys.executable, *sample[1:], '--num_samples=1', '--max_new_tokens=4', '--device=cpu'],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sampled.returncode == 0 and 'Human: Write a' in sampled.stdout, sampled.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_shortened_comparison_end_to_end(tmp_path):
+    """The DPO family's figure command, shortened: two seeds, DPO, KTO, online DPO judged by the DPO
+    run's implicit reward (a 10-step SFT model's samples all score -1 by the true reward: every pair
+    a tie), best-of-2; the table gives mean ± sd and the figure is drawn."""
+    out = tmp_path / 'compare'
+    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
+                             '--dpo_iters=3', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
+                             '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
+                             '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / 'demo.json') as f:
+        rows = json.load(f)['policies']
+    names = ['SFT', 'DPO beta=0.1', 'KTO beta=0.2', 'online DPO, judge implicit', 'best-of-2 (SFT)']
+    assert [(r['policy'], r['seed']) for r in rows] == [(n, s) for s in (1, 2) for n in names]
+    best_of = [r for r in rows if r['policy'] == 'best-of-2 (SFT)']
+    assert all(r['kl'] == pytest.approx(math.log(2) - 1 / 2) for r in best_of)  # the best-of-N bound, N = 2
+    assert all(r['samples'] == 4 for r in best_of)  # one kept sample a prompt
+    assert re.search(r"\| KTO beta=0\.2 \| -?\d\.\d{3} ± \d\.\d{3} \|", result.stdout)  # mean ± sd over the seeds
+    assert re.search(r"\| best-of-2 \(SFT\) \| -?\d\.\d{3} ± \d\.\d{3} \| .* \| - \|", result.stdout)  # no implicit reward
+    config = torch.load(out / 'seed2' / 'online-implicit' / 'ckpt.pt', weights_only=True)['config']
+    assert config['online'] and config['judge'] == f"implicit:{out / 'seed2' / 'dpo-beta0.1'}"
+    assert (tmp_path / 'frontier.png').read_bytes()[:8] == PNG
