@@ -157,7 +157,8 @@ def settings_help(namespace):
     lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]"]
     doc = (namespace.get('__doc__') or '').strip()
     if doc:
-        lines += ['', doc.split('\n\n')[0]]
+        first = doc.split('\n\n')[0]
+        lines += ['', first[:-1] + '.' if first.endswith(':') else first]  # its ':' introduced an example left out
     comments, assigned = {}, {}  # line number -> (column, text); setting -> its line number
     path = namespace.get('__file__')
     if path and os.path.isfile(path):
@@ -189,11 +190,13 @@ def configure(namespace, ranges=None, args=None):
     if '--help' in args or '-h' in args:
         print(settings_help(namespace))
         sys.exit(0)
+    master = os.environ.get('RANK', '0') == '0'  # under torchrun, one rank speaks for all
     try:
         applied = apply_overrides(namespace, args)
         check_ranges(namespace, ranges or {})
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        sys.exit(f"config error: {e}" if master else 1)
     for key, value in applied.items():
-        print(f"config: {key} = {value!r}")
+        if master:
+            print(f"config: {key} = {value!r}")
     return applied

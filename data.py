@@ -240,7 +240,7 @@ def unpaired_row(row, where):
 
 def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
     """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if needed."""
-    from model import hub_file  # here: data.py itself needs no torch
+    from model import first_line, hub_file  # here: data.py itself needs no torch
     paths = []
     for subset in subsets:
         filename = f'{subset}/{split}.jsonl.gz'
@@ -248,7 +248,7 @@ def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
             paths.append(hub_file(HH_REPO, filename, repo_type='dataset', cache_dir=hub_cache_dir))
         except Exception as e:  # offline, a typo in the subset name, ...
             raise DataError(f"could not get {filename} of the dataset {HH_REPO} from the Hugging Face hub or its "
-                            f"cache ({type(e).__name__}: {str(e).splitlines()[0][:160]}); without internet, use "
+                            f"cache ({type(e).__name__}: {first_line(e)}); without internet, use "
                             "dataset='jsonl' with data_path for your own pairs, or fill the hub cache where "
                             "there is internet and set HF_HUB_OFFLINE=1") from None
     return paths

@@ -4,9 +4,9 @@ the task's demonstrations, DPO on its preference pairs, then both scored on held
 sampled responses and the task's true reward.
 
     python demo.py
-    python demo.py --betas=0.05,0.1,0.2,0.5 --frontier_png=frontier.png   # the reward-vs-KL frontier
-    python demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.1,0.5 --online_judges=true_reward,implicit \
-        --best_of=4 --out_dir=out-compare --frontier_png=out-compare/frontier.png   # the whole DPO family
+    python demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
+    python demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.05,0.1,0.5 --online_judges=true_reward,implicit \
+        --best_of=4 --out_dir=out-family --frontier_png=out-family/family.png   # the whole DPO family
 
 Each stage is the command a user would type (sft.py, dpo.py, evaluate.py with the configs in
 config/), run one after the other; the results land in out_dir/demo.json. Running the demo again
@@ -32,6 +32,7 @@ out_dir = 'out-demo'
 seed = 1337
 sft_iters = 600  # config/sft_synthetic.py's schedule, cut or stretched to this many steps
 dpo_iters = 300  # config/dpo_synthetic.py's
+eval_iters = -1  # held-out batches per evaluation of the training runs (-1: all of them, as the configs have it)
 betas = '0.1'  # one DPO run per comma-separated value
 kto_betas = ''  # one KTO run (config/kto_synthetic.py) per value, e.g. '0.1,0.5'
 online_judges = ''  # online DPO runs (config/online_synthetic.py): 'true_reward' and/or 'implicit' (the first DPO run's implicit reward)
@@ -46,6 +47,7 @@ frontier_png = ''  # also draw true reward against KL for the SFT and every DPO 
 # -----------------------------------------------------------------------------
 RANGES = {'seed': at_least(0), 'sft_iters': at_least(1), 'dpo_iters': at_least(1), 'num_prompts': at_least(1),
           'samples_per_prompt': at_least(1), 'num_pairs': at_least(0),
+          'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
           'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'),
           'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit'},
                                  "'' or a comma-separated list of true_reward, implicit")}
@@ -92,7 +94,8 @@ def run_seed(seed, out):
     system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
     sft_dir = os.path.join(out, 'sft')
     stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
-          f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', '--overwrite=True', *system)
+          f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', f'--eval_iters={eval_iters}',
+          '--overwrite=True', *system)
     policies = [('SFT', sft_dir)]
     runs = [(f'DPO beta={b}', f'dpo-beta{b}', 'config/dpo_synthetic.py', f'--beta={b}') for b in betas.split(',')]
     runs += [(f'KTO beta={b}', f'kto-beta{b}', 'config/kto_synthetic.py', f'--beta={b}') for b in filter(None, kto_betas.split(','))]
@@ -102,7 +105,8 @@ def run_seed(seed, out):
     for name, directory, config, setting in runs:
         run_dir = os.path.join(out, directory)
         stage(name, 'dpo.py', config, f'--init_from={sft_dir}', f'--out_dir={run_dir}', setting,
-              f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', '--overwrite=True', *system)
+              f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', f'--eval_iters={eval_iters}',
+              '--overwrite=True', *system)
         policies.append((name, run_dir))
     rows = []
     scoring = [f'--ref_from={sft_dir}', f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}',
@@ -156,7 +160,7 @@ Results: {os.path.join(out_dir, 'demo.json')}. The models: {sft_dir} (SFT), {dpo
 samples with their scores: samples.jsonl in its directory; {curves_said}.
 Next, for example:
   python sample.py --init_from={dpo_dir} --ref_from={sft_dir} --num_samples=8 --max_new_tokens=48 --start=FILE:{prompt_file}
-  python demo.py --betas=0.05,0.1,0.5 --frontier_png=frontier.png --out_dir=out-demo-frontier
+  python demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
   python export.py --init_from={dpo_dir} --to=hf-dpo   # for transformers and the hub
 (The task's prompts have the form of {prompt_file}, "\\n\\nHuman: ...\\n\\nAssistant:": a plain prompt gives
 run-on or empty samples.)""")

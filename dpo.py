@@ -83,7 +83,7 @@ wandb_project = 'nanodpo'
 wandb_run_name = 'dpo'
 # the system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, float16 on older GPUs, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the policy and the reference
 seed = 1337
 # -----------------------------------------------------------------------------

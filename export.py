@@ -1,12 +1,12 @@
 """
 Export a trained model (an SFT or DPO run's out_dir) to a directory in the Hugging Face hub layout:
 config.json and model.safetensors, with GPT-2's tokenizer files beside them. transformers then
-loads it as any GPT-2, and `huggingface-cli upload` publishes the directory as it is:
+loads it as any GPT-2, and `hf upload` (huggingface_hub's CLI) publishes the directory as it is.
 
     python export.py --init_from=out-demo/dpo-beta0.1 --to=hf-dpo
     python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
                m = AutoModelForCausalLM.from_pretrained('hf-dpo'); t = AutoTokenizer.from_pretrained('hf-dpo')"
-    huggingface-cli upload your-name/your-model hf-dpo
+    hf upload your-name/your-model hf-dpo
 
 The directory also loads back here (`--init_from=hf-dpo` in sample.py, evaluate.py, sft.py, dpo.py).
 """

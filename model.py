@@ -464,7 +464,7 @@ def resolve_pretrained_files(name_or_dir, cache_dir=None):
             paths.append(hub_file(repo_id, filename, cache_dir=cache_dir))
         except Exception as e:  # offline, unknown repo, no safetensors file, ...
             raise LoadError(f"could not get {filename} of {repo_id} from the Hugging Face hub or its cache "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); without internet, pass "
+                            f"({type(e).__name__}: {first_line(e)}); without internet, pass "
                             "a local hub-layout directory, or fill the hub cache where there is internet and "
                             "set HF_HUB_OFFLINE=1") from None
     return tuple(paths)
@@ -474,11 +474,25 @@ def hub_file(repo_id, filename, repo_type=None, cache_dir=None):
     """The local path of a file of a hub repo: the hub cache's copy when there is one, with no
     network call at all (an unreachable hub then costs nothing), else downloaded into the cache.
     (A repo updated on the hub after the download keeps its cached files: delete them to refresh.)"""
+    import logging
     from huggingface_hub import hf_hub_download
     try:
         return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir, local_files_only=True)
     except Exception:  # not in the cache (yet)
+        pass
+    hub_log = logging.getLogger('huggingface_hub')
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # one warning per retry would bury the one-line error the caller raises
+    try:
         return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
+    finally:
+        hub_log.setLevel(level)
+
+
+def first_line(error, limit=240):
+    """An exception's first line, for a one-line error: cut at a word, never mid-word."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
 
 
 def config_from_hub_json(path, dropout=0.0):

@@ -88,7 +88,7 @@ def test_plots_write_pngs(tmp_path):
 @pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
     out = tmp_path / 'demo'
-    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4',
+    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4', '--eval_iters=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
                              '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -116,7 +116,7 @@ def test_shortened_comparison_end_to_end(tmp_path):
     a tie), best-of-2; the table gives mean ± sd and the figure is drawn."""
     out = tmp_path / 'compare'
     result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
-                             '--dpo_iters=3', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
+                             '--dpo_iters=3', '--eval_iters=2', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
                              '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
