@@ -171,9 +171,9 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
         if len(found['prompt']) == n_pairs:
             break
     else:
-        raise runtime.TrainingError(f"the judge scored the two samples of every prompt alike in {max_tries} batches "
-                                    f"in a row ({len(found['prompt'])} pairs of {n_pairs} found); a judge that "
-                                    "cannot tell samples apart gives online DPO nothing to learn")
+        raise runtime.TrainingError(f"in {max_tries} batches of prompts the judge told the two samples apart for only "
+                                    f"{len(found['prompt'])} prompts, fewer than the {n_pairs} pairs a micro-step "
+                                    "needs; a judge that cannot tell samples apart gives online DPO nothing to learn")
     policy.train(was_training)
     arrays = {}
     for field, seqs in found.items():

@@ -55,7 +55,7 @@ def test_a_judge_that_always_ties_stops_the_run(tiny):
     data = tokenize_pairs(synthetic_pairs(8, seed=3), 64, 32)
     run = runtime.setup('cpu', 'float32', 0)
     constant = lambda prompt_texts, response_texts, *ids: np.zeros(len(response_texts))
-    with pytest.raises(runtime.TrainingError, match="scored the two samples of every prompt alike in 3 batches"):
+    with pytest.raises(runtime.TrainingError, match=r"in 3 batches of prompts the judge told the two samples apart for only 0 prompts, fewer than the 2 pairs"):
         online.online_pairs(tiny, data, lambda: np.arange(4), 2, constant, run, max_length=64, max_tries=3,
                             max_new_tokens=2, temperature=1.0)
 
