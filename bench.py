@@ -24,7 +24,7 @@ import torch
 import runtime
 from configurator import at_least, configure
 from batches import PairLoader, dpo_batch, dpo_padding, sft_batch
-from data import PairData, ragged
+from data import PairData
 from losses import dpo_step, sft_step
 from model import GPT, GPT2_SHAPES, GPTConfig
 
@@ -88,10 +88,8 @@ def random_pairs(n, rng):
         prompt, chosen, rejected = np.full(n, p), np.full(n, r), np.full(n, r)
     prompt = np.minimum(prompt, np.where(prompt + np.maximum(chosen, rejected) > max_length, max_prompt_length, prompt))
     chosen, rejected = np.minimum(chosen, max_length - prompt), np.minimum(rejected, max_length - prompt)
-    arrays = {}
-    for field, lens in (('prompt', prompt), ('chosen', chosen), ('rejected', rejected)):
-        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged([rng.integers(0, 50256, k) for k in lens])
-    return PairData(arrays, {})
+    lengths_by_field = (('prompt', prompt), ('chosen', chosen), ('rejected', rejected))
+    return PairData.from_sequences({field: [rng.integers(0, 50256, k) for k in lens] for field, lens in lengths_by_field}, {})
 
 
 def timed(step, run):

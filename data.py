@@ -365,6 +365,14 @@ class PairData:
         self.unpaired = 'label' in arrays
         self.fields = self.ROW_FIELDS if self.unpaired else self.FIELDS
 
+    @classmethod
+    def from_sequences(cls, sequences, stats, labels=None, path=None):
+        """PairData from token sequences, {field: one sequence an example}, and for rows their labels."""
+        arrays = {} if labels is None else {'label': np.asarray(labels, dtype=bool)}
+        for field, seqs in sequences.items():
+            arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(seqs)
+        return cls(arrays, stats, path)
+
     def __len__(self):
         return len(self.arrays['prompt_offsets']) - 1
 
@@ -416,15 +424,11 @@ def tokenize_pairs(pairs, max_length, max_prompt_length):
         for field, seq in zip(fields, fitted):
             kept[field].append(seq)
         n_truncated += fitted[3]
-    arrays = {}
-    for field in fields:
-        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(kept[field])
-    if fields == PairData.ROW_FIELDS:
-        arrays['label'] = np.array([p['label'] for p in pairs], dtype=bool)
     stats = dict(pairs=len(pairs), truncated=int(n_truncated),
                  raw_lengths={f: [int(np.percentile(raw[f], 50)), int(np.percentile(raw[f], 95)), int(raw[f].max())]
                               for f in fields})
-    return PairData(arrays, stats)
+    labels = [p['label'] for p in pairs] if fields == PairData.ROW_FIELDS else None
+    return PairData.from_sequences(kept, stats, labels)
 
 
 def unpair(data):
@@ -437,10 +441,8 @@ def unpair(data):
         for response in ('chosen', 'rejected'):
             rows['prompt'].append(data.get('prompt', i))
             rows['completion'].append(data.get(response, i))
-    arrays = {'label': np.tile([True, False], len(data))}
-    for field, seqs in rows.items():
-        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(seqs)
-    return PairData(arrays, {**data.stats, 'unpaired from': f"{len(data)} pairs"}, data.path)
+    return PairData.from_sequences(rows, {**data.stats, 'unpaired from': f"{len(data)} pairs"},
+                                   np.tile([True, False], len(data)), data.path)
 
 
 def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512, max_prompt_length=256,

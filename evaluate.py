@@ -91,12 +91,29 @@ def read_prompts(path):
     return found
 
 
+def prompt_token_ids(prompt_texts):
+    """Each prompt's tokens, its last max_prompt_length as in training (an empty one: <|endoftext|>)."""
+    return [encode(p)[-max_prompt_length:] or [EOT_TOKEN] for p in prompt_texts]
+
+
+def draw(model, prompt_ids, n, run, desc='sampling'):
+    """n samples of model for each prompt, with this script's sampling settings and seed."""
+    return sample_responses(model, prompt_ids, n, torch.Generator(run.device).manual_seed(seed), run.autocast,
+                            batch_size, desc, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p)
+
+
+def baseline_true_rewards(baseline, prompt_ids, prompt_texts, run, true_reward):
+    """The true rewards of samples_per_prompt samples of the baseline for each prompt, side by side."""
+    responses = draw(baseline, prompt_ids, samples_per_prompt, run, 'sampling the baseline')
+    texts = (p for p in prompt_texts for _ in range(samples_per_prompt))
+    return [true_reward(t, response_text(r)) for t, r in zip(texts, responses)]
+
+
 def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=None, true_reward=None):
     """Sample, score and summarise; returns (summary dict, one record per sample)."""
-    prompt_ids = [encode(p)[-max_prompt_length:] or [EOT_TOKEN] for p in prompt_texts]
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    responses = sample_responses(policy, prompt_ids, samples_per_prompt, torch.Generator(run.device).manual_seed(seed),
-                                 run.autocast, batch_size, **sampling)
+    prompt_ids = prompt_token_ids(prompt_texts)
+    responses = draw(policy, prompt_ids, samples_per_prompt, run)
     rows = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     texts = [p for p in prompt_texts for _ in range(samples_per_prompt)]
     records = [{'prompt': t, 'response': response_text(r), 'ended': r[-1:] == [EOT_TOKEN]}
@@ -116,12 +133,8 @@ def evaluate_policy(policy, prompt_texts, run, ref=None, baseline=None, pairs=No
         if pairs is not None:
             summary['preference_accuracy'] = preference_accuracy(policy, ref, pairs, run, num_pairs)
     if baseline is not None and true_reward is not None:
-        baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
-                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size,
-                                              'sampling the baseline', **sampling)
-        baseline_rewards = [true_reward(t, response_text(r))
-                            for t, r in zip(texts, baseline_responses)]
-        summary['win_rate'] = win_rate([rec['true_reward'] for rec in records], baseline_rewards)
+        summary['win_rate'] = win_rate([rec['true_reward'] for rec in records],
+                                       baseline_true_rewards(baseline, prompt_ids, prompt_texts, run, true_reward))
     return summary, records
 
 
@@ -129,10 +142,8 @@ def best_of_n(policy, prompt_texts, run, baseline, true_reward):
     """The best-of-N baseline (the DPO paper's TL;DR figure): for each prompt, best_of samples of the
     policy, the one with the highest true reward kept. Its KL to the sampled policy is at most
     log N - (N - 1) / N (exact when no two samples tie), the value reported. Returns (summary, records)."""
-    prompt_ids = [encode(p)[-max_prompt_length:] or [EOT_TOKEN] for p in prompt_texts]
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    responses = sample_responses(policy, prompt_ids, best_of, torch.Generator(run.device).manual_seed(seed), run.autocast,
-                                 batch_size, f'sampling best-of-{best_of}', **sampling)
+    prompt_ids = prompt_token_ids(prompt_texts)
+    responses = draw(policy, prompt_ids, best_of, run, f'sampling best-of-{best_of}')
     texts = [response_text(r) for r in responses]
     rewards = np.array([true_reward(p, t) for p, t in zip((p for p in prompt_texts for _ in range(best_of)), texts)])
     best = rewards.reshape(len(prompt_texts), best_of).argmax(1) + best_of * np.arange(len(prompt_texts))  # (P,) indices
@@ -141,12 +152,8 @@ def best_of_n(policy, prompt_texts, run, baseline, true_reward):
     summary = {'samples': len(records), 'mean_true_reward': float(rewards[best].mean()),
                'kl': float(np.log(best_of) - (best_of - 1) / best_of)}
     if baseline is not None:  # each best sample against the baseline's samples_per_prompt samples of its prompt
-        baseline_responses = sample_responses(baseline, prompt_ids, samples_per_prompt,
-                                              torch.Generator(run.device).manual_seed(seed), run.autocast, batch_size,
-                                              'sampling the baseline', **sampling)
-        baseline_rewards = [true_reward(p, response_text(r)) for p, r in
-                            zip((p for p in prompt_texts for _ in range(samples_per_prompt)), baseline_responses)]
-        summary['win_rate'] = win_rate(np.repeat(rewards[best], samples_per_prompt), baseline_rewards)
+        summary['win_rate'] = win_rate(np.repeat(rewards[best], samples_per_prompt),
+                                       baseline_true_rewards(baseline, prompt_ids, prompt_texts, run, true_reward))
     return summary, records
 
 

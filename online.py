@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-from data import PairData, decode, ragged, response_text
+from data import PairData, decode, response_text
 from losses import sequence_logps, totals
 
 
@@ -175,8 +175,5 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
                                     f"{len(found['prompt'])} prompts, fewer than the {n_pairs} pairs a micro-step "
                                     "needs; a judge that cannot tell samples apart gives online DPO nothing to learn")
     policy.train(was_training)
-    arrays = {}
-    for field, seqs in found.items():
-        arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(seqs)
-    return PairData(arrays, {}), totals((torch.from_numpy(np.concatenate(scores)), None),
+    return PairData.from_sequences(found, {}), totals((torch.from_numpy(np.concatenate(scores)), None),
                                         (torch.from_numpy(np.concatenate(ties)), None))

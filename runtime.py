@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, read_config_file
-from model import GPT, GPTConfig, LoadError, from_pretrained
+from model import GPT, GPTConfig, LoadError, first_line, from_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -114,7 +114,7 @@ def save_checkpoint(checkpoint, path):
             cause = cause.__cause__ or cause.__context__
         folder = os.path.dirname(os.path.abspath(path))
         reason = (f"the disk is full ({shutil.disk_usage(folder).free / 1e6:.0f} MB free in {folder})" if full
-                  else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                  else f"{type(e).__name__}: {first_line(e, 300)}")
         raise TrainingError(f"could not write {path}: {reason}; the checkpoint there before is kept") from None
 
 
@@ -304,7 +304,7 @@ def collective(what, run):
         if 'time' not in str(e).lower():
             raise
         raise TrainingError(f"rank {run.rank}: {what} waited more than {run.timeout_s} s for the other ranks, "
-                            f"one of which stopped, crashed or is stuck ({str(e).splitlines()[0][:200]})") from None
+                            f"one of which stopped, crashed or is stuck ({first_line(e, 200)})") from None
 
 
 def all_reduce_sum(t, run, what='the metrics'):
