@@ -59,19 +59,22 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 def kto_loss(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, beta, desirable_weight=1.0,
-             undesirable_weight=1.0):
+             undesirable_weight=1.0, rpo_alpha=0.0, lengths=None):
     """KTO's loss (Ethayarajh et al., 2024, eq. 7) for B unpaired rows.
 
     *_logps: (B,) summed log-probs of each row's completion; *_kl_logps: (B,) of the mismatched rows
     (a prompt with another row's completion); desirable: (B,) bool, the labels. The reference point
     z is the batch's KL estimate, mean(policy_kl_logps - ref_kl_logps), detached and clamped at 0: a
     desirable completion gains by rising above it, an undesirable one by falling below it.
-    Returns (losses (B,), rewards (B,) beta * log-ratio, detached, z).
+    rpo_alpha > 0 adds, as RPO does to DPO, rpo_alpha times a desirable completion's NLL per token
+    (lengths: (B,) its tokens). Returns (losses (B,), rewards (B,) beta * log-ratio, detached, z).
     """
     log_ratios = policy_logps - ref_logps  # (B,) r = log pi(y|x) - log pi_ref(y|x)
     z = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios))))
+    if rpo_alpha:
+        losses = losses + torch.where(desirable, rpo_alpha * -policy_logps / lengths, 0.0)
     return losses, beta * log_ratios.detach(), z
 
 
@@ -144,7 +147,7 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
 
 
 def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), beta=0.1, desirable_weight=1.0,
-             undesirable_weight=1.0):
+             undesirable_weight=1.0, rpo_alpha=0.0):
     """Losses (B,) and the totals of KTO_METRICS over B unpaired rows: batch and kl_batch are
     batches.kto_batch's (the rows, and the mismatched rows), desirable (B,) bool their labels. Only
     the rows' forward keeps a graph: z, from the mismatched rows, is detached anyway."""
@@ -152,8 +155,9 @@ def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), be
         logps = batch_logps(policy, batch)  # (B,)
         with torch.no_grad():
             kl_logps, ref_logps, ref_kl_logps = batch_logps(policy, kl_batch), batch_logps(ref, batch), batch_logps(ref, kl_batch)
+        lengths = batch.sequence_sums((batch.targets != -1).float())  # (B,) tokens, <|endoftext|> included
         losses, rewards, z = kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta,
-                                      desirable_weight, undesirable_weight)
+                                      desirable_weight, undesirable_weight, rpo_alpha, lengths)
     return losses, totals((losses, None), (rewards, desirable), (rewards, ~desirable), (z, None),
                           (logps, desirable), (logps, ~desirable))
 

@@ -11,6 +11,9 @@ the higher one of a prompt's two samples is chosen, and a tie gives no pair. Jud
     'implicit:DIR'      a trained DPO run's implicit reward, beta * log(pi(y|x) / pi_ref(y|x)), with the
                         run's own reference and beta: "your language model is secretly a reward model",
                         online feedback with no separate reward model
+    'implicit_per_token:DIR'  the same divided by the response's tokens: the summed log-ratio grows with
+                        every repeat of a word the DPO run upweighted, and a policy trained online
+                        against it learns to repeat them (README, "The DPO family on one plane")
 Sampling (sample_responses) is also what evaluate.py scores policies with.
 """
 
@@ -81,16 +84,18 @@ def user_judge(spec):
     return lambda prompt_texts, response_texts, prompt_ids, response_ids: function(prompt_texts, response_texts)
 
 
-def implicit_reward_judge(run_dir, device, autocast=nullcontext()):
+def implicit_reward_judge(run_dir, device, autocast=nullcontext(), per_token=False):
     """A DPO run's implicit reward as a judge: beta * (log pi(y|x) - log pi_ref(y|x)) with the
-    run's policy (run_dir/ckpt.pt), and the reference and beta its checkpoint records."""
+    run's policy (run_dir/ckpt.pt), and the reference and beta its checkpoint records; per_token:
+    divided by the response's tokens (<|endoftext|> included)."""
+    spec = f"{'implicit_per_token' if per_token else 'implicit'}:{run_dir}"
     path = os.path.join(run_dir, 'ckpt.pt')
     if not os.path.isfile(path):
-        raise JudgeError(f"judge='implicit:{run_dir}': no DPO run there (no {path})")
+        raise JudgeError(f"judge={spec!r}: no DPO run there (no {path})")
     checkpoint = runtime.load_checkpoint(path)
     config = checkpoint.get('config', {})
     if checkpoint.get('script') != 'dpo' or config.get('loss_type') == 'simpo' or not config.get('ref_from'):
-        raise JudgeError(f"judge='implicit:{run_dir}': {path} is not a DPO run with a reference (written by "
+        raise JudgeError(f"judge={spec!r}: {path} is not a DPO run with a reference (written by "
                          f"{checkpoint.get('script', 'an older version')}.py, loss_type {config.get('loss_type')}); "
                          "the implicit reward is the log-ratio of a DPO policy to its reference")
     policy = runtime.load_model(run_dir, device=device, checkpoint=checkpoint).eval()
@@ -98,8 +103,9 @@ def implicit_reward_judge(run_dir, device, autocast=nullcontext()):
     beta = config['beta']
 
     def judge(prompt_texts, response_texts, prompt_ids, response_ids):
-        return beta * (sequence_logps(policy, prompt_ids, response_ids, autocast) -
-                       sequence_logps(ref, prompt_ids, response_ids, autocast))
+        rewards = beta * (sequence_logps(policy, prompt_ids, response_ids, autocast) -
+                          sequence_logps(ref, prompt_ids, response_ids, autocast))  # (N,)
+        return rewards / np.array([len(r) for r in response_ids]) if per_token else rewards
     return judge
 
 
@@ -108,12 +114,13 @@ def load_judge(spec, device='cpu', autocast=nullcontext()):
     prompt_ids, response_ids) -> (N,) float scores, checked for shape and finiteness when called."""
     if spec == 'true_reward':
         judge = true_reward_judge
-    elif spec.startswith('implicit:'):
-        judge = implicit_reward_judge(spec[len('implicit:'):], device, autocast)
+    elif spec.startswith(('implicit:', 'implicit_per_token:')):
+        kind, _, run_dir = spec.partition(':')
+        judge = implicit_reward_judge(run_dir, device, autocast, per_token=kind == 'implicit_per_token')
     elif ':' in spec:
         judge = user_judge(spec)
     else:
-        raise JudgeError(f"judge={spec!r}: use 'true_reward', 'module:function' or 'implicit:DIR'")
+        raise JudgeError(f"judge={spec!r}: use 'true_reward', 'module:function', 'implicit:DIR' or 'implicit_per_token:DIR'")
 
     def checked(prompt_texts, response_texts, prompt_ids, response_ids):
         try:

@@ -38,6 +38,10 @@ def test_kto_loss_by_hand():
                 0.5 * (1 - sigmoid(0.5 * (0.3 - 0.5)))]
     assert loss.tolist() == pytest.approx(expected, abs=1e-6)
     assert rewards.tolist() == pytest.approx([0.5, -0.5, 0.25]) and not rewards.requires_grad
+    # rpo_alpha adds a desirable row's NLL per token (here -(-1.0) / 4 tokens, times 0.8); undesirable rows keep theirs
+    with_nll, _, _ = losses.kto_loss(policy, ref, policy_kl, ref_kl, desirable, beta=0.5, desirable_weight=2.0,
+                                     undesirable_weight=0.5, rpo_alpha=0.8, lengths=torch.tensor([4.0, 2.0, 5.0]))
+    assert with_nll.tolist() == pytest.approx([expected[0] + 0.8 * 1.0 / 4, expected[1], expected[2]], abs=1e-6)
 
 
 def test_kto_reference_point_is_clamped_and_detached():

@@ -81,7 +81,7 @@ def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
         (f'{tmp_path / "nope.py"}:f', r"no file .*nope\.py"),
         (f'{tmp_path / "broken.py"}:f', r"cannot import .*broken\.py \(ModuleNotFoundError: No module named 'no_such_module_here'\)"),
         ('no_such_package_xyz:f', r"cannot import no_such_package_xyz \(ModuleNotFoundError"),
-        ('best', r"judge='best': use 'true_reward', 'module:function' or 'implicit:DIR'"),
+        ('best', r"judge='best': use 'true_reward', 'module:function', 'implicit:DIR' or 'implicit_per_token:DIR'"),
     ]:
         with pytest.raises(online.JudgeError, match=message):
             call(spec)
@@ -113,9 +113,13 @@ def test_the_implicit_reward_judge_is_beta_times_the_log_ratio(tmp_path):
             idx, targets = torch.tensor([p + r[:-1]]), torch.tensor([[-1] * (len(p) - 1) + r])
             log_ratio = models['policy'](idx, targets).sum() - models['ref'](idx, targets).sum()  # summed over the response
             by_hand.append(0.3 * log_ratio.item())
-    scores = judge([decode(p) for p in prompts], [decode(r) for r in responses], prompts, responses)
-    assert scores.tolist() == pytest.approx(by_hand, abs=1e-5)
+    texts = [decode(p) for p in prompts], [decode(r) for r in responses]
+    assert judge(*texts, prompts, responses).tolist() == pytest.approx(by_hand, abs=1e-5)
+    per_token = online.load_judge(f'implicit_per_token:{tmp_path / "dpo"}')(*texts, prompts, responses)
+    assert per_token.tolist() == pytest.approx([by_hand[0] / 3, by_hand[1] / 4], abs=1e-5)  # 3 and 4 response tokens
     with pytest.raises(online.JudgeError, match=r"is not a DPO run with a reference"):
         online.load_judge(f'implicit:{tmp_path / "ref"}')
     with pytest.raises(online.JudgeError, match=r"no DPO run there"):
         online.load_judge(f'implicit:{tmp_path / "nothing"}')
+    with pytest.raises(online.JudgeError, match=r"judge='implicit_per_token:.*nothing': no DPO run there"):
+        online.load_judge(f'implicit_per_token:{tmp_path / "nothing"}')
