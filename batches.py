@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from configurator import ConfigError
 from data import EOT_TOKEN, DataError
 
 
@@ -121,43 +122,51 @@ def dpo_padding(data, batches, pack=False):
 
 
 class PairLoader:
-    """Which pairs each batch of this rank holds, batch after batch, epoch after epoch.
+    """Which pairs each micro-batch of this rank holds, micro-batch after micro-batch, epoch after epoch.
 
-    The order of an epoch depends only on (seed, epoch). Under DDP the epoch's order is padded, by
-    repeating its first pairs, to a multiple of world_size; each global batch of batch_size *
-    world_size pairs is dealt to the ranks in turn, so the ranks' shards are disjoint (but for those
-    few repeats), together cover every pair, and all ranks take the same number of steps (training
-    needs that: every step all-reduces). even=False leaves the repeats out, for evaluation, where a
-    repeated pair would count twice: the last batches of some ranks are then smaller, or missing.
-    group_by_length sorts pairs by length within windows of 64 global batches and shuffles the
-    batches, so a batch holds pairs of similar length and is padded less.
-    The state is {'epoch', 'batch'}: load_state_dict continues at exactly the next batch.
+    The pairs of an optimizer step (batch_size * accumulation * world_size of them) depend only on
+    (seed, epoch) and that number, never on how it is split: 8 ranks, or 4 ranks with twice the
+    accumulation, see the same pairs each step, so a run stopped on one layout resumes on another.
+    An epoch's order is padded, by repeating its first pairs, to a whole number of steps; a step's
+    pairs are cut into micro-batches of batch_size, the first world_size of them the ranks' first
+    micro-step, and so on, so the ranks' shards are disjoint (but for those few repeats), together
+    cover every pair, and every micro-batch is full. even=False leaves the repeats out, for
+    evaluation, where a repeated pair would count twice: the last micro-batches of some ranks are
+    then smaller, or missing. group_by_length sorts pairs by length within windows of 64 steps and shuffles the
+    steps, so a micro-batch holds pairs of similar length and is padded less.
+    The state is {'epoch', 'pairs' (of the epoch, taken by all ranks), 'pairs_per_step'}:
+    load_state_dict continues at exactly the next micro-batch, on this layout or another.
     """
 
-    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, group_by_length=False,
-                 even=True):
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1, shuffle=True,
+                 group_by_length=False, even=True):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle, self.group_by_length, self.even = shuffle, group_by_length, even
-        self.epoch, self.batch, self._batches = 0, 0, None
+        self.accumulation, self.shuffle, self.group_by_length, self.even = accumulation, shuffle, group_by_length, even
+        self.pairs_per_micro_step = batch_size * world_size  # all ranks' micro-batches together
+        self.pairs_per_step = self.pairs_per_micro_step * accumulation
+        self.epoch, self.batch, self._batches = 0, 0, None  # batch: this rank's micro-batches taken in the epoch
 
     def epoch_batches(self, epoch):
-        """This rank's batches of one epoch: a list of arrays of pair indices."""
-        n, W = len(self.lengths), self.world_size
+        """This rank's micro-batches of one epoch: a list of arrays of pair indices."""
+        n, S = len(self.lengths), self.pairs_per_step
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.even:
-            order = np.resize(order, n + (-n) % W)  # repeat the first pairs up to a multiple of W
-        per_step = self.batch_size * W
+            order = np.resize(order, n + (-n) % S)  # repeat the first pairs up to a whole number of steps
         if self.group_by_length:
-            window = per_step * 64
+            window = S * 64
             order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
                                     for w in np.split(order, range(window, len(order), window))])
-        global_batches = np.split(order, range(per_step, len(order), per_step))
+        steps = np.split(order, range(S, len(order), S))
         if self.group_by_length and self.shuffle:
-            global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
-        batches = [gb[self.rank::W] for gb in global_batches]  # dealt in turn: similar lengths on every rank
-        return [b for b in batches if len(b)]  # (uneven: a last global batch of fewer than W pairs)
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        # a step's pairs in slots of batch_size, slot m * world_size + r for rank r's micro-step m: the
+        # same slots whatever the layout, so that also a loss averaged within a micro-batch (SFT's per
+        # token, KTO's reference point) does not change with it
+        B, M = self.batch_size, self.pairs_per_micro_step
+        batches = [step[m + self.rank * B:m + (self.rank + 1) * B] for step in steps for m in range(0, len(step), M)]
+        return [b for b in batches if len(b)]  # (uneven: the last step's later slots are short or empty)
 
     def __iter__(self):
         return self
@@ -172,10 +181,20 @@ class PairLoader:
         return self._batches[self.batch - 1]
 
     def state_dict(self):
-        return {'epoch': self.epoch, 'batch': self.batch}
+        return {'epoch': self.epoch, 'pairs': self.batch * self.pairs_per_micro_step, 'pairs_per_step': self.pairs_per_step}
 
     def load_state_dict(self, state):
-        self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+        if 'pairs' not in state:  # an older checkpoint: this rank's batches, on the layout it was written on
+            self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+            return
+        if state['pairs_per_step'] != self.pairs_per_step:
+            accumulation, rest = divmod(state['pairs_per_step'], self.pairs_per_micro_step)
+            raise ConfigError(
+                f"the run took {state['pairs_per_step']} pairs a step, this one would take {self.pairs_per_step} "
+                f"(batch_size {self.batch_size} x gradient_accumulation_steps {self.accumulation} x {self.world_size} "
+                "rank(s)): the order of the pairs depends on that number, so keep it when you resume"
+                + ('' if rest or not accumulation else f" (here: --gradient_accumulation_steps={accumulation})"))
+        self.epoch, self.batch, self._batches = state['epoch'], state['pairs'] // self.pairs_per_micro_step, None
 
 
 # -------------------------------------------------------------------- packing (pack=True)

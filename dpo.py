@@ -48,14 +48,14 @@ pack = False  # several sequences a row (block-diagonal causal attention) instea
 beta = 0.1  # the KL penalty's strength: the reward is beta * log(pi / pi_ref)
 loss_type = 'sigmoid'  # 'sigmoid' (DPO), 'ipo', 'hinge', 'simpo', or 'kto' (unpaired rows)
 label_smoothing = 0.0  # sigmoid only: conservative DPO, the assumed probability that a label is flipped
-rpo_alpha = 0.0  # > 0 adds rpo_alpha times the chosen response's NLL per token (RPO)
+rpo_alpha = 0.0  # > 0 adds rpo_alpha times the chosen response's NLL per token (RPO; kto: a desirable row's)
 simpo_gamma = 0.5  # simpo only: the target reward margin
 desirable_weight = 1.0  # kto only: the weight of a desirable row's loss (the paper: weight x count about even)
 undesirable_weight = 1.0  # kto only: the weight of an undesirable row's loss
 precompute_ref_logps = False  # compute the reference's log-probs once (cached with the tokens), then train without it in memory
 # online DPO: each micro-step's pairs sampled from the policy as it trains, ranked by a judge (online.py)
 online = False  # True: two samples of the current policy per prompt of the data, the judge's better one chosen, ties dropped
-judge = 'true_reward'  # 'true_reward' (the embedded task), 'module:function' (yours), or 'implicit:DIR' (a DPO run's implicit reward)
+judge = 'true_reward'  # 'true_reward' (the embedded task), 'module:function' (yours), 'implicit:DIR' (a DPO run's implicit reward) or 'implicit_per_token:DIR'
 online_temperature = 1.0  # of the policy's samples
 online_max_new_tokens = 48  # a sample's tokens at most (prompt + sample also within max_length)
 # training
@@ -110,7 +110,7 @@ def step(model, ref, data, indices, ref_logps, run):
         batch, kl_batch = (b.to(run.device) for b in kto_batch(data, indices, max_length, pack))
         desirable = torch.from_numpy(data.arrays['label'][indices]).to(run.device)  # (B,) bool
         losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
-                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha)
         return losses, totals, batch, [kl_batch, batch, kl_batch]  # the policy's mismatched rows, the reference's both
     batch = dpo_batch(data, indices, pack).to(run.device)
     batch_ref_logps = None if ref_logps is None else torch.from_numpy(ref_logps[indices]).to(run.device)  # (B, 2)
@@ -211,7 +211,7 @@ def main(config):
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
-                        group_by_length=group_by_length)
+                        gradient_accumulation_steps, group_by_length=group_by_length)
     optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
     iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
@@ -269,10 +269,9 @@ def main(config):
                 online_totals += sampled_totals
                 sample_seconds += time.perf_counter() - t_sample
                 indices = np.arange(len(data))
-            else:  # a batch at the end of an epoch may hold fewer than batch_size pairs
+            else:
                 data, indices = train_data, next(loader)
             losses, batch_totals, batch, forward_only = step(ddp_policy, ref, data, indices, train_ref, run)
-            # every pair weighs the same, also in a short batch at the end of an epoch
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted

@@ -113,7 +113,8 @@ def main(config):
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
-    loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
+    loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, gradient_accumulation_steps,
+                        group_by_length=group_by_length)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
     iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
@@ -160,7 +161,7 @@ def main(config):
         for micro_step in range(gradient_accumulation_steps):
             if run.ddp:  # all-reduce the gradients only once, after the last micro-step
                 ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            indices = next(loader)  # a batch at the end of an epoch may hold fewer than batch_size sequences
+            indices = next(loader)
             batch = sft_batch(train_data, indices, pack).to(run.device)
             loss, batch_totals = sft_step(ddp_model, batch, run.autocast)
             scaler.scale(loss / gradient_accumulation_steps).backward()

@@ -9,6 +9,7 @@ import torch
 
 import batches
 from batches import PairLoader
+from configurator import ConfigError
 from data import EOT_TOKEN, PairData, encode, load_dataset, tokenize_pairs
 from test_data import write_jsonl
 
@@ -106,18 +107,57 @@ def test_sft_batch_is_prompt_plus_chosen():
 
 # ---------------------------------------------------------------- order, shards, resume
 
-@pytest.mark.parametrize('world_size', [1, 2, 3])
+@pytest.mark.parametrize('world_size,accumulation', [(1, 1), (2, 1), (3, 1), (2, 3)])
 @pytest.mark.parametrize('n,group', [(12, False), (13, False), (13, True)])
-def test_shards_are_disjoint_and_complete(world_size, n, group):
+def test_shards_are_disjoint_and_complete(world_size, accumulation, n, group):
     lengths = np.random.default_rng(0).integers(5, 50, n)
-    per_rank = [PairLoader(lengths, 2, seed=3, rank=r, world_size=world_size, group_by_length=group).epoch_batches(0)
-                for r in range(world_size)]
-    assert len({len(b) for b in per_rank}) == 1  # every rank takes the same number of steps
-    for step in zip(*per_rank):
-        assert len({len(b) for b in step}) == 1  # of the same size
+    per_rank = [PairLoader(lengths, 2, seed=3, rank=r, world_size=world_size, accumulation=accumulation,
+                           group_by_length=group).epoch_batches(0) for r in range(world_size)]
+    assert len({len(b) for b in per_rank}) == 1  # every rank takes the same number of micro-steps
+    assert all(len(b) == 2 for batches in per_rank for b in batches)  # every micro-batch full
     seen = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(seen.tolist()) == set(range(n))  # complete
-    assert len(seen) == n + (-n) % world_size  # disjoint, but for the repeats that even out the ranks
+    assert len(seen) == n + (-n) % (2 * world_size * accumulation)  # disjoint, but for the repeats that fill the last step
+
+
+def layout(lengths, world_size, accumulation, epochs=1, **kwargs):
+    """Each optimizer step's micro-batches as (rank, micro-step) -> sorted pair indices, over epochs."""
+    per_rank = [PairLoader(lengths, 2, seed=5, rank=r, world_size=world_size, accumulation=accumulation,
+                           **kwargs) for r in range(world_size)]
+    steps = []
+    for _ in range(epochs * len(per_rank[0].epoch_batches(0)) // accumulation):
+        micro = [[next(loader) for _ in range(accumulation)] for loader in per_rank]
+        steps.append([sorted(micro[r][m].tolist()) for m in range(accumulation) for r in range(world_size)])
+    return steps
+
+
+@pytest.mark.parametrize('group', [False, True])
+def test_a_steps_pairs_do_not_depend_on_the_layout(group):
+    """4 ranks, 2 ranks accumulating 2, 1 rank accumulating 4: the same pairs each step, over two
+    epochs, even in the same micro-batches (slot m * ranks + r), with grouping by length or without."""
+    lengths = np.random.default_rng(1).integers(5, 50, 70)  # not a whole number of 8-pair steps
+    four, two, one = (layout(lengths, w, k, epochs=2, group_by_length=group) for w, k in ((4, 1), (2, 2), (1, 4)))
+    assert four == two == one and len(one) == 2 * 9
+
+
+def test_a_run_resumes_on_another_layout_where_it_stopped():
+    """Stopped after 3 steps on 4 ranks, resumed on 2 ranks with twice the accumulation (state from
+    rank 0, as a checkpoint holds it): the same pairs follow, none skipped, none repeated."""
+    lengths = np.random.default_rng(2).integers(5, 50, 40)
+    expected = layout(lengths, 1, 4, epochs=2, group_by_length=True)  # 5 steps an epoch
+    first = [PairLoader(lengths, 2, seed=5, rank=r, world_size=4, group_by_length=True) for r in range(4)]
+    got = [[sorted(next(loader).tolist()) for loader in first] for _ in range(7)]  # into the second epoch
+    state = json.loads(json.dumps(first[0].state_dict()))
+    resumed = [PairLoader(lengths, 2, seed=5, rank=r, world_size=2, accumulation=2, group_by_length=True) for r in range(2)]
+    for loader in resumed:
+        loader.load_state_dict(state)
+    for _ in range(3):
+        micro = [[next(loader) for _ in range(2)] for loader in resumed]
+        got.append([sorted(micro[r][m].tolist()) for m in range(2) for r in range(2)])
+    assert got == expected
+    with pytest.raises(ConfigError, match=r"the run took 8 pairs a step, this one would take 4 \(batch_size 2 x "
+                                          r"gradient_accumulation_steps 1 x 2 rank\(s\)\).*--gradient_accumulation_steps=2"):
+        PairLoader(lengths, 2, world_size=2).load_state_dict(state)
 
 
 @pytest.mark.parametrize('world_size,n', [(1, 7), (2, 13), (3, 13), (4, 9), (5, 3)])

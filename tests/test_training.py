@@ -205,20 +205,33 @@ def test_killed_at_random_moments_the_checkpoint_loads_and_resumes(sft_dir, tmp_
     assert torch.load(ckpt, weights_only=True)['iter_num'] == iter_num + 1
 
 
-def test_two_ddp_ranks_equal_one_rank_accumulating(sft_dir, tmp_path):
-    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--max_iters=3',
-            '--eval_interval=3', '--group_by_length=False', '--batch_size=4']
+def test_two_ddp_ranks_equal_one_rank_accumulating_and_resume_on_it(sft_dir, tmp_path):
+    """With the default grouping by length: 2 ranks and 1 rank accumulating 2 take the same pairs each
+    step and end with the same weights; the 2-rank run, resumed on 1 rank accumulating 2, goes on
+    with the same pairs as the 1-rank run."""
+    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4']
     two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    ok(run('dpo.py', *args, f'--out_dir={two}', launcher=torchrun))
-    ok(run('dpo.py', *args, f'--out_dir={one}', '--gradient_accumulation_steps=2'))
-    # Adam divides by sqrt(v): where a gradient is nearly 0, the rounding of the two summation orders
-    # moves an element by a visible part of a step, so compare the mean difference with the mean
-    # movement (measured: 6e-10 against 2.5e-3); a broken all-reduce or sharding makes them comparable
-    two, one, start = (torch.cat([t.flatten() for t in params(d).values()]) for d in (two, one, sft_dir))
-    assert (two - one).abs().mean() < 1e-4 * (one - start).abs().mean()
+    ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={two}', launcher=torchrun))
+    ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={one}', '--gradient_accumulation_steps=2'))
     loss = lambda out: [r['loss'] for r in metrics(out) if 'loss' in r]
-    assert loss(str(tmp_path / 'two')) == pytest.approx(loss(str(tmp_path / 'one')), abs=1e-5)
+
+    def assert_same_weights(a, b):
+        # Adam divides by sqrt(v): where a gradient is nearly 0, the rounding of the two summation orders
+        # moves an element by a visible part of a step, so compare the mean difference with the mean
+        # movement (measured: 6e-10 against 2.5e-3); a broken all-reduce or sharding makes them comparable
+        a, b, start = (torch.cat([t.flatten() for t in params(d).values()]) for d in (a, b, sft_dir))
+        assert (a - b).abs().mean() < 1e-4 * (b - start).abs().mean()
+        
+    assert_same_weights(two, one)
+    assert loss(two) == pytest.approx(loss(one), abs=1e-5)
+    for out in (two, one):  # the 2-rank run goes on as one process
+        ok(run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=5', '--eval_interval=5',
+               '--gradient_accumulation_steps=2', '--batch_size=4'))
+    assert_same_weights(two, one)
+    assert loss(two) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
+    result = run('dpo.py', '--init_from=resume', f'--out_dir={one}', '--max_iters=6', '--batch_size=4')
+    assert result.returncode != 0 and "the run took 8 pairs a step, this one would take 4" in result.stderr
 
 
 def test_fast_paths_train_like_the_simple_one(sft_dir, tmp_path):
