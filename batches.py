@@ -197,6 +197,21 @@ class PairLoader:
         self.epoch, self.batch, self._batches = state['epoch'], state['pairs'] // self.pairs_per_micro_step, None
 
 
+def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
+    """Evaluation's batches on this rank, as (indices, counted): each of the n held-out examples once
+    over all ranks, in order (PairLoader's even=False), the first limit batches of each rank (-1:
+    all). same_count, for FSDP, where each forward gathers the weights with every rank: as many
+    batches as rank 0 has (it has the most), the missing ones rank 0's first, run but not counted."""
+    def batches(r):
+        loader = PairLoader(np.zeros(n), batch_size, rank=r, world_size=world_size, shuffle=False, even=False)
+        return loader.epoch_batches(0)[:limit if limit > 0 else None]
+    mine = [(indices, True) for indices in batches(rank)]
+    if not same_count:
+        return mine
+    most = batches(0)
+    return mine + [(most[0], False)] * (len(most) - len(mine))
+
+
 # -------------------------------------------------------------------- packing (pack=True)
 # Several sequences share a row, each seeing only itself under a block-diagonal causal mask, with
 # positions counted from its own start: the same log-probs and gradients as padded rows (tested),

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import parallel
 import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
-from batches import PairLoader, dpo_batch, kto_batch
+from batches import PairLoader, dpo_batch, eval_batches, kto_batch
 from data import DataError, load_dataset, unpair
 from losses import DPO_METRICS, KTO_METRICS, LOSS_TYPES, chosen_rejected_logps, dpo_step, kto_step, means
 from model import LoadError
@@ -85,6 +86,7 @@ wandb_run_name = 'dpo'
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bf16 where the hardware has it, float16 on older GPUs, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the policy and the reference
+fsdp = False  # under torchrun: each rank holds 1/N of the policy, the reference, the gradients and AdamW's state (FSDP2), not all of them (DDP)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -123,11 +125,10 @@ def step(model, ref, data, indices, ref_logps, run):
 def evaluate(model, ref, ref_logps, data, metric_names, run):
     """Held-out means of the metrics over eval_iters batches (all with -1), over all ranks."""
     model.eval()
-    batches = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
-                         shuffle=False, even=False).epoch_batches(0)
     totals = torch.zeros(len(metric_names), 2, device=run.device)  # (sum, count) of each metric
-    for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        totals += step(model, ref, data, indices, ref_logps, run)[1]
+    for indices, counted in eval_batches(len(data), batch_size, run.rank, run.world_size, eval_iters, fsdp):
+        batch_totals = step(model, ref, data, indices, ref_logps, run)[1]
+        totals += batch_totals if counted else 0  # (FSDP: a rank short of batches runs one more, not counted)
     model.train()
     return means(metric_names, runtime.all_reduce_sum(totals, run), prefix='eval/')
 
@@ -196,6 +197,12 @@ def main(config):
     if online and (kto or precompute_ref_logps):
         raise ConfigError("online=True samples new pairs every step: it trains with a pairwise loss_type (not 'kto') "
                           "and a live reference (not precompute_ref_logps=True)")
+    if fsdp and run.dtype == 'float16':
+        raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
+                          "use bfloat16 (or float32)")
+    if fsdp and online:
+        raise ConfigError("fsdp=True does not go with online=True: each rank samples its own prompts, as many tokens as "
+                          "its samples take, while under FSDP every rank must take part in every forward")
     if kto and batch_size < 2:
         raise ConfigError("loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with "
                           "another row of the same batch")
@@ -206,21 +213,21 @@ def main(config):
         train_data, eval_data = unpair(train_data), unpair(eval_data)
     metric_names = KTO_METRICS if kto else DPO_METRICS
     judge_scores = load_judge(judge, run.device, run.autocast) if online else None  # a bad judge stops before training
+    raw_policy = policy  # the model that is stepped and saved (under FSDP, sharded in place by wrap)
+    policy = parallel.wrap(raw_policy, run, fsdp, compile)  # the one the forward goes through: compiled, DDP or FSDP
+    ref = parallel.wrap(ref, run, fsdp, compile, train=False)
     train_ref = eval_ref = None
     if precompute_ref_logps:
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         gradient_accumulation_steps, group_by_length=group_by_length)
-    optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    # after wrap: under FSDP the optimizer holds this rank's shards of the parameters and moments
+    optimizer = raw_policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
     iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
-    start_iter, raw_policy = iter_num, policy  # the unwrapped model: the one stepped and saved
+    start_iter = iter_num
     del checkpoint  # its tensors live in the model and the optimizer now
-    if compile:
-        policy = torch.compile(policy, dynamic=True)  # batch lengths change every step: one graph for all
-        ref = torch.compile(ref, dynamic=True) if ref is not None else None
-    ddp_policy = runtime.wrap_ddp(policy, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
     if run.master:
@@ -242,10 +249,11 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                model_state, optimizer_state = parallel.full_state(raw_policy, optimizer)  # whole tensors (FSDP: a gather)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
-                        script='dpo', model=raw_policy.state_dict(), model_args=asdict(raw_policy.config),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                        script='dpo', model=model_state, model_args=asdict(raw_policy.config),
+                        optimizer=optimizer_state, scaler=scaler.state_dict(), iter_num=iter_num,
                         loader=loader.state_dict(), rng=rng, config=config, ref_sha256=ref_sha256),
                         os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
@@ -259,8 +267,7 @@ def main(config):
         totals, flops, tokens = torch.zeros(len(metric_names), 2, device=run.device), 0, 0  # (sum, count) of each metric
         online_totals, sample_seconds = torch.zeros(len(ONLINE_METRICS), 2), 0.0
         for micro_step in range(gradient_accumulation_steps):
-            if run.ddp:  # all-reduce the gradients only once, after the last micro-step
-                ddp_policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            parallel.sync_gradients(policy, micro_step == gradient_accumulation_steps - 1)  # the last micro-step's only
             if online:  # batch_size pairs sampled from the policy now, ranked by the judge
                 t_sample = time.perf_counter()
                 data, sampled_totals = online_pairs(raw_policy, train_data, lambda: next(loader), batch_size, judge_scores,
@@ -271,7 +278,7 @@ def main(config):
                 indices = np.arange(len(data))
             else:
                 data, indices = train_data, next(loader)
-            losses, batch_totals, batch, forward_only = step(ddp_policy, ref, data, indices, train_ref, run)
+            losses, batch_totals, batch, forward_only = step(policy, ref, data, indices, train_ref, run)
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted

@@ -1,5 +1,5 @@
 """
-Plumbing that the scripts share: device and dtype choice, DDP set-up, the learning-rate schedule,
+Plumbing that the scripts share: device and dtype choice, torchrun's process group, the learning-rate schedule,
 the optimizer step, checkpoint files, metric logging and the device's peak FLOPs for MFU.
 The training loops themselves stay in sft.py and dpo.py, flat and readable top to bottom.
 """
@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import parallel
 from configurator import ConfigError, read_config_file
 from model import GPT, GPTConfig, LoadError, first_line, from_pretrained
 
@@ -215,22 +215,16 @@ def prepare_out_dir(out_dir, run, resuming, overwrite, sources):
 
 
 def restore_training_state(checkpoint, optimizer, scaler, loader, run):
-    """Put a checkpoint's optimizer moments, loss scale, data order and this rank's RNG states back,
-    so the run continues exactly where it stopped; returns the iteration it stopped at."""
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    """Put a checkpoint's optimizer moments (under FSDP, this rank's shards of them), loss scale,
+    data order and this rank's RNG states back, so the run continues exactly where it stopped, on
+    this layout or another; returns the iteration it stopped at."""
+    parallel.load_optimizer_state(optimizer, checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
     states = checkpoint['rng'] if isinstance(checkpoint['rng'], list) else [checkpoint['rng']]  # older: rank 0's
     if run.rank < len(states):  # a rank the saving run did not have keeps the seed + rank stream of setup()
         set_rng_states(states[run.rank])
     return checkpoint['iter_num']
-
-
-def wrap_ddp(model, run):
-    """The model the training forward goes through: DDP-wrapped under torchrun, else itself."""
-    if not run.ddp:
-        return model
-    return DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None)
 
 
 def write_json(path, obj):
@@ -292,7 +286,7 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    return (grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm).item()  # (FSDP: a DTensor)
 
 
 @contextmanager

@@ -12,9 +12,10 @@ from dataclasses import asdict
 
 import torch
 
+import parallel
 import runtime
 from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
-from batches import PairLoader, sft_batch
+from batches import PairLoader, eval_batches, sft_batch
 from data import DataError, load_dataset
 from losses import SFT_METRICS, means, sft_step
 from model import GPT, GPTConfig, LoadError
@@ -63,6 +64,7 @@ wandb_run_name = 'sft'
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bf16 where the hardware has it, float16 on older GPUs, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model
+fsdp = False  # under torchrun: each rank holds 1/N of the model, the gradients and AdamW's state (FSDP2), not all of them (DDP)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -81,11 +83,10 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
 def evaluate(model, data, run):
     """Held-out NLL per token of the chosen responses, over eval_iters batches (all with -1), all ranks."""
     model.eval()
-    batches = PairLoader(data.pair_lengths(), batch_size, rank=run.rank, world_size=run.world_size,
-                         shuffle=False, even=False).epoch_batches(0)
     totals = torch.zeros(len(SFT_METRICS), 2, device=run.device)  # (sum, count) of each metric
-    for indices in batches[:eval_iters] if eval_iters > 0 else batches:
-        totals += sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
+    for indices, counted in eval_batches(len(data), batch_size, run.rank, run.world_size, eval_iters, fsdp):
+        batch_totals = sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
+        totals += batch_totals if counted else 0  # (FSDP: a rank short of batches runs one more, not counted)
     model.train()
     return means(SFT_METRICS, runtime.all_reduce_sum(totals, run), prefix='eval/')
 
@@ -109,20 +110,23 @@ def main(config):
         model = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
     if max_length > model.config.block_size:
         raise ConfigError(f"max_length={max_length} is longer than the model's block_size {model.config.block_size}")
+    if fsdp and run.dtype == 'float16':
+        raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
+                          "use bfloat16 (or float32)")
     with runtime.master_first(run):  # one process writes the token cache, the others read it
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, gradient_accumulation_steps,
                         group_by_length=group_by_length)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
+    raw_model = model  # the model that is stepped and saved (under FSDP, sharded in place by wrap)
+    model = parallel.wrap(raw_model, run, fsdp, compile)  # the one the forward goes through: compiled, DDP or FSDP
+    # after wrap: under FSDP the optimizer holds this rank's shards of the parameters and moments
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
     iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
-    start_iter, raw_model = iter_num, model  # the unwrapped model: the one stepped and saved
+    start_iter = iter_num
     del checkpoint  # its tensors live in the model and the optimizer now
-    if compile:
-        model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
-    ddp_model = runtime.wrap_ddp(model, run)
     log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
     peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
     if run.master:
@@ -143,10 +147,11 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                model_state, optimizer_state = parallel.full_state(raw_model, optimizer)  # whole tensors (FSDP: a gather)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
-                        script='sft', model=raw_model.state_dict(), model_args=asdict(raw_model.config),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                        script='sft', model=model_state, model_args=asdict(raw_model.config),
+                        optimizer=optimizer_state, scaler=scaler.state_dict(), iter_num=iter_num,
                         loader=loader.state_dict(), rng=rng, config=config),
                         os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
@@ -159,11 +164,10 @@ def main(config):
         t0 = time.perf_counter()
         totals, flops, tokens = torch.zeros(len(SFT_METRICS), 2, device=run.device), 0, 0  # (sum, count) of each metric
         for micro_step in range(gradient_accumulation_steps):
-            if run.ddp:  # all-reduce the gradients only once, after the last micro-step
-                ddp_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            parallel.sync_gradients(model, micro_step == gradient_accumulation_steps - 1)  # the last micro-step's only
             indices = next(loader)
             batch = sft_batch(train_data, indices, pack).to(run.device)
-            loss, batch_totals = sft_step(ddp_model, batch, run.autocast)
+            loss, batch_totals = sft_step(model, batch, run.autocast)
             scaler.scale(loss / gradient_accumulation_steps).backward()
             totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted

@@ -16,6 +16,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+import runtime
+from model import GPT, GPTConfig
+
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
 COMMON = ['--device=cpu', '--dtype=float32', '--dataset=synthetic', '--max_length=64', '--max_prompt_length=32',
@@ -205,33 +208,85 @@ def test_killed_at_random_moments_the_checkpoint_loads_and_resumes(sft_dir, tmp_
     assert torch.load(ckpt, weights_only=True)['iter_num'] == iter_num + 1
 
 
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+def assert_same_weights(a, b, start):
+    """Runs a and b moved the weights from start alike. Adam divides by sqrt(v): where a gradient is
+    nearly 0, the rounding of two summation orders moves an element by a visible part of a step, so
+    compare the mean difference with the mean movement (measured: 6e-10 against 2.5e-3); a broken
+    all-reduce, shard or data order makes them comparable."""
+    a, b, start = (torch.cat([t.flatten() for t in params(d).values()]) for d in (a, b, start))
+    assert (a - b).abs().mean() < 1e-4 * (b - start).abs().mean()
+
+
+def loss(out):
+    return [r['loss'] for r in metrics(out) if 'loss' in r]
+
+
 def test_two_ddp_ranks_equal_one_rank_accumulating_and_resume_on_it(sft_dir, tmp_path):
     """With the default grouping by length: 2 ranks and 1 rank accumulating 2 take the same pairs each
     step and end with the same weights; the 2-rank run, resumed on 1 rank accumulating 2, goes on
     with the same pairs as the 1-rank run."""
     args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4']
     two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={two}', launcher=torchrun))
+    ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={two}', launcher=TORCHRUN))
     ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={one}', '--gradient_accumulation_steps=2'))
-    loss = lambda out: [r['loss'] for r in metrics(out) if 'loss' in r]
-
-    def assert_same_weights(a, b):
-        # Adam divides by sqrt(v): where a gradient is nearly 0, the rounding of the two summation orders
-        # moves an element by a visible part of a step, so compare the mean difference with the mean
-        # movement (measured: 6e-10 against 2.5e-3); a broken all-reduce or sharding makes them comparable
-        a, b, start = (torch.cat([t.flatten() for t in params(d).values()]) for d in (a, b, sft_dir))
-        assert (a - b).abs().mean() < 1e-4 * (b - start).abs().mean()
-        
-    assert_same_weights(two, one)
+    assert_same_weights(two, one, sft_dir)
     assert loss(two) == pytest.approx(loss(one), abs=1e-5)
     for out in (two, one):  # the 2-rank run goes on as one process
         ok(run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=5', '--eval_interval=5',
-               '--gradient_accumulation_steps=2', '--batch_size=4'))
-    assert_same_weights(two, one)
+               '--gradient_accumulation_steps=2', *args[1:]))
+    assert_same_weights(two, one, sft_dir)
     assert loss(two) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
     result = run('dpo.py', '--init_from=resume', f'--out_dir={one}', '--max_iters=6', '--batch_size=4')
     assert result.returncode != 0 and "the run took 8 pairs a step, this one would take 4" in result.stderr
+
+
+@pytest.mark.parametrize('script', ['sft.py', 'dpo.py'])
+def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_path, script):
+    """FSDP on 2 ranks ends with the weights of 1 rank accumulating 2 (grouping by length on). Then
+    each run goes on the other's way: the FSDP checkpoint under DDP, the one-process checkpoint under
+    FSDP, and they still agree. ckpt.pt has one format, written by any layout, so this covers FSDP,
+    DDP and one process, each way."""
+    start = sft_dir if script == 'dpo.py' else None
+    args = [f'--init_from={sft_dir}' if start else '--init_from=scratch', '--learning_rate=1e-3', '--warmup_iters=0',
+            '--batch_size=4', *([] if start else ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=64'])]
+    fsdp, one = str(tmp_path / 'fsdp'), str(tmp_path / 'one')
+    ok(run(script, *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={fsdp}', '--fsdp=True', launcher=TORCHRUN))
+    ok(run(script, *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={one}', '--gradient_accumulation_steps=2'))
+    if not start:  # the scratch model of seed 1337: under FSDP too rank 0's, not each rank's own seed's
+        torch.manual_seed(1337)
+        start = str(tmp_path / 'start')
+        runtime.save_checkpoint({'model': GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).state_dict()},
+                                os.path.join(start, 'ckpt.pt'))
+    assert_same_weights(fsdp, one, start)
+    assert loss(fsdp) == pytest.approx(loss(one), abs=1e-5)
+    resume = ['--init_from=resume', '--max_iters=5', '--eval_interval=5', *args[1:]]
+    ok(run(script, *resume, f'--out_dir={fsdp}', launcher=TORCHRUN))  # FSDP -> DDP
+    ok(run(script, *resume, f'--out_dir={one}', '--fsdp=True', launcher=TORCHRUN))  # one process -> FSDP
+    assert_same_weights(fsdp, one, start)
+    assert loss(fsdp) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
+
+
+def test_fsdp_resume_is_exact_and_a_nan_stops_before_saving(sft_dir, tmp_path):
+    args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4', '--fsdp=True',
+            '--eval_interval=2']
+    straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+    ok(run('dpo.py', *args, '--max_iters=4', f'--out_dir={straight}', launcher=TORCHRUN))
+    ok(run('dpo.py', *args, '--max_iters=2', f'--out_dir={stopped}', launcher=TORCHRUN))
+    ok(run('dpo.py', *args[1:], '--init_from=resume', '--max_iters=4', f'--out_dir={stopped}', launcher=TORCHRUN))
+    assert_same_metrics(straight, stopped)
+    for name, t in params(straight).items():
+        assert torch.allclose(t, params(stopped)[name], rtol=0, atol=1e-7), name
+    with open(os.path.join(stopped, 'ckpt.pt'), 'rb') as f:
+        good = f.read()
+    result = run('dpo.py', *args[1:4], '--fsdp=True', '--init_from=resume', f'--out_dir={stopped}', '--max_iters=8',
+                 '--eval_interval=1', '--learning_rate=1e30', '--grad_clip=0.0', launcher=TORCHRUN)
+    assert result.returncode != 0
+    assert re.search(r"error: iteration \d+: the (held-out )?loss is (nan|inf); stopped", result.stderr)
+    with open(os.path.join(stopped, 'ckpt.pt'), 'rb') as f:
+        assert f.read() == good
 
 
 def test_fast_paths_train_like_the_simple_one(sft_dir, tmp_path):
