@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+import parallel
 import runtime
 from configurator import at_least, configure
 from batches import PairLoader, dpo_batch, dpo_padding, sft_batch
@@ -46,6 +47,8 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 profile = False  # also profile three steps of the first of what, and print where the time goes
+fsdp = False  # under torchrun: the policy and the reference sharded as dpo.py's fsdp=True does; the memory columns are this rank's
+memory_plan = False  # also the GB per GPU of a DPO step for every GPT-2 size, DDP and FSDP, from this run's measured bytes
 seed = 1337
 # -----------------------------------------------------------------------------
 RANGES = {'batch_size': at_least(1), 'max_length': at_least(2), 'max_prompt_length': at_least(1), 'steps': at_least(1),
@@ -134,42 +137,97 @@ def cpu_allocation_peak(fn):
     return result, max(0, int(held.max())) if len(held) else 0
 
 
-def memory_accounting(step, indices, models, optimizer, run):
-    """One more step, on the batch indices, with the tensors autograd saves for backward counted.
+def local_bytes(tensors):
+    """Bytes of these tensors on this rank: under FSDP a sharded tensor's own shard only."""
+    return sum((t.to_local() if parallel.is_sharded(t) else t).nbytes for t in tensors)
 
-    need: what the step cannot do without: the tensors alive before it (the weights of the policy
-    and the reference, AdamW's state), the gradients, and the saved tensors (activations, autocast's
-    low-precision weight copies, the one copy of the logits at the target positions). peak: the
-    tensors' peak, the allocator's on CUDA, on a CPU the tensors alive before the step plus the
-    most the step allocated at once (cpu_allocation_peak)."""
-    policy = models[0]
-    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
-    saved = {}
 
-    def pack(t):  # a storage counted once, however many tensors view it; the weights themselves are not new
+def memory_accounting(step, indices, policy, ref, optimizer, run):
+    """One more step, on the batch indices, with this rank's bytes counted as the step holds them
+    (under FSDP each rank's shares; the bytes per parameter are over the whole model's parameters):
+        weights      the policy's parameters             gradients   at the optimizer step (a pre-hook)
+        reference    the reference's parameters          optimizer   AdamW's moments, after the step
+        saved        what autograd saves for backward, in three parts: weight copies (autocast's
+                     low-precision casts of the weights, known by their shape; FSDP's gathered
+                     weights are parameters, not counted), logits (the one copy at the target positions), activations
+    need: their sum. peak: the most tensor memory held at once, the allocator's on CUDA, on a CPU the
+    tensors alive before the step plus the most it allocated at once (cpu_allocation_peak)."""
+    raw = getattr(policy, '_orig_mod', policy)
+    n_params = sum(p.numel() for p in raw.parameters())  # the whole model's (a DTensor's numel is global)
+    weight_shapes = {tuple(p.shape) for p in raw.parameters() if p.dim() == 2}
+    own = {(p.to_local() if parallel.is_sharded(p) else p).untyped_storage().data_ptr() for p in raw.parameters()}
+    saved, grads = {}, []
+
+    def pack(t):  # a storage counted once, however many tensors view it
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if not isinstance(t, torch.nn.Parameter) and storage.data_ptr() not in own:
+            kind = ('weight copies' if tuple(t.shape) in weight_shapes and t.dtype != torch.float32 else
+                    'logits' if t.dim() == 2 and t.shape[-1] >= raw.config.vocab_size else 'activations')
+            saved[storage.data_ptr()] = (kind, storage.nbytes())
         return t
 
-    tensor_bytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    grads = tensor_bytes(p for p in policy.parameters() if p.requires_grad)
+    hook = optimizer.register_step_pre_hook(lambda *_: grads.append(local_bytes(
+        p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None)))
+    state_bytes = lambda: local_bytes(t for state in optimizer.state.values() for t in state.values()
+                                      if torch.is_tensor(t) and t.dim() > 0)
+    alive = local_bytes(raw.parameters()) + local_bytes(ref.parameters()) + state_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if run.device_type == 'cuda':
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             alive = torch.cuda.memory_allocated()
-            _, pairs, _, n_targets = step(indices)
+            _, pairs, n_tokens, n_targets = step(indices)
             peak = torch.cuda.max_memory_allocated()
         else:
-            alive = tensor_bytes(t for m in models for t in m.state_dict().values()) + tensor_bytes(
-                t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-            (_, pairs, _, n_targets), extra = cpu_allocation_peak(lambda: step(indices))
+            (_, pairs, n_tokens, n_targets), extra = cpu_allocation_peak(lambda: step(indices))
             peak = alive + extra
-    need = alive + grads + sum(saved.values())
-    logits = n_targets * policy.config.vocab_size * runtime.DTYPES[run.dtype].itemsize
+    hook.remove()
+    parts = {'weights': local_bytes(raw.parameters()), 'reference': local_bytes(ref.parameters()),
+             'gradients': grads[0], 'optimizer': state_bytes()}
+    for kind in ('weight copies', 'logits', 'activations'):
+        parts[kind] = sum(nbytes for k, nbytes in saved.values() if k == kind)
+    need = sum(parts.values())
     return dict(peak_GB=peak / 1e9, need_GB=need / 1e9, peak_over_need=peak / need,
-                saved_MB_per_pair=sum(saved.values()) / pairs / 1e6, logits_MB_per_pair=logits / pairs / 1e6)
+                bytes_per_param={k: parts[k] / n_params for k in ('weights', 'reference', 'gradients', 'optimizer',
+                                                                  'weight copies')},
+                activation_bytes_per_token=parts['activations'] / n_tokens,
+                logits_bytes_per_target=parts['logits'] / n_targets if n_targets else 0.0,
+                saved_MB_per_pair=(parts['activations'] + parts['logits']) / pairs / 1e6,
+                logits_MB_per_pair=parts['logits'] / pairs / 1e6)
+
+
+PLAN_TOKENS = 4 * 2 * 512  # config/hh.py's micro-batch at its longest: 4 pairs, 2 sequences each, max_length 512
+PLAN_GPUS = (24, 40, 80)  # GB
+PLAN_HEADROOM = 0.9  # a step fits a GPU when it needs at most this share of its memory (CUDA's context, fragmentation)
+
+
+def plan_memory(measured, compute_bytes):
+    """The GB per GPU of one DPO step for every GPT-2 size, under DDP and under FSDP on 2, 4 and 8
+    GPUs, with the reference live or precomputed, for PLAN_TOKENS tokens every one of which has a
+    target (an upper bound). From measured, a dpo row of a one-process run (as a DDP rank holds):
+    its bytes per parameter, its activation bytes per token scaled by n_layer * n_embd to each size,
+    and its logits' bytes per target. FSDP divides the weights, the reference, the gradients and the
+    moments by the GPUs (as the 2-rank measurement shows), and holds the gathered weights of the
+    root (the embeddings) and of two blocks (one computing, one prefetched) in compute_bytes each.
+    A markdown table; a cell is 'GB (the smallest of PLAN_GPUS that it fits)'."""
+    per_param, (L0, _, C0) = measured['bytes_per_param'], SHAPES[measured['model']]
+    per_layer_width = measured['activation_bytes_per_token'] / (L0 * C0)
+    lines = ['| model | reference | DDP | FSDP, 2 GPUs | FSDP, 4 GPUs | FSDP, 8 GPUs |', '|---|---|---|---|---|---|']
+    for name, (L, H, C) in GPT2_SHAPES.items():
+        with torch.device('meta'):  # the shape, with no memory
+            shape = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=1024))
+        P, block = sum(p.numel() for p in shape.parameters()), sum(p.numel() for p in shape.transformer.h[0].parameters())
+        saved = PLAN_TOKENS * (per_layer_width * L * C + measured['logits_bytes_per_target'])
+        for live in (True, False):
+            state = P * (per_param['weights'] + per_param['gradients'] + per_param['optimizer'] +
+                         (per_param['reference'] if live else 0))
+            cells = [state + P * per_param['weight copies'] + saved]
+            for gpus in (2, 4, 8):
+                cells.append(state / gpus + (P - L * block + 2 * block) * compute_bytes + saved)
+            fits = lambda b: next((f"{g}" for g in PLAN_GPUS if b <= PLAN_HEADROOM * g * 1e9), '> 80')
+            lines.append(f"| {name} | {'live' if live else 'precomputed'} | " +
+                         ' | '.join(f"{b / 1e9:.1f} ({fits(b)})" for b in cells) + ' |')
+    return '\n'.join(lines)
 
 
 def profile_step(step, run):
@@ -205,16 +263,18 @@ def profile_step(step, run):
 
 
 def main():
+    if memory_plan and ('dpo' not in what.split(',') or 'RANK' in os.environ):
+        sys.exit("error: memory_plan=True measures the dpo step (what=dpo) of one process (no torchrun)")
     run = runtime.setup(device, dtype, seed)
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
-    optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)
+    # under torchrun, as dpo.py spreads them (DDP, or FSDP with fsdp=True); compiled with compile=True
+    step_model, step_ref = parallel.wrap(policy, run, fsdp, compile), parallel.wrap(ref, run, fsdp, compile, train=False)
+    optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)  # after wrap: FSDP's shards
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
-    # dynamic: the batches' lengths change from step to step; one compiled graph for all of them
-    step_model, step_ref = (torch.compile(policy, dynamic=True), torch.compile(ref, dynamic=True)) if compile else (policy, ref)
-    data = random_pairs(max(64 * batch_size, 256), np.random.default_rng(seed))
-    loader = PairLoader(data.pair_lengths(), batch_size, seed, group_by_length=group_by_length)
+    data = random_pairs(max(64 * batch_size * run.world_size, 256), np.random.default_rng(seed))
+    loader = PairLoader(data.pair_lengths(), batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)
     peak_flops = runtime.peak_flops(run.device, run.dtype) if run.device_type == 'cuda' else measure_cpu_peak(run.dtype)
     results = {'model': model, 'params_M': policy.num_params() / 1e6, 'device': run.device, 'dtype': run.dtype,
@@ -256,12 +316,13 @@ def main():
         seconds, (flops, pairs, tokens, _) = timed(steps_to_run[name], run)
         rows.append(dict(step=name, seconds=seconds, pairs_per_sec=pairs / seconds, tokens_per_sec=tokens / seconds,
                          mfu=flops / seconds / peak_flops if peak_flops else float('nan'),
-                         **memory_accounting(steps_to_run[name], largest, (policy, ref), optimizer, run)))
+                         **memory_accounting(steps_to_run[name], largest, policy, ref, optimizer, run)))
         # at once, so that a run cut short (a compile that outlasts a time limit) still says something
-        print(f"{name}: {seconds:.3f} s/step, {pairs / seconds:.2f} pairs/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
+        if run.master:
+            print(f"{name}: {seconds:.3f} s/step, {pairs / seconds:.2f} pairs/s, MFU {rows[-1]['mfu']:.1%}", flush=True)
     if profile:
         profile_step(steps_to_run[what.split(',')[0]], run)
-    if 'sample' in what:
+    if 'sample' in what and not run.ddp:  # (under torchrun the ranks' models are wrapped, or sharded)
         policy.eval().to(runtime.DTYPES[run.dtype])  # as sample.py does: the weights themselves cast, no autocast
         prompt = [list(range(1000, 1000 + sample_prompt))] * sample_batch
         for use_cache in (True, False):
@@ -272,6 +333,13 @@ def main():
             rows.append(dict(step=f"sample {'with' if use_cache else 'without'} KV cache", seconds=seconds,
                              tokens_per_sec=sum(map(len, out)) / seconds))
     results['steps'] = rows
+    if run.master:
+        report(results, rows, run)
+    runtime.finish(run)
+
+
+def report(results, rows, run):
+    """The table, the bytes per parameter, the memory plan (memory_plan=True) and the JSON line."""
     pad = results['padding']
     print(f"{model} ({results['params_M']:.0f}M), {run.device}, {run.dtype}, batch {batch_size} pairs, lengths {lengths}, "
           f"group_by_length {group_by_length}, pack {pack}; peak {results['peak_tflops']:.2f} TFLOP/s")
@@ -286,6 +354,16 @@ def main():
         print(f"{r['step']:<26}{r['seconds']:>8.3f}" + ''.join(
             f"{format(r[key], spec) if key in r else '-':>{width}}" for key, width, spec in columns))
     print("(pairs/s and MB/pair of the sft row count sequences, one per pair)")
+    layout = f"{'FSDP' if fsdp else 'DDP'}, {run.world_size} rank(s)" if run.ddp else "one process"
+    for r in rows:
+        if 'bytes_per_param' in r:
+            print(f"{r['step']}, bytes per parameter on each rank ({layout}): " + ', '.join(
+                f"{k} {v:.2f}" for k, v in r['bytes_per_param'].items()) +
+                f"; activations {r['activation_bytes_per_token'] / 1e3:.1f} KB per token")
+    if memory_plan:
+        dpo_row = next(r for r in rows if r['step'] == 'dpo')
+        print(f"\nGB per GPU of a DPO step, config/hh.py's micro-batch at its longest ({PLAN_TOKENS} tokens):")
+        print(plan_memory({'model': model, **dpo_row}, runtime.DTYPES[run.dtype].itemsize))
     print(json.dumps(results))
 
 

@@ -32,7 +32,9 @@ def wrap(model, run, fsdp=False, compile=False, train=True):
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        # the root's weights stay gathered from its forward to its backward, by default; a model that
+        # only runs forward (the reference) would keep them gathered for good
+        fully_shard(model, mp_policy=policy, reshard_after_forward=None if train else True)
     if compile:
         model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
     if run.ddp and train and not fsdp:

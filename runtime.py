@@ -359,13 +359,14 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def finish(run, log):
+def finish(run, log=None):
     """The end of a run: the metric log closed, and under DDP, once every rank is here (the master's
     last save done: a rank that left early could abort the others), the process ends at once with
     os._exit(0). The interpreter's own teardown would destroy gloo's process group with the GIL held
     while gloo's worker thread, freeing the last collective, waits for that GIL: a deadlock, seen in
     about one run of ten on 2 CPU ranks."""
-    log.close()
+    if log is not None:
+        log.close()
     if run.ddp:
         barrier(run, "at the end, waiting for the master's last save")
         sys.stdout.flush()

@@ -40,3 +40,22 @@ def test_cpu_allocation_peak_by_hand():
         return 'done'
     assert cpu_allocation_peak(steps) == ('done', 12_000_000)
     assert cpu_allocation_peak(lambda: before.numel()) == (5_000_000, 0)
+
+
+@pytest.mark.slow
+def test_bench_bytes_per_rank_halve_under_fsdp():
+    """On 2 gloo ranks, in float32 (no autocast copies): a DDP rank holds 4 bytes a parameter of
+    weights, 4 of the reference, 4 of gradients and 8 of AdamW's two moments, counted from the
+    tensors themselves; an FSDP rank holds half of each (the shards of an odd-sized row are one
+    row apart, so about half)."""
+    def bytes_per_param(fsdp):
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 'bench.py', '--model=tiny', '--what=dpo', '--steps=1', '--warmup_steps=0', '--device=cpu',
+                                 '--dtype=float32', '--batch_size=2', '--lengths=16,16', f'--fsdp={fsdp}'],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        return report['steps'][0]['bytes_per_param']
+    ddp, fsdp = bytes_per_param(False), bytes_per_param(True)
+    assert ddp == pytest.approx({'weights': 4, 'reference': 4, 'gradients': 4, 'optimizer': 8, 'weight copies': 0})
+    assert fsdp == pytest.approx({k: v / 2 for k, v in ddp.items()}, rel=1e-3)
