@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
 import sys
 from collections import Counter
 
@@ -391,11 +392,13 @@ class PairData:
         return self.lengths('prompt') + np.maximum(self.lengths('chosen'), self.lengths('rejected'))
 
     def save(self, path):
-        """Write to a temporary file, then rename: a crash never leaves a half-written cache."""
+        """Write to a temporary file of this process's own, then rename: a crash never leaves a
+        half-written cache, and two nodes writing it on shared storage leave one whole copy."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + '.tmp', 'wb') as f:
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+        with open(tmp, 'wb') as f:
             np.savez(f, stats=np.array(json.dumps(self.stats)), **self.arrays)
-        os.replace(path + '.tmp', path)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):

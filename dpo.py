@@ -136,11 +136,12 @@ def evaluate(model, ref, ref_logps, data, metric_names, run):
 @torch.no_grad()
 def reference_logps(ref, ref_sha256, data, run):
     """(N, 2) float32: the reference's summed log-probs of every pair's chosen and rejected response,
-    computed once (each rank its share) and cached next to the token cache, keyed by the
-    reference's weights (ref_sha256, runtime.weights_sha256 of ref) and the dtype."""
+    computed once (each rank its share) and cached next to the token cache on every node, keyed by
+    the reference's weights (ref_sha256, runtime.weights_sha256 of ref) and the dtype."""
     path = f"{data.path[:-len('.npz')]}-ref-{ref_sha256[:12]}-{run.dtype}.npy"
-    if os.path.exists(path):
-        return np.load(path)
+    cached = torch.tensor([float(os.path.exists(path))], device=run.device)
+    if runtime.all_reduce_sum(cached, run, 'whether the reference log-probs are cached').item() == run.world_size:
+        return np.load(path)  # on every node's disk (a rank without it joins the others in computing them)
     ref.eval()
     shares = PairLoader(np.zeros(len(data)), batch_size * 4, rank=run.rank, world_size=run.world_size,
                         shuffle=False).epoch_batches(0)
@@ -159,7 +160,7 @@ def reference_logps(ref, ref_sha256, data, run):
         indices, values = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
     out = np.zeros((len(data), 2), dtype=np.float32)
     out[indices.cpu().numpy()] = values.cpu().numpy()
-    if run.master:
+    if run.local_rank == 0:  # one copy a node
         with runtime.atomic_open(path, 'wb') as f:
             np.save(f, out)
     return out
@@ -206,7 +207,7 @@ def main(config):
     if kto and batch_size < 2:
         raise ConfigError("loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with "
                           "another row of the same batch")
-    with runtime.master_first(run):  # one process writes the token cache, the others read it
+    with runtime.node_first(run):  # one process a node writes the token cache, the others read it
         train_data, eval_data = (load_dataset(dataset, split, data_path, eval_data_path, max_length, max_prompt_length,
                                               hh_subsets, unpaired_ok=kto) for split in ('train', 'test'))
     if kto:  # pairs become two rows each, one desirable and one not; unpaired rows stay as they are
@@ -249,7 +250,7 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
-                model_state, optimizer_state = parallel.full_state(raw_policy, optimizer)  # whole tensors (FSDP: a gather)
+                model_state, optimizer_state = parallel.full_state(raw_policy, optimizer, run.master)  # (FSDP: gathers)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
                         script='dpo', model=model_state, model_args=asdict(raw_policy.config),

@@ -60,13 +60,24 @@ def whole(t):
     return t.full_tensor() if is_sharded(t) else t
 
 
-def full_state(model, optimizer):
-    """The model's and the optimizer's state dicts with whole tensors, as a one-process run has
-    them (under FSDP a gather: every rank calls it, in the same order)."""
-    model_state = {name: whole(t) for name, t in model.state_dict().items()}
+def full_state(model, optimizer, keep):
+    """The model's and the optimizer's state dicts with whole tensors on the CPU, as a one-process
+    run has them, on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
+    FSDP every rank takes part in each gather, one tensor at a time, so a GPU never holds more than
+    one whole tensor beyond its shards."""
+    done = {}  # a tensor's memory -> its copy: the tied embedding and output weights stay one tensor
+
+    def gathered(t):
+        local = t.to_local() if is_sharded(t) else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key not in done:
+            full = whole(t)  # under FSDP a collective: every rank, in the same order
+            done[key] = full.cpu() if keep else None
+        return done[key]
+    model_state = {name: gathered(t) for name, t in model.state_dict().items()}
     optimizer_state = optimizer.state_dict()
-    optimizer_state['state'] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer_state['state'].items()}
-    return model_state, optimizer_state
+    optimizer_state['state'] = {i: {k: gathered(v) for k, v in s.items()} for i, s in optimizer_state['state'].items()}
+    return (model_state, optimizer_state) if keep else (None, None)
 
 
 def load_optimizer_state(optimizer, state):

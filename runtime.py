@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -86,10 +87,11 @@ def autocast(device, dtype):
 
 @contextmanager
 def atomic_open(path, mode='w'):
-    """A file to write path through: written under path + '.tmp', flushed to disk, then renamed
-    over path, so a crash at any moment leaves the old file or the new one, never half of one."""
+    """A file to write path through: written under a name of this process's own (host and pid: two
+    nodes may write the same path on shared storage), flushed to disk, then renamed over path, so a
+    crash at any moment leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         with open(tmp, mode) as f:
             yield f
@@ -132,7 +134,7 @@ def load_checkpoint(path, map_location='cpu', script=None):
     if not os.path.isfile(path):
         raise LoadError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # pages shared by the ranks
     except Exception as e:
         raise LoadError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
     if script is not None:
@@ -316,14 +318,17 @@ def barrier(run, why):
 
 
 @contextmanager
-def master_first(run):
-    """The block runs on the master, then on the other ranks: the master writes a file (the token
-    cache) that the others then read, so no two processes write it at once."""
-    if not run.master:
-        barrier(run, "waiting for the master to write the token cache")
+def node_first(run):
+    """The block runs on each node's first rank (LOCAL_RANK 0), then on the node's other ranks: the
+    first writes a file (the token cache) that the others then read, so that no two processes of a
+    node write it at once, and every node has it on its own disk. On storage that the nodes share,
+    their first ranks may write it at the same time: each writes a file of its own and renames it
+    over the path (atomic_open), which leaves one whole copy."""
+    if run.local_rank != 0:
+        barrier(run, "waiting for the node's first rank to write the token cache")
     yield
-    if run.master:
-        barrier(run, "after the master wrote the token cache")
+    if run.local_rank == 0:
+        barrier(run, "after the node's first rank wrote the token cache")
 
 
 def stop_unless_finite(loss_sum, iter_num, run, what='loss'):

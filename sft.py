@@ -113,7 +113,7 @@ def main(config):
     if fsdp and run.dtype == 'float16':
         raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
                           "use bfloat16 (or float32)")
-    with runtime.master_first(run):  # one process writes the token cache, the others read it
+    with runtime.node_first(run):  # one process a node writes the token cache, the others read it
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
@@ -147,7 +147,7 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
-                model_state, optimizer_state = parallel.full_state(raw_model, optimizer)  # whole tensors (FSDP: a gather)
+                model_state, optimizer_state = parallel.full_state(raw_model, optimizer, run.master)  # (FSDP: gathers)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
                         script='sft', model=model_state, model_args=asdict(raw_model.config),

@@ -3,6 +3,7 @@ from a checkpoint, guarding out_dir, the metric log's resume, and DDP's timeout 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -65,7 +66,7 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
     runtime.save_checkpoint({'iter_num': 1}, path)
     with open(path, 'rb') as f:
         good = f.read()
-    os.symlink('/dev/full', path + '.tmp')  # the new checkpoint is written through /dev/full: ENOSPC
+    os.symlink('/dev/full', f"{path}.{socket.gethostname()}.{os.getpid()}.tmp")  # written through /dev/full: ENOSPC
     with pytest.raises(runtime.TrainingError, match=f"could not write {path}: the disk is full .*; the "
                                                     "checkpoint there before is kept"):
         runtime.save_checkpoint({'iter_num': 2, 'w': torch.zeros(10 ** 6)}, path)
@@ -156,22 +157,26 @@ if {test!r} == 'stall':
         runtime.all_reduce_sum(torch.ones(1), run, 'the loss')
     except runtime.TrainingError as e:
         print(f"{{time.time() - t0:.1f}} {{e}}")
-else:  # master_first: the master's block ends before any other rank's starts
-    with runtime.master_first(run):
-        if run.master:
+else:  # node_first, 2 nodes of 2 ranks: a node's first rank's block ends before its other ranks' start
+    node = run.rank // 2
+    with runtime.node_first(run):
+        if run.local_rank == 0:
             time.sleep(1)
-            open(marker, 'w').close()
+            open(f"{{marker}}{{node}}", 'w').close()  # on the node's own disk
+            for n in range(100):  # and on storage both nodes share, by both at once
+                with runtime.atomic_open(marker + '-shared') as f:
+                    f.write(str(node) * 100000)
         else:
-            print('marker there' if os.path.exists(marker) else 'marker missing')
+            print('marker there' if os.path.exists(f"{{marker}}{{node}}") else 'marker missing')
     runtime.finish(run)
 """
 
 
-def ranks(test, tmp_path, port):
+def ranks(test, tmp_path, port, world_size=2, per_node=2):
     code = RANK_CODE.format(root=ROOT, marker=str(tmp_path / 'marker'), test=test)
     procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, 'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '2',
-                                   'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}) for r in range(2)]
+                              env={**os.environ, 'RANK': str(r), 'LOCAL_RANK': str(r % per_node), 'WORLD_SIZE': str(world_size),
+                                   'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}) for r in range(world_size)]
     return [p.communicate(timeout=120) for p in procs]
 
 
@@ -183,9 +188,14 @@ def test_a_stalled_rank_ends_the_others_with_an_error_naming_the_collective(tmp_
 
 
 @pytest.mark.slow
-def test_master_first_runs_the_master_before_the_others(tmp_path):
-    (_, err0), (out1, err1) = ranks('master_first', tmp_path, 29612)
-    assert out1.strip() == 'marker there', err0[-2000:] + err1[-2000:]
+def test_node_first_runs_each_nodes_first_rank_before_its_others(tmp_path):
+    """2 nodes of 2 ranks (one machine, LOCAL_RANK set as torchrun sets it on each node): each node's
+    second rank finds its own node's file; the file both nodes' first ranks wrote at once is whole."""
+    results = ranks('node_first', tmp_path, 29612, world_size=4)
+    errors = ''.join(err[-1000:] for _, err in results)
+    assert [out.strip() for out, _ in results] == ['', 'marker there', '', 'marker there'], errors
+    assert (tmp_path / 'marker-shared').read_text() in ('0' * 100000, '1' * 100000)
+    assert sorted(os.listdir(tmp_path)) == ['marker-shared', 'marker0', 'marker1']  # no temporary file left
 
 
 def test_training_reads_the_cpu_peak_that_bench_measured(tmp_path, monkeypatch):
