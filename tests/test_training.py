@@ -269,6 +269,25 @@ def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_pa
     assert loss(fsdp) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
 
 
+def test_kto_and_online_dpo_on_two_ddp_ranks(sft_dir, tmp_path):
+    """KTO on 2 DDP ranks ends with the weights of 1 rank accumulating 2: each micro-batch holds the
+    same rows either way, so its reference point z does too. Online DPO runs on 2 ranks, each
+    sampling for its own prompts, and logs the judge's score of all ranks' samples."""
+    args = [f'--init_from={sft_dir}', '--loss_type=kto', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4',
+            '--max_iters=3', '--eval_interval=3']
+    two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+    ok(run('dpo.py', *args, f'--out_dir={two}', launcher=TORCHRUN))
+    ok(run('dpo.py', *args, f'--out_dir={one}', '--gradient_accumulation_steps=2'))
+    assert_same_weights(two, one, sft_dir)
+    assert loss(two) == pytest.approx(loss(one), abs=1e-5)
+    online = str(tmp_path / 'online')
+    (tmp_path / 'judges.py').write_text("def length(prompts, responses):\n    return [len(r) + 1 for r in responses]\n")
+    ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={online}', '--online=True', f'--judge={tmp_path / "judges.py"}:length',
+           '--online_max_new_tokens=8', '--batch_size=4', '--max_iters=2', '--eval_interval=2', launcher=TORCHRUN))
+    rows = [r for r in metrics(online) if 'online/score' in r]
+    assert len(rows) == 2 and all(r['online/score'] > 0 and 0 <= r['online/ties'] < 1 for r in rows)
+
+
 def test_fsdp_resume_is_exact_and_a_nan_stops_before_saving(sft_dir, tmp_path):
     args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4', '--fsdp=True',
             '--eval_interval=2']
