@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -35,9 +37,10 @@ dpo_iters = 300  # config/dpo_synthetic.py's
 eval_iters = -1  # held-out batches per evaluation of the training runs (-1: all of them, as the configs have it)
 betas = '0.1'  # one DPO run per comma-separated value
 kto_betas = ''  # one KTO run (config/kto_synthetic.py) per value, e.g. '0.1,0.5'
-online_judges = ''  # online DPO runs (config/online_synthetic.py): 'true_reward' and/or 'implicit' (the first DPO run's implicit reward)
+online_judges = ''  # online DPO runs (config/online_synthetic.py): 'true_reward', 'implicit', 'implicit_per_token' (the first DPO run's implicit reward)
 best_of = 0  # N >= 2: also the best-of-N baseline, N samples of the SFT model per prompt, the best by true reward kept
 seeds = ''  # several seeds, e.g. '1337,1': every stage once per seed ('' runs seed alone)
+jobs = 1  # runs of a seed trained at once, each a process with cores/jobs threads (a GPU has room for several); > 1: their output in out_dir/logs
 num_prompts = 200  # held-out prompts, each answered samples_per_prompt times by each policy
 samples_per_prompt = 4
 num_pairs = 1000  # held-out pairs for the implicit reward's accuracy
@@ -48,19 +51,28 @@ frontier_png = ''  # also draw true reward against KL for the SFT and every DPO 
 RANGES = {'seed': at_least(0), 'sft_iters': at_least(1), 'dpo_iters': at_least(1), 'num_prompts': at_least(1),
           'samples_per_prompt': at_least(1), 'num_pairs': at_least(0),
           'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
-          'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'),
-          'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit'},
-                                 "'' or a comma-separated list of true_reward, implicit")}
+          'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'), 'jobs': at_least(1),
+          'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit', 'implicit_per_token'},
+                                 "'' or a comma-separated list of true_reward, implicit, implicit_per_token")}
 COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
 
 
-def stage(name, *command):
-    """Run one script as its own process, the way a user would, and stop the demo if it fails."""
-    print(f"\n=== {name}: python {' '.join(command)}", flush=True)
+def stage(name, *command, log=None):
+    """Run one script as its own process, the way a user would, and stop the demo if it fails. log:
+    a file for its output (runs side by side, jobs > 1), shown only when it fails."""
+    gap = '' if log else '\n'  # a blank line before a stage whose output follows
+    print(f"{gap}=== {name}: python {' '.join(command)}", flush=True)
     t0 = time.time()
-    result = subprocess.run([sys.executable, *command], cwd=os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', str(max(1, os.cpu_count() // jobs)))}
+    with open(log, 'a') if log else nullcontext() as out:
+        result = subprocess.run([sys.executable, *command], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                stdout=out, stderr=subprocess.STDOUT if log else None, env=env if jobs > 1 else None)
     if result.returncode != 0:
-        sys.exit(f"error: the {name} stage failed (exit code {result.returncode}); its output is above")
+        if log:
+            with open(log) as f:
+                print(''.join(f.readlines()[-30:]), file=sys.stderr)
+        sys.exit(f"error: the {name} stage failed (exit code {result.returncode}); its output is "
+                 f"{'in ' + log + ' (its end above)' if log else 'above'}")
     print(f"=== {name}: {time.time() - t0:.0f} s", flush=True)
 
 
@@ -89,39 +101,52 @@ def held_out_change(dpo_dir):
 
 
 def run_seed(seed, out):
-    """Every stage for one seed, in the directory out: the policies trained [(name, directory)] and
-    one row of results a policy."""
+    """Every stage for one seed, in the directory out: the SFT model first, then the runs that start
+    from it, up to jobs of them at once, each evaluated as soon as it is trained. Returns the policies
+    trained [(name, directory)] and one row of results a policy, in the order of the table."""
     system = [f'--device={device}', f'--dtype={dtype}', f'--seed={seed}']
+    logs = os.path.join(out, 'logs') if jobs > 1 else None
+    log = lambda name: os.path.join(logs, f'{name}.log') if logs else None
+    if logs:
+        os.makedirs(logs, exist_ok=True)
     sft_dir = os.path.join(out, 'sft')
     stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
           f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', f'--eval_iters={eval_iters}',
-          '--overwrite=True', *system)
-    policies = [('SFT', sft_dir)]
+          '--overwrite=True', *system, log=log('sft'))
     runs = [(f'DPO beta={b}', f'dpo-beta{b}', 'config/dpo_synthetic.py', f'--beta={b}') for b in betas.split(',')]
     runs += [(f'KTO beta={b}', f'kto-beta{b}', 'config/kto_synthetic.py', f'--beta={b}') for b in filter(None, kto_betas.split(','))]
-    for judge in filter(None, online_judges.split(',')):  # the implicit judge: the first DPO run's implicit reward
+    for judge in filter(None, online_judges.split(',')):  # the implicit judges: the first DPO run's implicit reward
         runs.append((f'online DPO, judge {judge.replace("_", " ")}', f'online-{judge}', 'config/online_synthetic.py',
-                     '--judge=' + ('true_reward' if judge == 'true_reward' else f'implicit:{os.path.join(out, runs[0][1])}')))
-    for name, directory, config, setting in runs:
+                     '--judge=' + ('true_reward' if judge == 'true_reward' else f'{judge}:{os.path.join(out, runs[0][1])}')))
+    scoring = [f'--ref_from={sft_dir}', f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}',
+               f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}', *system]
+
+    def scored(name, policy_dir, summary_path, log_name, *extra):  # evaluate.py's summary of a policy, as a row
+        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--summary_out={summary_path}', *extra,
+              *scoring, log=log(log_name))
+        with open(summary_path) as f:
+            return {'policy': name, 'seed': seed, **json.load(f)}
+
+    def trained_and_scored(name, directory, config, setting, judge_run=None):
+        if judge_run is not None:
+            judge_run.result()  # the DPO run whose implicit reward judges this one (started earlier)
         run_dir = os.path.join(out, directory)
         stage(name, 'dpo.py', config, f'--init_from={sft_dir}', f'--out_dir={run_dir}', setting,
               f'--max_iters={dpo_iters}', f'--eval_interval={dpo_iters}', f'--eval_iters={eval_iters}',
-              '--overwrite=True', *system)
-        policies.append((name, run_dir))
-    rows = []
-    scoring = [f'--ref_from={sft_dir}', f'--baseline_from={sft_dir}', f'--num_prompts={num_prompts}',
-               f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}', *system]
-    for name, policy_dir in policies:  # every policy against the SFT model: its reference and baseline
-        summary_path = os.path.join(policy_dir, 'summary.json')
-        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--summary_out={summary_path}', *scoring)
-        with open(summary_path) as f:
-            rows.append({'policy': name, 'seed': seed, **json.load(f)})
-    if best_of:
-        summary_path = os.path.join(out, f'best-of-{best_of}.json')
-        stage(f'best-of-{best_of}', 'evaluate.py', f'--init_from={sft_dir}', f'--best_of={best_of}',
-              f'--out={os.path.join(out, f"best-of-{best_of}.jsonl")}', f'--summary_out={summary_path}', *scoring)
-        with open(summary_path) as f:
-            rows.append({'policy': f'best-of-{best_of} (SFT)', 'seed': seed, **json.load(f)})
+              '--overwrite=True', *system, log=log(directory))
+        return scored(name, run_dir, os.path.join(run_dir, 'summary.json'), directory)
+
+    with ThreadPoolExecutor(jobs) as pool:  # a task waits only for one submitted before it: no deadlock
+        rows = [pool.submit(scored, 'SFT', sft_dir, os.path.join(sft_dir, 'summary.json'), 'sft')]
+        for name, directory, config, setting in runs:
+            judge_run = rows[1] if setting.startswith('--judge=implicit') else None
+            rows.append(pool.submit(trained_and_scored, name, directory, config, setting, judge_run))
+        if best_of:
+            name = f'best-of-{best_of}'
+            rows.append(pool.submit(scored, f'{name} (SFT)', sft_dir, os.path.join(out, f'{name}.json'), name,
+                                    f'--best_of={best_of}', f'--out={os.path.join(out, f"{name}.jsonl")}'))
+        rows = [row.result() for row in rows]
+    policies = [('SFT', sft_dir)] + [(name, os.path.join(out, directory)) for name, directory, _, _ in runs]
     return policies, rows
 
 

@@ -113,12 +113,13 @@ def test_shortened_demo_end_to_end(tmp_path):
 def test_shortened_comparison_end_to_end(tmp_path):
     """The DPO family's figure command, shortened: two seeds, DPO, KTO, online DPO judged by the DPO
     run's implicit reward (a 10-step SFT model's samples all score -1 by the true reward: every pair
-    a tie), best-of-2; the table gives mean ± sd and the figure is drawn."""
+    a tie), best-of-2, two runs at a time; the table gives mean ± sd, in the order of a run one at a
+    time, and the figure is drawn."""
     out = tmp_path / 'compare'
     result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
                              '--dpo_iters=3', '--eval_iters=2', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
-                             '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
+                             '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}', '--jobs=2'],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / 'demo.json') as f:
@@ -133,3 +134,4 @@ def test_shortened_comparison_end_to_end(tmp_path):
     config = torch.load(out / 'seed2' / 'online-implicit' / 'ckpt.pt', weights_only=True)['config']
     assert config['online'] and config['judge'] == f"implicit:{out / 'seed2' / 'dpo-beta0.1'}"
     assert (tmp_path / 'frontier.png').read_bytes()[:8] == PNG
+    assert 'iter 3: eval/loss' in (out / 'seed1' / 'logs' / 'kto-beta0.2.log').read_text()  # each run's output, apart
