@@ -124,18 +124,19 @@ def dpo_padding(data, batches, pack=False):
 class PairLoader:
     """Which pairs each micro-batch of this rank holds, micro-batch after micro-batch, epoch after epoch.
 
-    The pairs of an optimizer step (batch_size * accumulation * world_size of them) depend only on
-    (seed, epoch) and that number, never on how it is split: 8 ranks, or 4 ranks with twice the
-    accumulation, see the same pairs each step, so a run stopped on one layout resumes on another.
-    An epoch's order is padded, by repeating its first pairs, to a whole number of steps; a step's
-    pairs are cut into micro-batches of batch_size, the first world_size of them the ranks' first
-    micro-step, and so on, so the ranks' shards are disjoint (but for those few repeats), together
-    cover every pair, and every micro-batch is full. even=False leaves the repeats out, for
-    evaluation, where a repeated pair would count twice: the last micro-batches of some ranks are
-    then smaller, or missing. group_by_length sorts pairs by length within windows of 64 steps and shuffles the
-    steps, so a micro-batch holds pairs of similar length and is padded less.
-    The state is {'epoch', 'pairs' (of the epoch, taken by all ranks), 'pairs_per_step'}:
-    load_state_dict continues at exactly the next micro-batch, on this layout or another.
+    An epoch's order depends only on (seed, epoch), batch_size and the pairs an optimizer step takes
+    (batch_size * accumulation * world_size), never on how a step is split between ranks and
+    micro-steps: 8 ranks, or 4 with twice the accumulation, see the same micro-batches in every step,
+    so a run stopped on one layout resumes on another. The order is cut into micro-batches of
+    batch_size ("slots"), the first world_size of them the ranks' first micro-step, and so on; it is
+    padded, by repeating its first pairs, to a whole number of steps, so the ranks' shards are
+    disjoint (but for those few repeats), together cover every pair, and every micro-batch is full.
+    even=False leaves the repeats out, for evaluation, where a repeated pair would count twice: the
+    last micro-batches of some ranks are then smaller, or missing. group_by_length sorts pairs by
+    length within windows of 64 steps and shuffles the micro-batches, so a micro-batch holds pairs
+    of similar length (less padding) while a step holds any.
+    The state is {'epoch', 'pairs' (of the epoch, taken by all ranks), 'pairs_per_step',
+    'batch_size'}: load_state_dict continues at exactly the next micro-batch, on this layout or another.
     """
 
     def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1, shuffle=True,
@@ -143,9 +144,8 @@ class PairLoader:
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.accumulation, self.shuffle, self.group_by_length, self.even = accumulation, shuffle, group_by_length, even
-        self.pairs_per_micro_step = batch_size * world_size  # all ranks' micro-batches together
-        self.pairs_per_step = self.pairs_per_micro_step * accumulation
-        self.epoch, self.batch, self._batches = 0, 0, None  # batch: this rank's micro-batches taken in the epoch
+        self.pairs_per_step = batch_size * world_size * accumulation
+        self.epoch, self.taken, self._batches = 0, 0, None  # taken: this rank's micro-batches of the epoch so far
 
     def epoch_batches(self, epoch):
         """This rank's micro-batches of one epoch: a list of arrays of pair indices."""
@@ -158,15 +158,10 @@ class PairLoader:
             window = S * 64
             order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
                                     for w in np.split(order, range(window, len(order), window))])
-        steps = np.split(order, range(S, len(order), S))
+        slots = np.split(order, range(self.batch_size, len(order), self.batch_size))
         if self.group_by_length and self.shuffle:
-            steps = [steps[i] for i in rng.permutation(len(steps))]
-        # a step's pairs in slots of batch_size, slot m * world_size + r for rank r's micro-step m: the
-        # same slots whatever the layout, so that also a loss averaged within a micro-batch (SFT's per
-        # token, KTO's reference point) does not change with it
-        B, M = self.batch_size, self.pairs_per_micro_step
-        batches = [step[m + self.rank * B:m + (self.rank + 1) * B] for step in steps for m in range(0, len(step), M)]
-        return [b for b in batches if len(b)]  # (uneven: the last step's later slots are short or empty)
+            slots = [slots[i] for i in rng.permutation(len(slots))]
+        return slots[self.rank::self.world_size]  # slot t * world_size + rank: this rank's micro-step t
 
     def __iter__(self):
         return self
@@ -174,27 +169,33 @@ class PairLoader:
     def __next__(self):
         if self._batches is None:
             self._batches = self.epoch_batches(self.epoch)
-        if self.batch == len(self._batches):
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.taken == len(self._batches):
+            self.epoch, self.taken = self.epoch + 1, 0
             self._batches = self.epoch_batches(self.epoch)
-        self.batch += 1
-        return self._batches[self.batch - 1]
+        self.taken += 1
+        return self._batches[self.taken - 1]
 
     def state_dict(self):
-        return {'epoch': self.epoch, 'pairs': self.batch * self.pairs_per_micro_step, 'pairs_per_step': self.pairs_per_step}
+        return {'epoch': self.epoch, 'pairs': self.taken * self.batch_size * self.world_size,
+                'pairs_per_step': self.pairs_per_step, 'batch_size': self.batch_size}
 
     def load_state_dict(self, state):
-        if 'pairs' not in state:  # an older checkpoint: this rank's batches, on the layout it was written on
-            self.epoch, self.batch, self._batches = state['epoch'], state['batch'], None
+        if 'pairs' not in state:  # an older checkpoint, whose order within an epoch was another
+            print(f"warning: the checkpoint's data order is an older one: the run goes on at the start of epoch "
+                  f"{state['epoch'] + 1}, the rest of epoch {state['epoch']} left out", file=sys.stderr)
+            self.epoch, self.taken, self._batches = state['epoch'] + 1, 0, None
             return
-        if state['pairs_per_step'] != self.pairs_per_step:
-            accumulation, rest = divmod(state['pairs_per_step'], self.pairs_per_micro_step)
+        if (state['pairs_per_step'], state['batch_size']) != (self.pairs_per_step, self.batch_size):
+            accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * self.world_size)
             raise ConfigError(
-                f"the run took {state['pairs_per_step']} pairs a step, this one would take {self.pairs_per_step} "
-                f"(batch_size {self.batch_size} x gradient_accumulation_steps {self.accumulation} x {self.world_size} "
-                "rank(s)): the order of the pairs depends on that number, so keep it when you resume"
-                + ('' if rest or not accumulation else f" (here: --gradient_accumulation_steps={accumulation})"))
-        self.epoch, self.batch, self._batches = state['epoch'], state['pairs'] // self.pairs_per_micro_step, None
+                f"the run took {state['pairs_per_step']} pairs a step in micro-batches of {state['batch_size']}, "
+                f"this one would take {self.pairs_per_step} in micro-batches of {self.batch_size} (batch_size x "
+                f"gradient_accumulation_steps {self.accumulation} x {self.world_size} rank(s)): the order of the pairs "
+                "depends on both, so keep them when you resume"
+                + ('' if rest or not accumulation else f" (here: --batch_size={state['batch_size']} "
+                                                       f"--gradient_accumulation_steps={accumulation})"))
+        self.epoch, self._batches = state['epoch'], None
+        self.taken = state['pairs'] // (self.batch_size * self.world_size)
 
 
 def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):

@@ -201,14 +201,15 @@ PLAN_GPUS = (24, 40, 80)  # GB
 PLAN_HEADROOM = 0.9  # a step fits a GPU when it needs at most this share of its memory (CUDA's context, fragmentation)
 
 
-def plan_memory(measured, compute_bytes):
+def plan_memory(measured):
     """The GB per GPU of one DPO step for every GPT-2 size, under DDP and under FSDP on 2, 4 and 8
     GPUs, with the reference live or precomputed, for PLAN_TOKENS tokens every one of which has a
     target (an upper bound). From measured, a dpo row of a one-process run (as a DDP rank holds):
     its bytes per parameter, its activation bytes per token scaled by n_layer * n_embd to each size,
     and its logits' bytes per target. FSDP divides the weights, the reference, the gradients and the
-    moments by the GPUs (as the 2-rank measurement shows), and holds the gathered weights of the
-    root (the embeddings) and of two blocks (one computing, one prefetched) in compute_bytes each.
+    moments by the GPUs (as the 2-rank measurement shows), and holds gathered weights: the root's (the
+    embeddings) in float32 with autocast's bf16 copy of the output layer, and two blocks' (one
+    computing, one prefetched) in bf16.
     A markdown table; a cell is 'GB (the smallest of PLAN_GPUS that it fits)'."""
     per_param, (L0, _, C0) = measured['bytes_per_param'], SHAPES[measured['model']]
     per_layer_width = measured['activation_bytes_per_token'] / (L0 * C0)
@@ -222,8 +223,10 @@ def plan_memory(measured, compute_bytes):
             state = P * (per_param['weights'] + per_param['gradients'] + per_param['optimizer'] +
                          (per_param['reference'] if live else 0))
             cells = [state + P * per_param['weight copies'] + saved]
+            root = P - L * block  # the embeddings (tied to the output layer) and the final LayerNorm
+            gathered = root * 4 + 2 * block * 2 + shape.config.vocab_size * C * 2  # and the output layer's bf16 copy
             for gpus in (2, 4, 8):
-                cells.append(state / gpus + (P - L * block + 2 * block) * compute_bytes + saved)
+                cells.append(state / gpus + gathered + saved)
             fits = lambda b: next((f"{g}" for g in PLAN_GPUS if b <= PLAN_HEADROOM * g * 1e9), '> 80')
             lines.append(f"| {name} | {'live' if live else 'precomputed'} | " +
                          ' | '.join(f"{b / 1e9:.1f} ({fits(b)})" for b in cells) + ' |')
@@ -266,11 +269,12 @@ def main():
     if memory_plan and ('dpo' not in what.split(',') or 'RANK' in os.environ):
         sys.exit("error: memory_plan=True measures the dpo step (what=dpo) of one process (no torchrun)")
     run = runtime.setup(device, dtype, seed)
+    parallel.check(fsdp, run)
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
     # under torchrun, as dpo.py spreads them (DDP, or FSDP with fsdp=True); compiled with compile=True
-    step_model, step_ref = parallel.wrap(policy, run, fsdp, compile), parallel.wrap(ref, run, fsdp, compile, train=False)
+    step_model, step_ref = parallel.wrap(policy, run, fsdp, compile), parallel.wrap(ref, run, fsdp, compile, forward_only=True)
     optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)  # after wrap: FSDP's shards
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
     data = random_pairs(max(64 * batch_size * run.world_size, 256), np.random.default_rng(seed))
@@ -363,7 +367,7 @@ def report(results, rows, run):
     if memory_plan:
         dpo_row = next(r for r in rows if r['step'] == 'dpo')
         print(f"\nGB per GPU of a DPO step, config/hh.py's micro-batch at its longest ({PLAN_TOKENS} tokens):")
-        print(plan_memory({'model': model, **dpo_row}, runtime.DTYPES[run.dtype].itemsize))
+        print(plan_memory({'model': model, **dpo_row}))
     print(json.dumps(results))
 
 

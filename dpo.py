@@ -198,9 +198,7 @@ def main(config):
     if online and (kto or precompute_ref_logps):
         raise ConfigError("online=True samples new pairs every step: it trains with a pairwise loss_type (not 'kto') "
                           "and a live reference (not precompute_ref_logps=True)")
-    if fsdp and run.dtype == 'float16':
-        raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
-                          "use bfloat16 (or float32)")
+    parallel.check(fsdp, run)
     if fsdp and online:
         raise ConfigError("fsdp=True does not go with online=True: each rank samples its own prompts, as many tokens as "
                           "its samples take, while under FSDP every rank must take part in every forward")
@@ -216,7 +214,7 @@ def main(config):
     judge_scores = load_judge(judge, run.device, run.autocast) if online else None  # a bad judge stops before training
     raw_policy = policy  # the model that is stepped and saved (under FSDP, sharded in place by wrap)
     policy = parallel.wrap(raw_policy, run, fsdp, compile)  # the one the forward goes through: compiled, DDP or FSDP
-    ref = parallel.wrap(ref, run, fsdp, compile, train=False)
+    ref = parallel.wrap(ref, run, fsdp, compile, forward_only=True)
     train_ref = eval_ref = None
     if precompute_ref_logps:
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))

@@ -288,7 +288,7 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return (grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm).item()  # (FSDP: a DTensor)
+    return parallel.whole(grad_norm).item()  # (under FSDP a DTensor over the shards)
 
 
 @contextmanager

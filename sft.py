@@ -110,9 +110,7 @@ def main(config):
         model = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
     if max_length > model.config.block_size:
         raise ConfigError(f"max_length={max_length} is longer than the model's block_size {model.config.block_size}")
-    if fsdp and run.dtype == 'float16':
-        raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
-                          "use bfloat16 (or float32)")
+    parallel.check(fsdp, run)
     with runtime.node_first(run):  # one process a node writes the token cache, the others read it
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)

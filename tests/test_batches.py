@@ -140,6 +140,17 @@ def test_a_steps_pairs_do_not_depend_on_the_layout(group):
     assert four == two == one and len(one) == 2 * 9
 
 
+def test_grouping_makes_a_micro_batch_alike_and_leaves_a_step_mixed():
+    """Grouped by length, a micro-batch's pairs have nearly one length (less padding), but a step of
+    16 micro-batches spans most of the lengths there are, as without grouping (measured: 0.4 and
+    410 tokens of 463): a step is not all short or all long pairs."""
+    lengths = np.random.default_rng(0).integers(50, 513, 4000)
+    batches = PairLoader(lengths, 4, seed=0, accumulation=16, group_by_length=True).epoch_batches(0)
+    steps = [np.concatenate(batches[i:i + 16]) for i in range(0, len(batches), 16)]
+    assert np.mean([np.ptp(lengths[b]) for b in batches]) < 5
+    assert np.mean([np.ptp(lengths[step]) for step in steps]) > 300
+
+
 def test_a_run_resumes_on_another_layout_where_it_stopped():
     """Stopped after 3 steps on 4 ranks, resumed on 2 ranks with twice the accumulation (state from
     rank 0, as a checkpoint holds it): the same pairs follow, none skipped, none repeated."""
@@ -155,9 +166,12 @@ def test_a_run_resumes_on_another_layout_where_it_stopped():
         micro = [[next(loader) for _ in range(2)] for loader in resumed]
         got.append([sorted(micro[r][m].tolist()) for m in range(2) for r in range(2)])
     assert got == expected
-    with pytest.raises(ConfigError, match=r"the run took 8 pairs a step, this one would take 4 \(batch_size 2 x "
-                                          r"gradient_accumulation_steps 1 x 2 rank\(s\)\).*--gradient_accumulation_steps=2"):
+    with pytest.raises(ConfigError, match=r"the run took 8 pairs a step in micro-batches of 2, this one would take 4 "
+                                          r"in micro-batches of 2 \(batch_size x gradient_accumulation_steps 1 x 2 "
+                                          r"rank\(s\)\).*\(here: --batch_size=2 --gradient_accumulation_steps=2\)"):
         PairLoader(lengths, 2, world_size=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"in micro-batches of 2, this one would take 8 in micro-batches of 4"):
+        PairLoader(lengths, 4, world_size=2).load_state_dict(state)  # the same pairs a step, other micro-batches
 
 
 @pytest.mark.parametrize('world_size,n', [(1, 7), (2, 13), (3, 13), (4, 9), (5, 3)])

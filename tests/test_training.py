@@ -240,18 +240,21 @@ def test_two_ddp_ranks_equal_one_rank_accumulating_and_resume_on_it(sft_dir, tmp
     assert_same_weights(two, one, sft_dir)
     assert loss(two) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
     result = run('dpo.py', '--init_from=resume', f'--out_dir={one}', '--max_iters=6', '--batch_size=4')
-    assert result.returncode != 0 and "the run took 8 pairs a step, this one would take 4" in result.stderr
+    assert result.returncode != 0 and "the run took 8 pairs a step in micro-batches of 4, this one would take 4" in result.stderr
 
 
 @pytest.mark.parametrize('script', ['sft.py', 'dpo.py'])
 def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_path, script):
-    """FSDP on 2 ranks ends with the weights of 1 rank accumulating 2 (grouping by length on). Then
+    """FSDP on 2 ranks ends with the weights of 1 rank accumulating 2 (grouping by length on; for DPO
+    in bf16, with FSDP's mixed precision against autocast). Then
     each run goes on the other's way: the FSDP checkpoint under DDP, the one-process checkpoint under
     FSDP, and they still agree. ckpt.pt has one format, written by any layout, so this covers FSDP,
     DDP and one process, each way."""
     start = sft_dir if script == 'dpo.py' else None
     args = [f'--init_from={sft_dir}' if start else '--init_from=scratch', '--learning_rate=1e-3', '--warmup_iters=0',
             '--batch_size=4', *([] if start else ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=64'])]
+    if script == 'dpo.py':  # in bf16: FSDP gathers the matmul weights in bf16, where DDP's autocast casts them
+        args.append('--dtype=bfloat16')
     fsdp, one = str(tmp_path / 'fsdp'), str(tmp_path / 'one')
     ok(run(script, *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={fsdp}', '--fsdp=True', launcher=TORCHRUN))
     ok(run(script, *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={one}', '--gradient_accumulation_steps=2'))
