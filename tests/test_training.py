@@ -132,13 +132,14 @@ def test_resumed_twice_equals_uninterrupted(sft_dir, tmp_path):
 
 
 def test_logged_means_are_over_the_pairs_the_step_had(sft_dir, tmp_path):
-    """3 pairs and batch_size 8: each step has 3 pairs. Trained metrics at step 0 are those of the
+    """3 pairs and batch_size 3: each step has the 3 pairs. Trained metrics at step 0 are those of the
     policy that is its reference, so the loss is ln 2 and every margin a tie; the SFT metrics of the
     first step equal the held-out ones of the same data before it."""
     pairs = tmp_path / 'pairs.jsonl'
     pairs.write_text(''.join(json.dumps({'prompt': f'Q{i}:', 'chosen': f' yes {i}', 'rejected': f' no {i} no'}) + '\n'
                              for i in range(3)))
-    data = ['--dataset=jsonl', f'--data_path={pairs}', f'--eval_data_path={pairs}', '--max_iters=1', '--eval_interval=1']
+    data = ['--dataset=jsonl', f'--data_path={pairs}', f'--eval_data_path={pairs}', '--max_iters=1', '--eval_interval=1',
+            '--batch_size=3']
     ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={tmp_path / "dpo"}', *data))
     step = metrics(str(tmp_path / 'dpo'))[1]
     assert step['iter'] == 1 and step['loss'] == pytest.approx(math.log(2), abs=1e-6)
@@ -149,19 +150,18 @@ def test_logged_means_are_over_the_pairs_the_step_had(sft_dir, tmp_path):
     assert step['logps/chosen'] == pytest.approx(before['eval/logps/chosen'], rel=1e-5)
 
 
-def test_every_pair_weighs_the_same_in_a_short_batch(sft_dir, tmp_path):
-    """12 pairs as micro-batches of 8 and 4 (a short one, as at the end of an epoch) give 12/16 of
-    the gradient of one batch of 12: each pair weighs 1 / 16 in one step, 1 / 12 in the other. A mean
-    of each micro-batch's mean would weigh the 4 pairs of the short batch twice as much as the 8."""
+def test_accumulated_micro_batches_weigh_each_pair_as_one_batch(sft_dir, tmp_path):
+    """12 pairs fill a step of 16 by repeating the first 4 (every micro-batch full); as micro-batches of
+    8 and 8 they give the gradient of one batch of 16: each pair weighs 1 / 16 either way."""
     pairs = tmp_path / 'pairs.jsonl'
     pairs.write_text(''.join(json.dumps({'prompt': f'Q{i}:', 'chosen': f' yes {i} ok', 'rejected': f' no {i}'}) + '\n'
                              for i in range(12)))
     args = [f'--init_from={sft_dir}', '--dataset=jsonl', f'--data_path={pairs}', f'--eval_data_path={pairs}',
             '--max_iters=1', '--eval_interval=1', '--group_by_length=False', '--grad_clip=0.0']
     ok(run('dpo.py', *args, f'--out_dir={tmp_path / "split"}', '--batch_size=8', '--gradient_accumulation_steps=2'))
-    ok(run('dpo.py', *args, f'--out_dir={tmp_path / "whole"}', '--batch_size=12', '--gradient_accumulation_steps=1'))
+    ok(run('dpo.py', *args, f'--out_dir={tmp_path / "whole"}', '--batch_size=16', '--gradient_accumulation_steps=1'))
     split, whole = (last(metrics(str(tmp_path / d)), 'grad_norm') for d in ('split', 'whole'))
-    assert split == pytest.approx(12 / 16 * whole, rel=1e-4)
+    assert split == pytest.approx(whole, rel=1e-4)
 
 
 def test_a_run_in_out_dir_is_never_overwritten_by_accident(sft_dir, tmp_path):
