@@ -2,7 +2,8 @@
 # each step samples two responses per prompt from the policy as it is, the task's true reward
 # picks the better one (a tie gives no pair), and the policy takes a DPO step on those pairs.
 #   python sft.py config/sft_synthetic.py && python dpo.py config/online_synthetic.py
-# judge='implicit:out-dpo-synthetic' ranks the samples by an offline DPO run's implicit reward instead.
+# judge='implicit:out-dpo-synthetic' ranks the samples by an offline DPO run's implicit reward instead
+# (on this task the policy soon writes text that judge scores high and the true reward -1: README, the DPO family).
 init_from = 'out-sft-synthetic'
 dataset = 'synthetic'            # its prompts; its held-out pairs for the eval/ metrics
 max_length = 64
