@@ -214,3 +214,13 @@ def test_grouping_by_length_cuts_padding():
     one_batch = batches.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
     rows = [len(pairs.get('prompt', i)) + len(pairs.get(f, i)) - 1 for f in ('chosen', 'rejected') for i in (0, 1)]
     assert one_batch == pytest.approx(1 - sum(rows) / (4 * max(rows)))
+
+
+def test_an_older_checkpoints_data_order_restarts_at_the_next_epoch(capsys):
+    """A state from before the order depended on the pairs per step ({'epoch', 'batch'}) cannot say
+    which pairs of its epoch are left: the run goes on at the next epoch's start, and says so."""
+    lengths = np.arange(20)
+    loader = PairLoader(lengths, 4, seed=3)
+    loader.load_state_dict({'epoch': 2, 'batch': 1})
+    assert "the run goes on at the start of epoch 3, the rest of epoch 2 left out" in capsys.readouterr().err
+    assert next(loader).tolist() == PairLoader(lengths, 4, seed=3).epoch_batches(3)[0].tolist()
