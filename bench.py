@@ -139,7 +139,7 @@ def cpu_allocation_peak(fn):
 
 def local_bytes(tensors):
     """Bytes of these tensors on this rank: under FSDP a sharded tensor's own shard only."""
-    return sum((t.to_local() if parallel.is_sharded(t) else t).nbytes for t in tensors)
+    return sum(parallel.local(t).nbytes for t in tensors)
 
 
 def memory_accounting(step, indices, policy, ref, optimizer, run):
@@ -149,20 +149,20 @@ def memory_accounting(step, indices, policy, ref, optimizer, run):
         reference    the reference's parameters          optimizer   AdamW's moments, after the step
         saved        what autograd saves for backward, in three parts: weight copies (autocast's
                      low-precision casts of the weights, known by their shape; FSDP's gathered
-                     weights are parameters, not counted), logits (the one copy at the target positions), activations
+                     weights are parameters, not counted), logits (the one copy at the target
+                     positions), activations
     need: their sum. peak: the most tensor memory held at once, the allocator's on CUDA, on a CPU the
     tensors alive before the step plus the most it allocated at once (cpu_allocation_peak)."""
-    raw = getattr(policy, '_orig_mod', policy)
-    n_params = sum(p.numel() for p in raw.parameters())  # the whole model's (a DTensor's numel is global)
-    weight_shapes = {tuple(p.shape) for p in raw.parameters() if p.dim() == 2}
-    own = {(p.to_local() if parallel.is_sharded(p) else p).untyped_storage().data_ptr() for p in raw.parameters()}
+    n_params = sum(p.numel() for p in policy.parameters())  # the whole model's (a DTensor's numel is global)
+    weight_shapes = {tuple(p.shape) for p in policy.parameters() if p.dim() == 2}
+    own = {parallel.local(p).untyped_storage().data_ptr() for p in policy.parameters()}
     saved, grads = {}, []
 
     def pack(t):  # a storage counted once, however many tensors view it
         storage = t.untyped_storage()
         if not isinstance(t, torch.nn.Parameter) and storage.data_ptr() not in own:
             kind = ('weight copies' if tuple(t.shape) in weight_shapes and t.dtype != torch.float32 else
-                    'logits' if t.dim() == 2 and t.shape[-1] >= raw.config.vocab_size else 'activations')
+                    'logits' if t.dim() == 2 and t.shape[-1] >= policy.config.vocab_size else 'activations')
             saved[storage.data_ptr()] = (kind, storage.nbytes())
         return t
 
@@ -170,7 +170,8 @@ def memory_accounting(step, indices, policy, ref, optimizer, run):
         p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None)))
     state_bytes = lambda: local_bytes(t for state in optimizer.state.values() for t in state.values()
                                       if torch.is_tensor(t) and t.dim() > 0)
-    alive = local_bytes(raw.parameters()) + local_bytes(ref.parameters()) + state_bytes()
+    weights, reference = local_bytes(policy.parameters()), local_bytes(ref.parameters())
+    alive = weights + reference + state_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if run.device_type == 'cuda':
             torch.cuda.synchronize()
@@ -182,8 +183,7 @@ def memory_accounting(step, indices, policy, ref, optimizer, run):
             (_, pairs, n_tokens, n_targets), extra = cpu_allocation_peak(lambda: step(indices))
             peak = alive + extra
     hook.remove()
-    parts = {'weights': local_bytes(raw.parameters()), 'reference': local_bytes(ref.parameters()),
-             'gradients': grads[0], 'optimizer': state_bytes()}
+    parts = {'weights': weights, 'reference': reference, 'gradients': grads[0], 'optimizer': state_bytes()}
     for kind in ('weight copies', 'logits', 'activations'):
         parts[kind] = sum(nbytes for k, nbytes in saved.values() if k == kind)
     need = sum(parts.values())
@@ -211,6 +211,7 @@ def plan_memory(measured):
     embeddings) in float32 with autocast's bf16 copy of the output layer, and two blocks' (one
     computing, one prefetched) in bf16.
     A markdown table; a cell is 'GB (the smallest of PLAN_GPUS that it fits)'."""
+    fits = lambda b: next((f"{g}" for g in PLAN_GPUS if b <= PLAN_HEADROOM * g * 1e9), '> 80')
     per_param, (L0, _, C0) = measured['bytes_per_param'], SHAPES[measured['model']]
     per_layer_width = measured['activation_bytes_per_token'] / (L0 * C0)
     lines = ['| model | reference | DDP | FSDP, 2 GPUs | FSDP, 4 GPUs | FSDP, 8 GPUs |', '|---|---|---|---|---|---|']
@@ -227,7 +228,6 @@ def plan_memory(measured):
             gathered = root * 4 + 2 * block * 2 + shape.config.vocab_size * C * 2  # and the output layer's bf16 copy
             for gpus in (2, 4, 8):
                 cells.append(state / gpus + gathered + saved)
-            fits = lambda b: next((f"{g}" for g in PLAN_GPUS if b <= PLAN_HEADROOM * g * 1e9), '> 80')
             lines.append(f"| {name} | {'live' if live else 'precomputed'} | " +
                          ' | '.join(f"{b / 1e9:.1f} ({fits(b)})" for b in cells) + ' |')
     return '\n'.join(lines)

@@ -9,10 +9,10 @@ How a model is spread over the ranks that torchrun starts, for sft.py and dpo.py
                         step; the gradients are reduce-scattered after every micro-step.
 
 Both compute the same thing: float32 weights, matmuls in the run's dtype (bf16), a float32 residual
-stream, float32 reductions and optimizer steps. The loops read the same for both: wrap() once, sync_gradients() each
-micro-step, and full_state() for a checkpoint, which always holds whole tensors (ckpt.pt's format
-does not change with the layout: a run saved under FSDP resumes under DDP or on one process, and
-the other way round).
+stream, float32 reductions and optimizer steps. The loops read the same for both: wrap() once,
+sync_gradients() each micro-step, and full_state() for a checkpoint, which always holds whole
+tensors (ckpt.pt's format does not change with the layout: a run saved under FSDP resumes under DDP
+or on one process, and the other way round).
 """
 
 import torch
@@ -74,6 +74,11 @@ def sync_gradients(model, on):
 
 def is_sharded(t):
     return isinstance(t, DTensor)
+
+
+def local(t):
+    """This rank's part of a tensor: a shard's own (FSDP), or the whole of a tensor that is not sharded."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def whole(t):
