@@ -91,9 +91,16 @@ def sft_batch(data, indices, pack=False):
 def kto_batch(data, indices, max_length, pack=False):
     """Two Batches of B unpaired rows each: the rows (prompt i, completion i), and the mismatched
     rows that KTO's KL reference point is estimated from: prompt i with the completion of the
-    batch's row i - 1 (row 0 with the last one's), as TRL's KTOTrainer pairs them, cut to fit max_length."""
+    batch's row i - 1 (row 0 with the last one's), as TRL's KTOTrainer pairs them, cut to fit
+    max_length. Where that row has the same prompt (a pair's two rows side by side, as unpair()
+    lays them out and evaluation reads them), the nearest row before it with another prompt: a
+    completion of its own prompt would measure no KL at all."""
     prompts, completions = [data.get('prompt', i) for i in indices], [data.get('completion', i) for i in indices]
-    mismatched = [(p, c[:max_length - len(p)]) for p, c in zip(prompts, completions[-1:] + completions[:-1])]
+    B = len(indices)
+    def other_prompt(n):  # the nearest row before n, cyclically, whose prompt is not n's (n - 1 if none)
+        return next((m for m in ((n - s) % B for s in range(1, B)) if not np.array_equal(prompts[m], prompts[n])),
+                    (n - 1) % B)
+    mismatched = [(prompts[n], completions[other_prompt(n)][:max_length - len(prompts[n])]) for n in range(B)]
     make = pack_sequences if pack else pad_rows
     return make(list(zip(prompts, completions))), make(mismatched)
 

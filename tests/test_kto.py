@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import losses
-from batches import kto_batch
+from batches import eval_batches, kto_batch
 from conftest import ROOT
 from data import EOT_TOKEN, DataError, encode, load_dataset, tokenize_pairs, unpair
 from model import GPT, GPTConfig, save_pretrained
@@ -77,18 +77,42 @@ def test_rows_from_pairs_and_from_unpaired_jsonl(tmp_path):
 
 
 def test_kto_batch_pairs_each_prompt_with_the_previous_rows_completion():
+    # rows 0 (a, yes), 1 (a, no), 2 (b, up x 9), 3 (b, down)
     rows = unpair(tokenize_pairs([dict(prompt='Q: a?', chosen=' yes', rejected=' no', where='1'),
                                   dict(prompt='Q: b?' * 3, chosen=' up' * 9, rejected=' down', where='2')], 64, 32))
-    indices = np.array([2, 0, 1])  # a batch in shuffled order
-    for pack in (False, True):
-        batch, kl_batch = kto_batch(rows, indices, max_length=20, pack=pack)
-        mine = lambda b, n: b.targets[b.segments == n].tolist()  # sequence n's targets, prompt cells (-1) included
-        for n, i in enumerate(indices):
-            previous = indices[n - 1]  # row 0 of the batch takes the last one's completion
-            completion = rows.get('completion', previous)[:20 - len(rows.get('prompt', i))]  # cut to fit max_length
-            assert [t for t in mine(kl_batch, n) if t != -1] == completion.tolist()
-            assert [t for t in mine(batch, n) if t != -1] == rows.get('completion', i).tolist()
-        assert int(kl_batch.lengths.max()) <= 20 - 1  # a unit is its sequence less the last token
+    # each row's mismatched completion, by hand: the previous row's (the first row: the last one's), or,
+    # where that has the same prompt, the nearest before it with another; a batch of one prompt: the previous
+    for indices, sources in (([2, 0, 1], [1, 2, 2]),  # row 1 follows row 0, the same prompt: row 2's
+                             ([3, 0, 2], [0, 3, 0]),  # row 3 would take row 2's (cyclically before it): row 0's
+                             ([0, 1], [1, 0])):       # one prompt in the batch: no mismatch to be had
+        for pack in (False, True):
+            batch, kl_batch = kto_batch(rows, np.array(indices), max_length=20, pack=pack)
+            mine = lambda b, n: b.targets[b.segments == n].tolist()  # sequence n's targets, prompt cells (-1) included
+            for n, (i, source) in enumerate(zip(indices, sources)):
+                completion = rows.get('completion', source)[:20 - len(rows.get('prompt', i))]  # cut to fit max_length
+                assert [t for t in mine(kl_batch, n) if t != -1] == completion.tolist()
+                assert [t for t in mine(batch, n) if t != -1] == rows.get('completion', i).tolist()
+            assert int(kl_batch.lengths.max()) <= 20 - 1  # a unit is its sequence less the last token
+
+
+def test_held_out_batches_of_rows_from_pairs_mismatch_every_prompt():
+    """Evaluation reads the rows in order, a pair's two rows side by side: the completion each
+    mismatched row takes must come from another pair, for every batch size from 3 to the number of
+    pairs (a batch of 2 rows in order is one pair: no other prompt to take from)."""
+    n_pairs = 5
+    pairs = tokenize_pairs([dict(prompt=f'Q: {k}?', chosen=f' yes {k}', rejected=f' no {k}', where=str(k))
+                            for k in range(n_pairs)], 64, 32)
+    rows = unpair(pairs)
+    responses_of = {tuple(pairs.get('prompt', k).tolist()): {tuple(pairs.get(f, k).tolist()) for f in ('chosen', 'rejected')}
+                    for k in range(n_pairs)}
+    for batch_size in range(3, n_pairs + 1):
+        for indices, _ in eval_batches(len(rows), batch_size):
+            if len(set(indices // 2)) < 2:
+                continue  # a last batch of one pair's rows has no other prompt
+            _, kl_batch = kto_batch(rows, indices, max_length=64)
+            for n, i in enumerate(indices):
+                taken = tuple(t for t in kl_batch.targets[n].tolist() if t != -1)  # padded: row n is sequence n
+                assert taken not in responses_of[tuple(rows.get('prompt', i).tolist())], (batch_size, indices)
 
 
 @pytest.mark.slow
