@@ -214,9 +214,12 @@ def main(config):
     judge_scores = load_judge(judge, run.device, run.autocast) if online else None  # a bad judge stops before training
     raw_policy = policy  # the model that is stepped and saved (under FSDP, sharded in place by wrap)
     policy = parallel.wrap(raw_policy, run, fsdp, compile)  # the one the forward goes through: compiled, DDP or FSDP
-    ref = parallel.wrap(ref, run, fsdp, compile, forward_only=True)
+    if loss_type == 'simpo':  # SimPO's reward is the policy's own log-prob per token: no reference runs
+        ref = None
+    else:
+        ref = parallel.wrap(ref, run, fsdp, compile, forward_only=True)
     train_ref = eval_ref = None
-    if precompute_ref_logps:
+    if precompute_ref_logps and ref is not None:
         train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,

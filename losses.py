@@ -131,14 +131,18 @@ def dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_
 def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_settings):
     """Losses (B,) and the totals of DPO_METRICS over a batch of B pairs: the policy's forward over
     chosen and rejected together, the reference's under no_grad, or its precomputed log-probs
-    ref_logps (B, 2). loss_settings: preference_loss's beta, loss_type, label_smoothing, ..."""
+    ref_logps (B, 2), or neither (ref and ref_logps None) for simpo, which has no reference.
+    loss_settings: preference_loss's beta, loss_type, label_smoothing, ..."""
     with autocast:
         chosen_logps, rejected_logps = chosen_rejected_logps(policy, batch)
+        ref_chosen = ref_rejected = None  # reference-free (simpo)
         if ref_logps is not None:
             ref_chosen, ref_rejected = ref_logps.unbind(1)
-        else:
+        elif ref is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
+        elif loss_settings.get('loss_type') != 'simpo':
+            raise ValueError(f"loss_type={loss_settings.get('loss_type', 'sigmoid')!r} needs the reference or its log-probs")
         chosen_lengths, rejected_lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # tokens, <|endoftext|> included
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,

@@ -119,6 +119,21 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
 
 
+def test_simpo_step_runs_no_reference(pairs, model):
+    """SimPO is reference-free: dpo_step without a reference (as dpo.py runs it) equals dpo_step with one."""
+    batch, settings = dpo_batch(pairs, [0, 1, 2]), dict(beta=2.0, loss_type='simpo', simpo_gamma=0.5)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reference unlike the policy: were it read, the losses would differ
+    with_ref, with_ref_totals = losses.dpo_step(model, other, batch, **settings)
+    without, without_totals = losses.dpo_step(model, None, batch, **settings)
+    torch.testing.assert_close(without, with_ref, rtol=0, atol=0)
+    torch.testing.assert_close(without_totals, with_ref_totals, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="loss_type='sigmoid' needs the reference"):  # the others need one
+        losses.dpo_step(model, None, batch, beta=0.1)
+
+
 def test_packed_batch_equals_padded(model, varied_pairs):
     """Several sequences a row, block-diagonal attention, positions from 0 for each: the same log-probs
     and the same gradients as one padded row each."""
