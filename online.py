@@ -154,7 +154,9 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
     """n_pairs pairs sampled from the current policy and ranked by the judge, as PairData: two
     responses to each prompt of data's next batches (next_indices() gives one batch of indices), until
     n_pairs are found (ties give none). Also the totals of ONLINE_METRICS (losses.totals), over every
-    sample drawn, kept or not."""
+    sample drawn, kept or not. Its errors come from this rank's own samples: under torchrun they
+    name the rank, so that it prints them (runtime.exit_with_error), not only rank 0."""
+    this_rank = f"rank {run.rank}: " if run.ddp else ''
     was_training = policy.training
     policy.eval()  # no dropout while sampling
     found = {'prompt': [], 'chosen': [], 'rejected': []}
@@ -165,7 +167,10 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
         responses = sample_responses(policy, prompt_ids, 2, None, run.autocast, max_length=max_length, **sampling)
         rows = [p for p in prompt_ids for _ in range(2)]
         prompt_texts = [decode(p) for p in rows]
-        response_scores = judge(prompt_texts, [response_text(r) for r in responses], rows, responses)
+        try:
+            response_scores = judge(prompt_texts, [response_text(r) for r in responses], rows, responses)
+        except JudgeError as e:
+            raise JudgeError(this_rank + str(e)) from None
         a_is_chosen, kept = rank_pairs(response_scores[0::2], response_scores[1::2])  # each prompt's two samples
         for n, prompt in enumerate(prompt_ids):
             if kept[n] and len(found['prompt']) < n_pairs:
@@ -178,7 +183,7 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
         if len(found['prompt']) == n_pairs:
             break
     else:
-        raise runtime.TrainingError(f"in {max_tries} batches of prompts the judge told the two samples apart for only "
+        raise runtime.TrainingError(f"{this_rank}in {max_tries} batches of prompts the judge told the two samples apart for only "
                                     f"{len(found['prompt'])} prompts, fewer than the {n_pairs} pairs a micro-step "
                                     "needs; a judge that cannot tell samples apart gives online DPO nothing to learn")
     policy.train(was_training)

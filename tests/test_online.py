@@ -55,9 +55,31 @@ def test_a_judge_that_always_ties_stops_the_run(tiny):
     data = tokenize_pairs(synthetic_pairs(8, seed=3), 64, 32)
     run = runtime.setup('cpu', 'float32', 0)
     constant = lambda prompt_texts, response_texts, *ids: np.zeros(len(response_texts))
-    with pytest.raises(runtime.TrainingError, match=r"in 3 batches of prompts the judge told the two samples apart for only 0 prompts, fewer than the 2 pairs"):
+    with pytest.raises(runtime.TrainingError, match=r"^in 3 batches of prompts the judge told the two samples apart for only 0 prompts, fewer than the 2 pairs"):
         online.online_pairs(tiny, data, lambda: np.arange(4), 2, constant, run, max_length=64, max_tries=3,
                             max_new_tokens=2, temperature=1.0)
+
+
+def test_errors_from_one_ranks_samples_name_the_rank(tiny, capsys, monkeypatch):
+    """Under torchrun only rank 0 prints an error, unless the error names its rank: online's errors
+    come from each rank's own samples, so they name it, and rank 1 prints its own."""
+    data = tokenize_pairs(synthetic_pairs(8, seed=3), 64, 32)
+    run = runtime.setup('cpu', 'float32', 0)
+    run.ddp, run.rank = True, 1  # as rank 1 of a torchrun run sees itself (no process group needed here)
+    monkeypatch.setenv('RANK', '1')
+    constant = lambda prompt_texts, response_texts, *ids: np.zeros(len(response_texts))
+
+    def not_finite(*args):
+        raise online.JudgeError("judge='mine:score' returned a score that is NaN or infinite")
+    for judge, error, message in ((constant, runtime.TrainingError, "rank 1: in 2 batches of prompts the judge told"),
+                                  (not_finite, online.JudgeError, "rank 1: judge='mine:score' returned a score that is NaN")):
+        with pytest.raises(error) as caught:
+            online.online_pairs(tiny, data, lambda: np.arange(4), 2, judge, run, max_length=64, max_tries=2,
+                                max_new_tokens=2, temperature=1.0)
+        assert str(caught.value).startswith(message)
+        with pytest.raises(SystemExit):
+            runtime.exit_with_error(caught.value)
+        assert capsys.readouterr().err.startswith(f"error: {message}")  # printed by rank 1
 
 
 def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
