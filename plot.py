@@ -83,6 +83,7 @@ FAMILIES = {  # how a policy's name begins: its marker and colour on the frontie
     'SFT': ('s', 'black'), 'DPO': ('o', 'tab:blue'), 'KTO': ('^', 'tab:orange'),
     'online DPO': ('D', 'tab:green'), 'best-of': ('*', 'tab:red'),
 }
+LABEL_OFFSETS = {'DPO': (-6, 7, 'right'), 'KTO': (6, -12, 'left')}  # points apart, text: DPO's above left, KTO's below right
 
 
 def plot_frontier(results_path, png_path):
@@ -107,18 +108,19 @@ def plot_frontier(results_path, png_path):
                         yerr=reward.std() if len(reward) > 1 else None, fmt=marker, color=colour,
                         markersize=11 if marker == '*' else 7, capsize=3, label=family if len(points) == 1 else None)
             label = name if family in ('SFT', 'best-of') else name.replace(family, '').strip(' ,')
-            ax.annotate(label, (kl.mean(), reward.mean()), textcoords='offset points', xytext=(6, 5), fontsize=8,
-                        color=colour)
+            dx, dy, align = LABEL_OFFSETS.get(family, (6, 5, 'left'))  # DPO and KTO lie close together
+            ax.annotate(label, (kl.mean(), reward.mean()), textcoords='offset points', xytext=(dx, dy), ha=align,
+                        fontsize=8, color=colour)
         if len(points) > 1 and family in ('DPO', 'KTO'):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], '-', color=colour, alpha=0.4)
     if max(r['kl'] for r in rows) > 5:  # a run that collapsed far away: linear up to 1 nat, logarithmic beyond
-        ax.set_xscale('symlog', linthresh=1.0, linscale=2.0)
+        ax.set_xscale('symlog', linthresh=1.0, linscale=3.0)
     ax.set_xlabel('KL(policy || SFT reference), from samples (nats)')
     ax.set_ylabel('mean true reward of samples')
     ax.set_title('embedded task: true reward vs KL' + (f' (mean ± sd over {seeds} seeds)' if seeds > 1 else ''))
     ax.grid(alpha=0.3)
-    ax.legend(loc='upper right', fontsize=9)
+    ax.legend(loc='center right', fontsize=9)  # where neither points nor their labels are (more reward goes up, more KL right)
     ax.margins(x=0.12, y=0.1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
