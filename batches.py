@@ -48,6 +48,10 @@ class Batch(NamedTuple):
         out = values.new_zeros(self.n)
         return out.index_add_(0, self.segments.clamp(min=0).flatten(), values.flatten())  # (n,)
 
+    def response_lengths(self):
+        """(n,) float: each sequence's tokens with a target, its response's (<|endoftext|> included)."""
+        return self.sequence_sums((self.targets != -1).float())
+
     def flops_shape(self):
         """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: attention
         is counted as sum(unit lengths^2) = tokens * attended length (for a pair's unit a little more
@@ -143,7 +147,9 @@ class PairLoader:
     length within windows of 64 steps and shuffles the micro-batches, so a micro-batch holds pairs
     of similar length (less padding) while a step holds any.
     The state is {'epoch', 'pairs' (of the epoch, taken by all ranks), 'pairs_per_step',
-    'batch_size'}: load_state_dict continues at exactly the next micro-batch, on this layout or another.
+    'batch_size'}: load_state_dict continues at exactly the next micro-batch, on this layout or another;
+    a checkpoint also holds 'ranks', each rank's [epoch, micro-batches taken] (runtime.loader_state),
+    which a resume on the same layout takes: online DPO's ranks take as many as their samples need.
     """
 
     def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1, shuffle=True,
@@ -203,6 +209,8 @@ class PairLoader:
                                                        f"--gradient_accumulation_steps={accumulation})"))
         self.epoch, self._batches = state['epoch'], None
         self.taken = state['pairs'] // (self.batch_size * self.world_size)
+        if len(state.get('ranks', [])) == self.world_size:  # the same layout: each rank where it stopped
+            self.epoch, self.taken = state['ranks'][self.rank]  # (online DPO's ranks draw as many as they need)
 
 
 def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):

@@ -142,7 +142,6 @@ def reference_logps(ref, ref_sha256, data, run):
     cached = torch.tensor([float(os.path.exists(path))], device=run.device)
     if runtime.all_reduce_sum(cached, run, 'whether the reference log-probs are cached').item() == run.world_size:
         return np.load(path)  # on every node's disk (a rank without it joins the others in computing them)
-    ref.eval()
     shares = PairLoader(np.zeros(len(data)), batch_size * 4, rank=run.rank, world_size=run.world_size,
                         shuffle=False).epoch_batches(0)
     indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
@@ -218,9 +217,9 @@ def main(config):
         ref = None
     else:
         ref = parallel.wrap(ref, run, fsdp, compile, forward_only=True)
-    train_ref = eval_ref = None
+    train_ref_logps = eval_ref_logps = None
     if precompute_ref_logps and ref is not None:
-        train_ref, eval_ref = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
+        train_ref_logps, eval_ref_logps = (reference_logps(ref, ref_sha256, split, run) for split in (train_data, eval_data))
         ref = None  # trained without the reference in memory from here on
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         gradient_accumulation_steps, group_by_length=group_by_length)
@@ -241,9 +240,9 @@ def main(config):
     while True:
         # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
-        logged_already = iter_num == start_iter > 0  # by the run that saved the checkpoint resumed here
-        if eval_only or due and not logged_already:
-            metrics = evaluate(policy, ref, eval_ref, eval_data, metric_names, run)
+        just_resumed = start_iter > 0 and iter_num == start_iter  # the run resumed from evaluated and saved at this iteration
+        if eval_only or (due and not just_resumed):
+            metrics = evaluate(policy, ref, eval_ref_logps, eval_data, metric_names, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
                 break
@@ -251,12 +250,13 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                loader_state = runtime.loader_state(loader, run)  # and its own place in the data (a collective)
                 model_state, optimizer_state = parallel.full_state(raw_policy, optimizer, run.master)  # (FSDP: gathers)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
                         script='dpo', model=model_state, model_args=asdict(raw_policy.config),
                         optimizer=optimizer_state, scaler=scaler.state_dict(), iter_num=iter_num,
-                        loader=loader.state_dict(), rng=rng, config=config, ref_sha256=ref_sha256),
+                        loader=loader_state, rng=rng, config=config, ref_sha256=ref_sha256),
                         os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
@@ -278,9 +278,9 @@ def main(config):
                 online_totals += sampled_totals
                 sample_seconds += time.perf_counter() - t_sample
                 indices = np.arange(len(data))
-            else:
+            else:  # data: what indices point into, the training pairs or the pairs just sampled
                 data, indices = train_data, next(loader)
-            losses, batch_totals, batch, forward_only = step(policy, ref, data, indices, train_ref, run)
+            losses, batch_totals, batch, forward_only = step(policy, ref, data, indices, train_ref_logps, run)
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals += batch_totals
             shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted

@@ -123,7 +123,7 @@ def dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_
     """totals of DPO_METRICS over B pairs. Accuracy counts a tie as one half, so it starts at 0.5
     when the policy is the reference."""
     accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-    parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,
+    parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, accuracies,  # DPO_METRICS' order
              chosen_logps, rejected_logps)
     return totals(*((p, None) for p in parts))  # (len(DPO_METRICS), 2)
 
@@ -143,7 +143,7 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
                 ref_chosen, ref_rejected = chosen_rejected_logps(ref, batch)
         elif loss_settings.get('loss_type') != 'simpo':
             raise ValueError(f"loss_type={loss_settings.get('loss_type', 'sigmoid')!r} needs the reference or its log-probs")
-        chosen_lengths, rejected_lengths = batch.sequence_sums((batch.targets != -1).float()).chunk(2)  # tokens, <|endoftext|> included
+        chosen_lengths, rejected_lengths = batch.response_lengths().chunk(2)  # (B,) each
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, **loss_settings)
@@ -157,11 +157,14 @@ def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), be
     the rows' forward keeps a graph: z, from the mismatched rows, is detached anyway."""
     with autocast:
         logps = batch_logps(policy, batch)  # (B,)
-        with torch.no_grad():
-            kl_logps, ref_logps, ref_kl_logps = batch_logps(policy, kl_batch), batch_logps(ref, batch), batch_logps(ref, kl_batch)
-        lengths = batch.sequence_sums((batch.targets != -1).float())  # (B,) tokens, <|endoftext|> included
+        with torch.no_grad():  # each (B,)
+            kl_logps = batch_logps(policy, kl_batch)  # the policy's, of the mismatched rows: for z
+            ref_logps = batch_logps(ref, batch)  # the reference's, of the rows: for the rewards
+            ref_kl_logps = batch_logps(ref, kl_batch)  # and of the mismatched rows: for z
+        lengths = batch.response_lengths()  # (B,)
         losses, rewards, z = kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta,
                                       desirable_weight, undesirable_weight, rpo_alpha, lengths)
+    # in KTO_METRICS' order: the rewards and log-probs of desirable rows are "chosen", of undesirable "rejected"
     return losses, totals((losses, None), (rewards, desirable), (rewards, ~desirable), (z, None),
                           (logps, desirable), (logps, ~desirable))
 

@@ -347,15 +347,27 @@ def rng_states(run):
     mine = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if not run.ddp:
         return [mine]
-    # one all-reduce of a (ranks, bytes) table in which each rank fills its own row: plain tensors, on
-    # the device the backend wants, with nothing pickled (as all_gather_object would)
-    flat = torch.cat([mine['torch'], *mine['cuda']])  # (n,) uint8, the same n on every rank
-    table = torch.zeros(run.world_size, flat.numel(), dtype=torch.int32, device=run.device)
-    table[run.rank] = flat.to(run.device, torch.int32)
-    table = all_reduce_sum(table, run, 'the RNG states').to('cpu', torch.uint8)
+    table = every_rank(torch.cat([mine['torch'], *mine['cuda']]), run, 'the RNG states').to(torch.uint8)
     sizes = [mine['torch'].numel()] + [t.numel() for t in mine['cuda']]
     return [{'torch': parts[0].clone(), 'cuda': [p.clone() for p in parts[1:]]} for parts in
             (row.split(sizes) for row in table)]
+
+
+def loader_state(loader, run):
+    """The PairLoader's state with every rank's own place, [epoch, micro-batches taken] a rank: the
+    same on every rank, but for online DPO, whose ranks draw prompts as their samples need. Under DDP
+    a collective: every rank calls it."""
+    ranks = every_rank(torch.tensor([loader.epoch, loader.taken]), run, 'the data positions')
+    return {**loader.state_dict(), 'ranks': ranks.tolist()}
+
+
+def every_rank(flat, run, what):
+    """(world_size, n) int32 on the CPU: row r is rank r's flat (n,) integers (any integer type that
+    int32 holds; the same n on every rank). One all-reduce of a table in which each rank fills its
+    own row: plain tensors on the device the backend wants, nothing pickled (as all_gather_object)."""
+    table = torch.zeros(run.world_size, flat.numel(), dtype=torch.int32, device=run.device)
+    table[run.rank] = flat.to(run.device, torch.int32)
+    return all_reduce_sum(table, run, what).cpu()
 
 
 def set_rng_states(states):
@@ -416,8 +428,9 @@ def peak_flops(device, dtype):
 
 def speed(t0, examples, tokens, flops, peak_flops, run, unit='pairs'):
     """Throughput of the step that started at t0: examples (unit: 'pairs' for DPO, 'sequences' for
-    SFT) and real tokens per second over all ranks, and MFU, this rank's model FLOPs over its
-    device's peak."""
+    SFT, counted over all ranks) and real tokens per second (this rank's times the ranks: with
+    grouping by length, ranks hold other lengths, so an estimate), and MFU, this rank's model FLOPs
+    over its device's peak."""
     if run.device_type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

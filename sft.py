@@ -135,8 +135,8 @@ def main(config):
     while True:
         # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations, and at the end
         due = iter_num % eval_interval == 0 or iter_num == max_iters
-        logged_already = iter_num == start_iter > 0  # by the run that saved the checkpoint resumed here
-        if eval_only or due and not logged_already:
+        just_resumed = start_iter > 0 and iter_num == start_iter  # the run resumed from evaluated and saved at this iteration
+        if eval_only or (due and not just_resumed):
             metrics = evaluate(model, eval_data, run)
             if eval_only:
                 runtime.write_eval(metrics, iter_num, out_dir, run)
@@ -145,12 +145,13 @@ def main(config):
             runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
             if iter_num > start_iter:
                 rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
+                loader_state = runtime.loader_state(loader, run)  # and its own place in the data (a collective)
                 model_state, optimizer_state = parallel.full_state(raw_model, optimizer, run.master)  # (FSDP: gathers)
                 if run.master:
                     runtime.save_checkpoint(dict(  # all that a resume needs
                         script='sft', model=model_state, model_args=asdict(raw_model.config),
                         optimizer=optimizer_state, scaler=scaler.state_dict(), iter_num=iter_num,
-                        loader=loader.state_dict(), rng=rng, config=config),
+                        loader=loader_state, rng=rng, config=config),
                         os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break

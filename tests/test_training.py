@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesse
 
 COMMON = ['--device=cpu', '--dtype=float32', '--dataset=synthetic', '--max_length=64', '--max_prompt_length=32',
           '--batch_size=8', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1']
-TIMING = ('pairs_per_sec', 'sequences_per_sec', 'tokens_per_sec', 'mfu')
+TIMING = ('pairs_per_sec', 'sequences_per_sec', 'tokens_per_sec', 'mfu', 'online/sample_seconds')
 
 
 def run(script, *args, launcher=None):
@@ -275,7 +275,7 @@ def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_pa
 def test_kto_and_online_dpo_on_two_ddp_ranks(sft_dir, tmp_path):
     """KTO on 2 DDP ranks ends with the weights of 1 rank accumulating 2: each micro-batch holds the
     same rows either way, so its reference point z does too. Online DPO runs on 2 ranks, each
-    sampling for its own prompts, and logs the judge's score of all ranks' samples."""
+    sampling for its own prompts, logs the judge's score of all ranks' samples, and resumes exactly."""
     args = [f'--init_from={sft_dir}', '--loss_type=kto', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4',
             '--max_iters=3', '--eval_interval=3']
     two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
@@ -283,12 +283,29 @@ def test_kto_and_online_dpo_on_two_ddp_ranks(sft_dir, tmp_path):
     ok(run('dpo.py', *args, f'--out_dir={one}', '--gradient_accumulation_steps=2'))
     assert_same_weights(two, one, sft_dir)
     assert loss(two) == pytest.approx(loss(one), abs=1e-5)
-    online = str(tmp_path / 'online')
-    (tmp_path / 'judges.py').write_text("def length(prompts, responses):\n    return [len(r) + 1 for r in responses]\n")
-    ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={online}', '--online=True', f'--judge={tmp_path / "judges.py"}:length',
-           '--online_max_new_tokens=8', '--batch_size=4', '--max_iters=2', '--eval_interval=2', launcher=TORCHRUN))
-    rows = [r for r in metrics(online) if 'online/score' in r]
-    assert len(rows) == 2 and all(r['online/score'] > 0 and 0 <= r['online/ties'] < 1 for r in rows)
+    # online: a judge under which rank 1 ties every prompt of every other batch it draws, so it draws
+    # twice the prompt batches of rank 0; resumed, each rank goes on where it stopped, and the run
+    # equals the one not stopped
+    (tmp_path / 'judges.py').write_text(
+        "import itertools, os\n"
+        "calls = itertools.count()\n"
+        "def order(prompts, responses):\n"
+        "    if os.environ['RANK'] == '1' and next(calls) % 2 == 0:\n"
+        "        return [1.0] * len(responses)  # all tied\n"
+        "    return [1.0 + i for i in range(len(responses))]  # each prompt's second sample the better\n")
+    args = [f'--init_from={sft_dir}', '--online=True', f'--judge={tmp_path / "judges.py"}:order', '--online_max_new_tokens=8',
+            '--batch_size=4', '--eval_interval=2']
+    straight, stopped = str(tmp_path / 'online'), str(tmp_path / 'online-stopped')
+    ok(run('dpo.py', *args, '--max_iters=4', f'--out_dir={straight}', launcher=TORCHRUN))
+    rows = [r for r in metrics(straight) if 'online/score' in r]
+    assert len(rows) == 4 and all(r['online/score'] > 0 and r['online/ties'] == pytest.approx(1 / 3) for r in rows)
+    ok(run('dpo.py', *args, '--max_iters=2', f'--out_dir={stopped}', launcher=TORCHRUN))
+    ranks = torch.load(os.path.join(stopped, 'ckpt.pt'), weights_only=True)['loader']['ranks']
+    assert ranks == [[0, 2], [0, 4]]  # epoch 0: rank 0 took 2 prompt batches, rank 1 twice as many
+    ok(run('dpo.py', *args[1:], '--init_from=resume', '--max_iters=4', f'--out_dir={stopped}', launcher=TORCHRUN))
+    assert_same_metrics(straight, stopped)
+    for name, t in params(straight).items():
+        assert torch.allclose(t, params(stopped)[name], rtol=0, atol=1e-7), name
 
 
 def test_fsdp_resume_is_exact_and_a_nan_stops_before_saving(sft_dir, tmp_path):
