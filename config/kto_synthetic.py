@@ -13,6 +13,7 @@ beta = 0.1
 # reason: KTO too lowered the log-probs of every completion, desirable ones included, until samples
 # fell apart. Measured (200 held-out prompts x 4 samples, SFT model at 0.338 true reward, beta 0.05):
 #   lr 1e-4: true reward -0.01 (KL 93); lr 3e-5: -0.74 (KL 10); rpo_alpha=1, lr 1e-4: 0.42 (KL 0.19)
+#   (before KTO's mismatched rows stopped sharing a prompt; since: 0.43, KL 0.18)
 # With it, in the README's family figure (2 seeds): beta 0.05, 0.1, 0.5 give 0.43, 0.47, 0.54 (KL 0.23, 0.28, 0.63).
 rpo_alpha = 1.0
 batch_size = 64                  # rows: the 32 pairs of config/dpo_synthetic.py's step
