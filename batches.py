@@ -8,14 +8,13 @@ sum over its targets, which is exactly log p(response | prompt), its <|endoftext
 truncation cut the response's end, and with it the <|endoftext|>).
 """
 
-import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from configurator import ConfigError
-from data import EOT_TOKEN, DataError
+from common import UserError
+from model import EOT_TOKEN
 
 
 class Batch(NamedTuple):
@@ -23,10 +22,11 @@ class Batch(NamedTuple):
 
     idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
     sequence's log-probs over its targets gives exactly log p(response | prompt).
-    position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain causal
-    attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a token see
-    only its own unit (below).
-    segments: (R, T) which of the n sequences each cell belongs to (prompt cells included), -1 on padding.
+    position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain
+    causal attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a
+    token see only its own unit (below).
+    segments: (R, T) which of the n sequences each cell belongs to (prompt cells included), -1 on
+    padding.
     lengths: numpy, the tokens of each unit: a unit is a sequence without its last token, or, packed
     for DPO, a pair: its prompt once, then both responses, each seeing the prompt but not the other.
     """
@@ -43,29 +43,29 @@ class Batch(NamedTuple):
         return Batch(*(move(t) for t in self[:5]), self.lengths, self.n)
 
     def sequence_sums(self, values):
-        """(n,) sums of (R, T) per-cell values over each sequence's cells. Padding cells go to sequence 0:
-        the values summed here (log-probs, target counts) are exactly 0 there."""
+        """(n,) sums of (R, T) per-cell values over each sequence's cells. Padding cells go to
+        sequence 0: the values summed here (log-probs, target counts) are exactly 0 there."""
         out = values.new_zeros(self.n)
         return out.index_add_(0, self.segments.clamp(min=0).flatten(), values.flatten())  # (n,)
 
     def response_lengths(self):
-        """(n,) float: each sequence's tokens with a target, its response's (<|endoftext|> included)."""
+        """(n,) float: each sequence's tokens with a target: its response's, <|endoftext|> included."""
         return self.sequence_sums((self.targets != -1).float())
 
     def flops_shape(self):
-        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted: attention
-        is counted as sum(unit lengths^2) = tokens * attended length (for a pair's unit a little more
-        than it needs: a response does not look at the other one)."""
+        """(tokens, tokens with a target, attended length) for GPT.flops, padding not counted:
+        attention is counted as sum(unit lengths^2) = tokens * attended length (for a pair's unit a
+        little more than it needs: a response does not look at the other one)."""
         tokens = int(self.lengths.sum())
         return tokens, int((self.targets != -1).sum()), float((self.lengths ** 2).sum() / tokens)
 
 
 def pad_rows(rows):
-    """A Batch of the (prompt, response) token arrays rows, one a row, padded at the end to the longest
-    (the DPO paper's padded batch): row n holds prompt + response without its last token, and as
+    """A Batch of the (prompt, response) token arrays rows, one a row, padded at the end to the
+    longest (the DPO paper's padded batch): row n holds prompt + response without its last token, and as
     targets the next tokens, -1 on the prompt (but for its last token, which predicts the response's
     first) and on the padding."""
-    lengths = np.array([len(p) + len(r) - 1 for p, r in rows], dtype=np.int64)  # cells each row uses
+    lengths = np.array([len(p) + len(r) - 1 for p, r in rows], dtype=np.int64)  # each row's cells
     R, T = len(rows), lengths.max()
     idx = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
     targets, segments = np.full((R, T), -1, dtype=np.int64), np.full((R, T), -1, dtype=np.int64)
@@ -74,7 +74,8 @@ def pad_rows(rows):
         idx[n, :L] = np.concatenate([prompt, response])[:-1]
         targets[n, len(prompt) - 1:L] = response  # position t predicts token t + 1
         segments[n, :L] = n
-    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), None, None, torch.from_numpy(segments), lengths, R)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), None, None,
+                 torch.from_numpy(segments), lengths, R)
 
 
 def dpo_batch(data, indices, pack=False):
@@ -82,8 +83,10 @@ def dpo_batch(data, indices, pack=False):
     (B..2B-1), so that one forward pass serves both. Padded: one sequence a row. Packed (pack_pairs,
     below): each pair a unit with its prompt once, several units a row."""
     if pack:
-        return pack_pairs([(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i)) for i in indices])
-    return pad_rows([(data.get('prompt', i), data.get(field, i)) for field in ('chosen', 'rejected') for i in indices])
+        return pack_pairs([(data.get('prompt', i), data.get('chosen', i), data.get('rejected', i))
+                           for i in indices])
+    return pad_rows([(data.get('prompt', i), data.get(field, i))
+                     for field in ('chosen', 'rejected') for i in indices])
 
 
 def sft_batch(data, indices, pack=False):
@@ -99,66 +102,37 @@ def kto_batch(data, indices, max_length, pack=False):
     max_length. Where that row has the same prompt (a pair's two rows side by side, as unpair()
     lays them out and evaluation reads them), the nearest row before it with another prompt: a
     completion of its own prompt would measure no KL at all."""
-    prompts, completions = [data.get('prompt', i) for i in indices], [data.get('completion', i) for i in indices]
+    prompts = [data.get('prompt', i) for i in indices]
+    completions = [data.get('completion', i) for i in indices]
     B = len(indices)
-    def other_prompt(n):  # the nearest row before n, cyclically, whose prompt is not n's (n - 1 if none)
-        return next((m for m in ((n - s) % B for s in range(1, B)) if not np.array_equal(prompts[m], prompts[n])),
-                    (n - 1) % B)
-    mismatched = [(prompts[n], completions[other_prompt(n)][:max_length - len(prompts[n])]) for n in range(B)]
+
+    def other_prompt(n):  # the nearest row before n, cyclically, whose prompt is not n's (else n - 1)
+        return next((m for m in ((n - s) % B for s in range(1, B))
+                     if not np.array_equal(prompts[m], prompts[n])), (n - 1) % B)
+    mismatched = [(prompts[n], completions[other_prompt(n)][:max_length - len(prompts[n])])
+                  for n in range(B)]
     make = pack_sequences if pack else pad_rows
     return make(list(zip(prompts, completions))), make(mismatched)
 
 
-def dpo_cells(data, batches, pack=False):
-    """(real tokens, cells) over the DPO batches, cells being what the forward passes compute:
-    padded, 2B rows as long as the batch's longest sequence; packed, pairs (prompt once, both
-    responses) laid out by pack_bins."""
-    prompt, chosen, rejected = data.lengths('prompt'), data.lengths('chosen'), data.lengths('rejected')
-    real = cells = 0
-    for b in batches:
-        if pack:
-            lengths = prompt[b] - 1 + chosen[b] + rejected[b]  # a pair's unit
-            n_rows = len(pack_bins(lengths))
-        else:
-            lengths = np.concatenate([prompt[b] + chosen[b] - 1, prompt[b] + rejected[b] - 1])
-            n_rows = len(lengths)
-        real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
-    return int(real), int(cells)
-
-
-def dpo_padding(data, batches, pack=False):
-    """The share of padding among all cells of the DPO batches (see dpo_cells)."""
-    real, cells = dpo_cells(data, batches, pack)
-    return 1.0 - real / cells
-
-
 class PairLoader:
-    """Which pairs each micro-batch of this rank holds, micro-batch after micro-batch, epoch after epoch.
+    """The pairs of this rank's next micro-batch, micro-batch after micro-batch, epoch after epoch.
 
-    An epoch's order depends only on (seed, epoch), batch_size and the pairs an optimizer step takes
-    (batch_size * accumulation * world_size), never on how a step is split between ranks and
-    micro-steps: 8 ranks, or 4 with twice the accumulation, see the same micro-batches in every step,
-    so a run stopped on one layout resumes on another. The order is cut into micro-batches of
-    batch_size ("slots"), the first world_size of them the ranks' first micro-step, and so on; it is
-    padded, by repeating its first pairs, to a whole number of steps, so the ranks' shards are
-    disjoint (but for those few repeats), together cover every pair, and every micro-batch is full.
-    even=False leaves the repeats out, for evaluation, where a repeated pair would count twice: the
-    last micro-batches of some ranks are then smaller, or missing. group_by_length sorts pairs by
-    length within windows of 64 steps and shuffles the micro-batches, so a micro-batch holds pairs
-    of similar length (less padding) while a step holds any.
-    The state is {'epoch', 'pairs' (of the epoch, taken by all ranks), 'pairs_per_step',
-    'batch_size'}: load_state_dict continues at exactly the next micro-batch, on this layout or another;
-    a checkpoint also holds 'ranks', each rank's [epoch, micro-batches taken] (runtime.loader_state),
-    which a resume on the same layout takes: online DPO's ranks take as many as their samples need.
+    An epoch's order depends only on (seed, epoch), batch_size and the pairs a step takes, never on
+    how a step is split between ranks and micro-steps, so a run resumes on another layout. The order
+    is padded (its first pairs repeated) to whole steps, so that every micro-batch is full; even=False
+    leaves the repeats out (evaluation). group_by_length: micro-batches of pairs of similar length
+    (less padding), shuffled, so a step holds any. state_dict() continues at the next micro-batch.
     """
 
-    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1, shuffle=True,
-                 group_by_length=False, even=True):
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1,
+                 shuffle=True, group_by_length=False, even=True):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.accumulation, self.shuffle, self.group_by_length, self.even = accumulation, shuffle, group_by_length, even
+        self.accumulation, self.shuffle, self.even = accumulation, shuffle, even
+        self.group_by_length = group_by_length
         self.pairs_per_step = batch_size * world_size * accumulation
-        self.epoch, self.taken, self._batches = 0, 0, None  # taken: this rank's micro-batches of the epoch so far
+        self.epoch, self.taken, self._batches = 0, 0, None  # taken: this rank's, this epoch
 
     def epoch_batches(self, epoch):
         """This rank's micro-batches of one epoch: a list of arrays of pair indices."""
@@ -166,7 +140,7 @@ class PairLoader:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.even:
-            order = np.resize(order, n + (-n) % S)  # repeat the first pairs up to a whole number of steps
+            order = np.resize(order, n + (-n) % S)  # the first pairs repeated up to whole steps
         if self.group_by_length:
             window = S * 64
             order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
@@ -174,7 +148,7 @@ class PairLoader:
         slots = np.split(order, range(self.batch_size, len(order), self.batch_size))
         if self.group_by_length and self.shuffle:
             slots = [slots[i] for i in rng.permutation(len(slots))]
-        return slots[self.rank::self.world_size]  # slot t * world_size + rank: this rank's micro-step t
+        return slots[self.rank::self.world_size]  # slot t * world_size + rank: its micro-step t
 
     def __iter__(self):
         return self
@@ -193,33 +167,36 @@ class PairLoader:
                 'pairs_per_step': self.pairs_per_step, 'batch_size': self.batch_size}
 
     def load_state_dict(self, state):
-        if 'pairs' not in state:  # an older checkpoint, whose order within an epoch was another
-            print(f"warning: the checkpoint's data order is an older one: the run goes on at the start of epoch "
-                  f"{state['epoch'] + 1}, the rest of epoch {state['epoch']} left out", file=sys.stderr)
-            self.epoch, self.taken, self._batches = state['epoch'] + 1, 0, None
-            return
+        if 'pairs' not in state:
+            raise UserError("the checkpoint's data order is an older version's, which this one cannot "
+                            "continue exactly: start a new run from its weights instead")
         if (state['pairs_per_step'], state['batch_size']) != (self.pairs_per_step, self.batch_size):
             accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * self.world_size)
-            raise ConfigError(
-                f"the run took {state['pairs_per_step']} pairs a step in micro-batches of {state['batch_size']}, "
-                f"this one would take {self.pairs_per_step} in micro-batches of {self.batch_size} (batch_size x "
-                f"gradient_accumulation_steps {self.accumulation} x {self.world_size} rank(s)): the order of the pairs "
-                "depends on both, so keep them when you resume"
-                + ('' if rest or not accumulation else f" (here: --batch_size={state['batch_size']} "
-                                                       f"--gradient_accumulation_steps={accumulation})"))
+            here = ('' if rest or not accumulation else
+                    f" (here: --batch_size={state['batch_size']} "
+                    f"--gradient_accumulation_steps={accumulation})")
+            raise UserError(
+                f"the run took {state['pairs_per_step']} pairs a step in micro-batches of "
+                f"{state['batch_size']}, this one would take {self.pairs_per_step} in micro-batches "
+                f"of {self.batch_size} (batch_size x gradient_accumulation_steps {self.accumulation} "
+                f"x {self.world_size} rank(s)): the order of the pairs depends on both, so keep them "
+                f"when you resume{here}")
         self.epoch, self._batches = state['epoch'], None
         self.taken = state['pairs'] // (self.batch_size * self.world_size)
-        if len(state.get('ranks', [])) == self.world_size:  # the same layout: each rank where it stopped
-            self.epoch, self.taken = state['ranks'][self.rank]  # (online DPO's ranks draw as many as they need)
+        # on the same layout each rank goes on where it stopped (checkpoint.loader_state): online
+        # DPO's ranks draw as many batches as their samples need
+        if len(state.get('ranks', [])) == self.world_size:
+            self.epoch, self.taken = state['ranks'][self.rank]
 
 
 def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
-    """Evaluation's batches on this rank, as (indices, counted): each of the n held-out examples once
+    """Evaluation's batches on this rank, as (indices, counted): each of n held-out examples once
     over all ranks, in order (PairLoader's even=False), the first limit batches of each rank (-1:
     all). same_count, for FSDP, where each forward gathers the weights with every rank: as many
     batches as rank 0 has (it has the most), the missing ones rank 0's first, run but not counted."""
     def batches(r):
-        loader = PairLoader(np.zeros(n), batch_size, rank=r, world_size=world_size, shuffle=False, even=False)
+        loader = PairLoader(np.zeros(n), batch_size, rank=r, world_size=world_size, shuffle=False,
+                            even=False)
         return loader.epoch_batches(0)[:limit if limit > 0 else None]
     mine = [(indices, True) for indices in batches(rank)]
     if not same_count:
@@ -234,25 +211,30 @@ def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False
 # with less padding, and for DPO each prompt once instead of twice.
 
 def sequence_unit(prompt, response, n):
-    """A (prompt, response) sequence as one unit: the sequence without its last token, the response as
-    targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
+    """A (prompt, response) sequence as one unit: the sequence without its last token, the
+    response as targets of sequence n. Returns (idx, targets, positions, segments, branches), each (L,)."""
     L = len(prompt) + len(response) - 1
     targets = np.full(L, -1, dtype=np.int64)
     targets[len(prompt) - 1:] = response  # position t predicts token t + 1
-    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n), np.zeros(L, dtype=np.int64))
+    return (np.concatenate([prompt, response])[:-1], targets, np.arange(L), np.full(L, n),
+            np.zeros(L, dtype=np.int64))
 
 
 def pair_unit(prompt, chosen, rejected, n_chosen, n_rejected):
-    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed by
-    each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
-    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by themselves."""
+    """A pair as one unit with its prompt once: prompt[:-1], then the prompt's last token followed
+    by each response (its targets those of sequence n_chosen, n_rejected), both at the positions they
+    have after the prompt. Branch 0 (the prompt) is seen by all; branches 1 and 2 only by
+    themselves."""
     P = len(prompt)
-    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), np.full(P - 1, n_chosen), np.zeros(P - 1, dtype=np.int64))]
+    parts = [(prompt[:-1], np.full(P - 1, -1), np.arange(P - 1), np.full(P - 1, n_chosen),
+              np.zeros(P - 1, dtype=np.int64))]
     for response, n, branch in ((chosen, n_chosen, 1), (rejected, n_rejected, 2)):
         L = len(response)
-        parts.append((np.concatenate([prompt[-1:], response[:-1]]), response, np.arange(P - 1, P - 1 + L),
+        parts.append((np.concatenate([prompt[-1:], response[:-1]]), response,
+                      np.arange(P - 1, P - 1 + L),
                       np.full(L, n), np.full(L, branch)))
-    return tuple(np.concatenate(column) for column in zip(*parts))  # (idx, targets, positions, segments, branches)
+    # (idx, targets, positions, segments, branches)
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def pack_bins(lengths):
@@ -270,14 +252,14 @@ def pack_bins(lengths):
 
 
 def pack_units(units, n):
-    """A Batch of n sequences from units (sequence_unit, pair_unit): as many units a row as fit in the
-    longest's length (pack_bins), the rest of a row padding."""
+    """A Batch of n sequences from units (sequence_unit, pair_unit): as many units a row as fit in
+    the longest's length (pack_bins), the rest of a row padding."""
     lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
     bins = pack_bins(lengths)
     T = max(lengths)
     idx = np.full((len(bins), T), EOT_TOKEN, dtype=np.int64)  # padding ids: any valid token
     targets, segments, owner = (np.full((len(bins), T), -1, dtype=np.int64) for _ in range(3))
-    positions, branches = np.zeros((len(bins), T), dtype=np.int64), np.zeros((len(bins), T), dtype=np.int64)
+    positions, branches = (np.zeros((len(bins), T), dtype=np.int64) for _ in range(2))
     for row, members in enumerate(bins):
         start = 0
         for u in members:
@@ -288,9 +270,12 @@ def pack_units(units, n):
             start = end
     position_ids, owner, branches = (torch.from_numpy(a) for a in (positions, owner, branches))
     same_unit = owner[:, :, None] == owner[:, None, :]  # (R, T, T): query, key
-    visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # key shared, or own branch
-    attn_mask = (same_unit & visible & torch.ones(T, T, dtype=torch.bool).tril())[:, None]  # (R, 1, T, T)
-    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask, torch.from_numpy(segments),
+    # a key in the shared branch (the prompt), or in the query's own
+    visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attn_mask = (same_unit & visible & causal)[:, None]  # (R, 1, T, T)
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), position_ids, attn_mask,
+                 torch.from_numpy(segments),
                  lengths, n)
 
 
@@ -305,23 +290,3 @@ def pack_pairs(pairs):
     B = len(pairs)
     return pack_units([pair_unit(p, c, r, n, B + n) for n, (p, c, r) in enumerate(pairs)], 2 * B)
 
-
-if __name__ == '__main__':  # python batches.py --dataset=hh: the padding of each way of batching a dataset
-    from configurator import configure
-    from data import DATA_CACHE_DIR, load_dataset
-    cli = dict(dataset='synthetic', data_path='', max_length=512, max_prompt_length=256, hh_subsets='all',
-               batch_size=64, cache_dir=DATA_CACHE_DIR,
-               __file__=__file__, __doc__=__doc__)  # for --help: the file's name and its docstring
-    configure(cli)
-    try:
-        data = load_dataset(cli['dataset'], 'train', cli['data_path'], '', cli['max_length'], cli['max_prompt_length'],
-                            cli['hh_subsets'], cli['cache_dir'])
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    for grouped in (False, True):
-        batches = PairLoader(data.pair_lengths(), cli['batch_size'], group_by_length=grouped).epoch_batches(0)
-        print(f"DPO batches of {cli['batch_size']} pairs{', grouped by length' if grouped else ''}:")
-        for pack in (False, True):  # packing saves cells twice: less padding, and each prompt once
-            real, cells = dpo_cells(data, batches, pack)
-            print(f"  {'packed' if pack else 'padded rows'}: {1 - real / cells:.1%} padding, "
-                  f"{cells / len(data):.0f} token cells a pair")

@@ -2,7 +2,7 @@
 nanoGPT's configurator, with early and clear errors. A script's config is its module-level globals;
 the command line overrides them, left to right:
 
-    python sample.py config/sample_gpt2.py --num_samples=3 --temperature=0.8
+    python dpo.py config/dpo_synthetic.py --beta=0.2 --max_iters=100
     python dpo.py --help       # every setting, its default and what it is
 
 A config file is plain Python whose top-level assignments become overrides; --key=value sets one key,
@@ -21,9 +21,7 @@ import tokenize
 import traceback
 from typing import Callable, NamedTuple
 
-
-class ConfigError(ValueError):
-    """A mistake in a config file or a --key=value argument; the message says which and where."""
+from common import UserError, exit_with_error
 
 
 def config_keys(namespace):
@@ -49,50 +47,69 @@ def check_value(key, value, default, source):
         hint = ''
         if isinstance(default, str) and isinstance(value, (list, tuple)):
             hint = f" (give a list as one comma-separated string: {','.join(map(str, value))!r})"
-        raise ConfigError(f"{source}: {key} must be a {type(default).__name__} (default {default!r}), "
+        raise UserError(f"{source}: {key} must be a {type(default).__name__} (default {default!r}), "
                           f"got {value!r}{hint}")
     return value
 
 
 class Range(NamedTuple):
-    """The values a setting may take: a test, and the same in words for the error message."""
+    """The values a setting may take, for what RANGES' words cannot say: a test, and its words."""
     ok: Callable
     words: str
 
 
-def at_least(low):
-    return Range(lambda v: v >= low, f">= {low}")
+def in_range(value, spec):
+    """Whether value is one that spec allows. spec: a tuple of the values allowed; a Range; or words,
+    one or more of '> 0', '>= 1', an interval '[0, 1)' or '(0, 1]', or a value ('-1', 'None'),
+    joined by ' or ', each may be followed by a remark in brackets: '-1 (all) or >= 1'."""
+    if isinstance(spec, Range):  # (a NamedTuple: before the tuple of values)
+        return spec.ok(value)
+    if isinstance(spec, tuple):
+        return value in spec
+    return any(in_one(value, part.split(' (')[0].strip()) for part in spec.split(' or '))
 
 
-def above(low):
-    return Range(lambda v: v > low, f"> {low}")
+def in_one(value, words):
+    if words.startswith('>'):
+        bound = ast.literal_eval(words.lstrip('>=').strip())
+        return value is not None and (value >= bound if words.startswith('>=') else value > bound)
+    if words[0] in '[(' and words[-1] in '])':
+        low, high = (ast.literal_eval(x.strip()) for x in words[1:-1].split(','))
+        if value is None:
+            return False
+        return (low < value or (words[0] == '[' and value == low)) and \
+            (value < high or (words[-1] == ']' and value == high))
+    return value == ast.literal_eval(words)
 
 
-def within(low, high):
-    return Range(lambda v: low <= v < high, f"in [{low}, {high})")
-
-
-def one_of(*choices):
-    return Range(lambda v: v in choices, 'one of ' + ', '.join(map(str, choices)))
-
-
-def optional(r):
-    """r, or None (the setting is off)."""
-    return Range(lambda v: v is None or r.ok(v), f"None or {r.words}")
+def range_words(spec):
+    if isinstance(spec, Range):
+        return spec.words
+    if isinstance(spec, tuple):
+        return 'one of ' + ', '.join(map(str, spec))
+    return ' or '.join(f"in {w}" if w[0] in '[(' else w for w in spec.split(' or '))
 
 
 def check_ranges(namespace, ranges):
-    """Raise ConfigError for the first setting of namespace outside its Range in ranges."""
-    for key, r in ranges.items():
+    """Raise UserError for the first setting of namespace outside its range in ranges."""
+    for key, spec in ranges.items():
         value = namespace[key]
-        if not r.ok(value):
-            raise ConfigError(f"{key}={value!r} is out of range: it must be {r.words}")
+        if not in_range(value, spec):
+            raise UserError(f"{key}={value!r} is out of range: it must be {range_words(spec)}")
+
+
+def check_combinations(namespace, checks):
+    """Raise UserError for the first of checks, (test of the settings, why), whose test holds; why
+    may name settings in braces, '{n_head}', for their values."""
+    for conflict, why in checks:
+        if conflict(namespace):
+            raise UserError(why.format_map(namespace))
 
 
 def unknown_key(key, known, source):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    return UserError(f"{source}: unknown config key '{key}'{hint}")
 
 
 def parse_value(text, default):
@@ -110,17 +127,17 @@ def parse_value(text, default):
 def read_config_file(path):
     """The top-level assignments of a Python config file, as a dict."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist")
     with open(path) as f:
         source = f.read()
     namespace = {}
     try:
         exec(compile(source, path, 'exec'), namespace)
     except SyntaxError as e:
-        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+        raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
     except Exception as e:
         line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
-        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
     # every top-level name but modules, functions and classes is an override: a value of a type
     # no setting has (a list, a dict) is refused by check_value, never dropped without a word
     return {k: v for k, v in namespace.items() if not k.startswith('_')
@@ -129,13 +146,13 @@ def read_config_file(path):
 
 def apply_overrides(namespace, args):
     """Apply config files and --key=value arguments (in order) to namespace, a script's globals().
-    Returns the dict of overrides applied; raises ConfigError on the first mistake."""
+    Returns the dict of overrides applied; raises UserError on the first mistake."""
     known = config_keys(namespace)
     applied = {}
     for arg in args:
         if arg.startswith('--'):
             if '=' not in arg:
-                raise ConfigError(f"argument {arg}: expected --key=value")
+                raise UserError(f"argument {arg}: expected --key=value")
             key, text = arg[2:].split('=', 1)
             if key not in known:
                 raise unknown_key(key, known, f"argument {arg}")
@@ -183,20 +200,21 @@ def settings_help(namespace):
     return '\n'.join(lines)
 
 
-def configure(namespace, ranges=None, args=None):
-    """apply_overrides, then check_ranges, for a script's __main__: prints what changed, or the
-    one-line error and exits; --help (or -h) prints settings_help and exits."""
+def configure(namespace, ranges=None, args=None, checks=()):
+    """For a script's __main__: apply_overrides, then check_ranges and check_combinations; prints
+    what changed and returns the settings (config_keys), or prints the one-line error and exits;
+    --help (or -h) prints settings_help and exits."""
     args = sys.argv[1:] if args is None else args
     if '--help' in args or '-h' in args:
         print(settings_help(namespace))
         sys.exit(0)
-    master = os.environ.get('RANK', '0') == '0'  # under torchrun, one rank speaks for all
     try:
         applied = apply_overrides(namespace, args)
         check_ranges(namespace, ranges or {})
-    except ConfigError as e:
-        sys.exit(f"config error: {e}" if master else 1)
-    for key, value in applied.items():
-        if master:
+        check_combinations(namespace, checks)
+    except UserError as e:
+        exit_with_error(e, prefix='config error')
+    if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank speaks for all
+        for key, value in applied.items():
             print(f"config: {key} = {value!r}")
-    return applied
+    return config_keys(namespace)

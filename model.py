@@ -1,14 +1,17 @@
 """
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
-forward pass (logits, or the log-probs of targets), generation with a KV cache, and the optimizer
-and FLOPs helpers. A reader who stops at the end of that first section has all of GPT-2's math. Three
-calls in it lead to a later section, each doing what its plain form beside it does, only faster or
-leaner (and tested against it); the sections, after the first:
+forward pass (logits, or the log-probs of targets), generation with a KV cache, and the training
+helpers (AdamW's groups, FLOPs, the learning-rate schedule get_lr). A reader who stops at the end
+of that first section has all of GPT-2's math. Three calls in it lead to a later section, each
+doing what its plain form beside it does, only faster or leaner (and tested against it); the
+sections, after the first:
 - loading and saving the official weights in the Hugging Face hub layout;
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
-- the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's draw).
+- the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
+  draw).
 
-This module knows nothing about datasets, losses or distributed training.
+Datasets, losses and distributed training are in other files; of the project's own modules this
+one imports only common.py (UserError, atomic_open, hub_file).
 References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.
 """
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from common import UserError, atomic_open, hub_file
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every document, and every response here
 
@@ -41,8 +46,8 @@ class GPTConfig:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a whole number >= 1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head} (each head "
-                             "takes n_embd / n_head of the channels)")
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head} "
+                             "(each head takes n_embd / n_head of the channels)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
 
@@ -52,7 +57,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        # q, k, v at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -66,7 +72,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D), S = positions so far
         # attn_mask None means plain causal attention over positions 0..T-1 (no cache, no padding):
         # is_causal lets scaled_dot_product_attention pick the flash kernel where there is one
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -144,7 +151,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)  # (T,), broadcast over B
         if attn_mask is None and past > 0:
@@ -153,14 +161,16 @@ class GPT(nn.Module):
             else:  # one new token may look at everything before it; the mask spans every key, since
                 # CUDA's memory-efficient kernel refuses a mask broadcast along its last dimension
                 attn_mask = torch.ones(1, past + 1, dtype=torch.bool, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, kv_cache=None, last_only=False):
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, kv_cache=None,
+                last_only=False):
         """Without targets: logits (B, T, vocab) at every position, or (B, 1, vocab) with last_only.
 
         With targets (B, T): log p(targets[b, t] | idx[b, :t+1]) as a (B, T) tensor, exactly 0 where
@@ -173,17 +183,20 @@ class GPT(nn.Module):
             return self.lm_head(x[:, -1:] if last_only else x)
         return self.target_logprobs(x, targets)
 
-    @torch.compiler.disable  # the number of targets changes every batch: compiled, it would recompile each time
+    # not compiled: the number of targets changes every batch, so it would recompile each time
+    @torch.compiler.disable
     def target_logprobs(self, x, targets):
-        """(B, T) log-probs of targets (B, T) from final hidden states x (B, T, C); 0 where targets == -1."""
+        """(B, T) log-probs of targets (B, T) from final hidden states x (B, T, C); 0 where
+        targets == -1."""
         keep = targets != -1  # (B, T)
         x, weight = x[keep], self.lm_head.weight  # (N, C) for the N positions with a target
         if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would give the projection
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
-        # log_softmax(x @ weight.T) at each target, as plain_target_logprobs computes it, but with one
-        # low-precision copy of the logits and no float32 one (the section "memory-lean log-probs" below)
-        logp = TargetLogProbs.apply(x, weight, targets[keep])  # (N,) float32 (float64 for a float64 model)
+        # log_softmax(x @ weight.T) at each target, as plain_target_logprobs computes it, but with
+        # one low-precision copy of the logits and no float32 one (section "memory-lean log-probs");
+        # logp is float32 (float64 for a float64 model)
+        logp = TargetLogProbs.apply(x, weight, targets[keep])  # (N,)
         out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
         return out.masked_scatter(keep, logp)  # (B, T)
 
@@ -205,7 +218,8 @@ class GPT(nn.Module):
         """
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
         if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+            raise ValueError("generate needs at least one prompt, "
+                             "and every prompt at least one token")
         device = self.lm_head.weight.device
         B, T0 = len(rows), max(len(r) for r in rows)
         idx = torch.zeros(B, T0, dtype=torch.long, device=device)    # (B, T0) left-padded prompts
@@ -214,7 +228,8 @@ class GPT(nn.Module):
             idx[b, T0 - len(r):] = torch.tensor(r, device=device)
             valid[b, T0 - len(r):] = True
         block_size = self.config.block_size
-        kv_cache = KVCache(self.config.n_layer, min(block_size, T0 + max_new_tokens)) if use_cache else None
+        kv_cache = (KVCache(self.config.n_layer, min(block_size, T0 + max_new_tokens))
+                    if use_cache else None)
         out = [[] for _ in range(B)]
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
@@ -222,13 +237,18 @@ class GPT(nn.Module):
                 kv_cache = None  # the window has to slide: positions shift, cached keys are stale
             if kv_cache is not None:
                 new = idx[:, kv_cache.pos:]  # the whole prompt first, then one token at a time
-                with onednn_off(device.type == 'cpu' and new.numel() == 1):  # a CPU speed-up (last section)
-                    logits = self(new, None, *self._positions_and_mask(valid, kv_cache.pos), kv_cache, last_only=True)
+                # a CPU speed-up (last section)
+                with onednn_off(device.type == 'cpu' and new.numel() == 1):
+                    logits = self(new, None, *self._positions_and_mask(valid, kv_cache.pos),
+                                  kv_cache, last_only=True)
             else:
                 window, window_valid = idx[:, -block_size:], valid[:, -block_size:]
-                logits = self(window, None, *self._positions_and_mask(window_valid, 0), last_only=True)
-            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
-            next_token = torch.where(finished, eos_token_id if eos_token_id is not None else 0, next_token)
+                logits = self(window, None, *self._positions_and_mask(window_valid, 0),
+                              last_only=True)
+            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p,
+                                           generator)  # (B,)
+            next_token = torch.where(finished, eos_token_id if eos_token_id is not None else 0,
+                                     next_token)
             for b, t in enumerate(next_token.tolist()):
                 if not finished[b]:
                     out[b].append(t)
@@ -243,15 +263,17 @@ class GPT(nn.Module):
     @staticmethod
     def _positions_and_mask(valid, past):
         """Position ids and attention mask for the positions past.. of rows whose padding valid
-        marks (B, S). Returns ((B, T) positions, (B, 1, T, S) mask or None when nothing is padded)."""
+        marks (B, S). Returns ((B, T) positions, (B, 1, T, S) mask or None when nothing is
+        padded)."""
         B, S = valid.shape
-        position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T): 0 at the first real token
+        # 0 at each row's first real token
+        position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
         if valid.all():
             return position_ids, None
         T = S - past
         causal = torch.ones(T, S, dtype=torch.bool, device=valid.device).tril(past)  # (T, S)
         mask = causal & valid[:, None, :]  # (B, T, S): no query looks at padding
-        # a padding query would see no key at all and give NaN; let it see itself (its output is unused)
+        # a padding query would see no key and give NaN; let it see itself (its output is unused)
         query_pos = torch.arange(past, S, device=valid.device)  # (T,)
         mask |= query_pos[:, None] == torch.arange(S, device=valid.device)  # (T, S) the diagonal
         return position_ids, mask[:, None]  # (B, 1, T, S)
@@ -260,23 +282,38 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (matmul weights, embeddings) only, never on biases
-        or LayerNorm gains; the fused kernel on CUDA and on CPU (one pass over each tensor instead of
-        a dozen)."""
+        or LayerNorm gains; the fused kernel on CUDA and on CPU (one pass over each tensor
+        instead of a dozen)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type in ('cuda', 'cpu'))
 
     def flops(self, n_tokens, n_targets, seq_len, backward=True):
         """Matmul FLOPs (PaLM appendix B, as in nanoGPT) of a forward, and with backward also the
-        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which n_targets
-        have a target: per token 2 per weight of the blocks plus 4 * n_layer * n_embd * seq_len for
-        attention's QK^T and AV; per target 2 * vocab * n_embd for the vocabulary projection."""
+        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which
+        n_targets have a target: per token 2 per weight of the blocks plus
+        4 * n_layer * n_embd * seq_len for attention's QK^T and AV; per target 2 * vocab * n_embd
+        for the vocabulary projection."""
         c = self.config
         head = 2 * c.vocab_size * c.n_embd
         body = 2 * self.num_params() - head + 4 * c.n_layer * c.n_embd * seq_len
         forward = n_tokens * body + n_targets * head
         return 3 * forward if backward else forward
+
+
+def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
+    """The learning rate of iteration it: a linear warmup from 0 over warmup_iters, then constant
+    (decay_lr=False, the DPO paper's schedule) or a cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 # the pieces generate uses: the KV cache, and the choice of the next token
@@ -307,7 +344,8 @@ class KVCache:
 
 
 def top_k_filter(logits, k):
-    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th kept)."""
+    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th
+    kept)."""
     kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float('-inf'))
 
@@ -335,10 +373,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
-    return inverse_cdf_draw(probs, generator)  # torch.multinomial(probs, 1)'s draw, faster (last section)
+    # torch.multinomial(probs, 1)'s draw, faster (last section)
+    return inverse_cdf_draw(probs, generator)
 
 
-# -------------------------------------------------------------------- loading and saving the hub layout
+# ---------------------------------------------------------------- loading and saving the hub layout
 
 # the four official sizes, by their short names, and where the hub keeps them
 OFFICIAL_MODELS = {
@@ -348,22 +387,16 @@ OFFICIAL_MODELS = {
     'gpt2-xl':     'openai-community/gpt2-xl',      # 1558M
 }
 
-GPT2_SHAPES = {  # n_layer, n_head, n_embd of each
-    'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
-}
 
 # GPT-2 was written with a "Conv1D" layer whose weight is (in, out), the transpose of nn.Linear's
-CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight',
+                  'mlp.c_fc.weight', 'mlp.c_proj.weight')
 # the official files also hold each layer's causal-mask buffer, which is not a weight
 MASK_BUFFER = re.compile(r'h\.\d+\.attn\.(masked_)?bias$')
 
 
-class LoadError(ValueError):
-    """A model or checkpoint that cannot be loaded as asked; the message names the file and key."""
-
-
 def from_pretrained(name_or_dir, dropout=0.0, cache_dir=None):
-    """A GPT-2 from the hub or a local directory in the hub layout (config.json + model.safetensors).
+    """A GPT-2 from the hub or a local hub-layout directory (config.json + model.safetensors).
 
     name_or_dir: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id ('openai-community/gpt2'),
     or a directory. Downloads go to the normal hub cache (or cache_dir) and are reused from it.
@@ -374,7 +407,7 @@ def from_pretrained(name_or_dir, dropout=0.0, cache_dir=None):
     try:
         state_dict = load_file(weights_path)
     except Exception as e:
-        raise LoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        raise UserError(f"{weights_path} is not a readable safetensors file: {e}") from e
     load_hub_state_dict(model, state_dict, weights_path)
     return model
 
@@ -393,18 +426,18 @@ def load_hub_state_dict(model, state_dict, path='state dict'):
         if MASK_BUFFER.search(name):
             continue
         if name not in ours:
-            raise LoadError(f"{path}: unexpected key '{key}', which is not part of a GPT-2")
+            raise UserError(f"{path}: unexpected key '{key}', which is not part of a GPT-2")
         found[name] = (key, t.t() if name.endswith(CONV1D_WEIGHTS) else t)
     prefix = 'transformer.' if any(k.startswith('transformer.') for k in state_dict) else ''
     for name, param in ours.items():
         if name not in found:
-            raise LoadError(f"{path}: missing key '{prefix}{name.removeprefix('transformer.')}'")
+            raise UserError(f"{path}: missing key '{prefix}{name.removeprefix('transformer.')}'")
         key, t = found[name]
         if t.shape != param.shape:
-            raise LoadError(f"{path}: key '{key}' has shape {tuple(t.shape)} (as stored), "
+            raise UserError(f"{path}: key '{key}' has shape {tuple(t.shape)} (as stored), "
                             f"but the config asks for {tuple(param.shape)}")
     if lm_head is not None and not torch.equal(lm_head, found['transformer.wte.weight'][1]):
-        raise LoadError(f"{path}: lm_head.weight differs from the token embedding; "
+        raise UserError(f"{path}: lm_head.weight differs from the token embedding; "
                         "GPT-2 ties them and this model does too")
     with torch.no_grad():
         for name, param in ours.items():
@@ -413,11 +446,11 @@ def load_hub_state_dict(model, state_dict, path='state dict'):
 def save_pretrained(model, save_dir):
     """Write config.json and model.safetensors in the layout transformers' save_pretrained uses,
     so GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it. Each file is
-    written under a temporary name and then renamed, so a crash never leaves half a file."""
+    written whole or not at all."""
     if not model.config.bias:
-        raise ValueError("a model with bias=False has no GPT-2 hub layout (GPT-2 has biases everywhere)")
-    from safetensors.torch import save_file
-    os.makedirs(save_dir, exist_ok=True)
+        raise ValueError("a model with bias=False has no GPT-2 hub layout "
+                         "(GPT-2 has biases everywhere)")
+    from safetensors.torch import save  # the file's bytes
     tensors = {}
     for name, t in model.state_dict().items():
         if name == 'lm_head.weight':
@@ -433,15 +466,11 @@ def save_pretrained(model, save_dir):
         torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix('torch.'))
     if EOT_TOKEN < c.vocab_size:
         hub_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
-    weights_path, config_path = os.path.join(save_dir, 'model.safetensors'), os.path.join(save_dir, 'config.json')
-    save_file(tensors, weights_path + '.tmp', metadata={'format': 'pt'})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights_path + '.tmp', 0o666 & ~umask)  # safetensors writes 0600; give it a normal file's mode
-    os.replace(weights_path + '.tmp', weights_path)
-    with open(config_path + '.tmp', 'w') as f:
+    # each file written whole or not at all (atomic_open), with a normal file's mode
+    with atomic_open(os.path.join(save_dir, 'model.safetensors'), 'wb') as f:
+        f.write(save(tensors, metadata={'format': 'pt'}))
+    with atomic_open(os.path.join(save_dir, 'config.json')) as f:
         json.dump(hub_config, f, indent=2)
-    os.replace(config_path + '.tmp', config_path)
 
 
 def resolve_pretrained_files(name_or_dir, cache_dir=None):
@@ -451,60 +480,31 @@ def resolve_pretrained_files(name_or_dir, cache_dir=None):
         paths = tuple(os.path.join(name_or_dir, f) for f in ('config.json', 'model.safetensors'))
         for p in paths:
             if not os.path.isfile(p):
-                raise LoadError(f"{p} does not exist: a model directory needs config.json and "
+                raise UserError(f"{p} does not exist: a model directory needs config.json and "
                                 "model.safetensors (the Hugging Face hub layout)")
         return paths
     repo_id = OFFICIAL_MODELS.get(name_or_dir, name_or_dir)
-    if name_or_dir.startswith(('.', '/', '~')) or os.path.exists(name_or_dir) or repo_id.count('/') != 1:
-        raise LoadError(f"'{name_or_dir}' is not a directory, nor a model name ({', '.join(OFFICIAL_MODELS)}) "
-                        "nor a hub id like openai-community/gpt2")
-    paths = []
-    for filename in ('config.json', 'model.safetensors'):
-        try:
-            paths.append(hub_file(repo_id, filename, cache_dir=cache_dir))
-        except Exception as e:  # offline, unknown repo, no safetensors file, ...
-            raise LoadError(f"could not get {filename} of {repo_id} from the Hugging Face hub or its cache "
-                            f"({type(e).__name__}: {first_line(e)}); without internet, pass "
-                            "a local hub-layout directory, or fill the hub cache where there is internet and "
-                            "set HF_HUB_OFFLINE=1") from None
+    if (name_or_dir.startswith(('.', '/', '~')) or os.path.exists(name_or_dir)
+            or repo_id.count('/') != 1):
+        raise UserError(f"'{name_or_dir}' is not a directory, nor a model name "
+                        f"({', '.join(OFFICIAL_MODELS)}) nor a hub id like openai-community/gpt2")
+    hint = "pass a local hub-layout directory"
+    paths = [hub_file(repo_id, f, cache_dir=cache_dir, offline_hint=hint)
+             for f in ('config.json', 'model.safetensors')]
     return tuple(paths)
 
 
-def hub_file(repo_id, filename, repo_type=None, cache_dir=None):
-    """The local path of a file of a hub repo: the hub cache's copy when there is one, with no
-    network call at all (an unreachable hub then costs nothing), else downloaded into the cache.
-    (A repo updated on the hub after the download keeps its cached files: delete them to refresh.)"""
-    import logging
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir, local_files_only=True)
-    except Exception:  # not in the cache (yet)
-        pass
-    hub_log = logging.getLogger('huggingface_hub')
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # one warning per retry would bury the one-line error the caller raises
-    try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
-    finally:
-        hub_log.setLevel(level)
-
-
-def first_line(error, limit=240):
-    """An exception's first line, for a one-line error: cut at a word, never mid-word."""
-    line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
-
-
 def config_from_hub_json(path, dropout=0.0):
-    """GPTConfig from a transformers GPT2Config file; refuses variants this model does not compute."""
+    """GPTConfig from a transformers GPT2Config file; refuses variants this model does not
+    compute."""
     try:
         with open(path) as f:
             hub = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path} is not a readable JSON file: {e}") from e
+        raise UserError(f"{path} is not a readable JSON file: {e}") from e
     for key in ('n_layer', 'n_head', 'n_embd', 'n_positions', 'vocab_size'):
         if key not in hub:
-            raise LoadError(f"{path}: missing key '{key}'")
+            raise UserError(f"{path}: missing key '{key}'")
     same_math = {  # key: (value GPT-2 has, values this implementation accepts)
         'model_type': ('gpt2', ('gpt2',)),
         'activation_function': ('gelu_new', ('gelu_new', 'gelu_pytorch_tanh')),
@@ -516,43 +516,49 @@ def config_from_hub_json(path, dropout=0.0):
     }
     for key, (default, accepted) in same_math.items():
         if hub.get(key, default) not in accepted:
-            raise LoadError(f"{path}: {key}={hub[key]!r} is not supported (this GPT-2 computes {default!r})")
+            raise UserError(f"{path}: {key}={hub[key]!r} is not supported "
+                            f"(this GPT-2 computes {default!r})")
     try:
-        return GPTConfig(block_size=hub['n_positions'], vocab_size=hub['vocab_size'], n_layer=hub['n_layer'],
-                         n_head=hub['n_head'], n_embd=hub['n_embd'], dropout=dropout, bias=True)
+        return GPTConfig(block_size=hub['n_positions'], vocab_size=hub['vocab_size'],
+                         n_layer=hub['n_layer'], n_head=hub['n_head'], n_embd=hub['n_embd'],
+                         dropout=dropout, bias=True)
     except ValueError as e:
-        raise LoadError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
 
 
-# -------------------------------------------------------------------- memory-lean log-probs of targets
+# ---------------------------------------------------------------- memory-lean log-probs of targets
 
 def plain_target_logprobs(x, weight, targets):
     """log_softmax(x @ weight.T)[n, targets[n]] for N rows x (N, C), the plain way: what
     TargetLogProbs computes, and what it is tested against. It keeps the (N, vocab) logits and a
     float32 log-softmax of them for the backward pass."""
-    logits = (x @ weight.T).to(torch.promote_types(x.dtype, torch.float32))  # (N, V), at least float32
+    # at least float32
+    logits = (x @ weight.T).to(torch.promote_types(x.dtype, torch.float32))  # (N, V)
     return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
 
 class TargetLogProbs(torch.autograd.Function):
-    """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab) logits
-    in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32 a chunk
-    of rows at a time, and the backward pass turns the saved logits into the gradient
+    """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab)
+    logits in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32
+    a chunk of rows at a time, and the backward pass turns the saved logits into the gradient
     softmax - onehot chunk by chunk. F.cross_entropy would keep a float32 log-softmax (twice the
     bytes of bf16 logits) for its backward, and make float32 copies on the way in and out."""
 
-    CHUNK = 2 ** 24  # float32 elements per chunk of rows: 64 MB, a few chunks (few kernel launches) at most
+    # float32 elements per chunk of rows: 64 MB, a few chunks (few kernel launches) at most
+    CHUNK = 2 ** 24
     PAD_VOCAB_ON = ('cuda',)  # device types whose matmuls want the vocabulary padded (below)
 
     @staticmethod
     def forward(ctx, x, weight, targets):  # x (N, C), weight (V, C), targets (N,): dtypes as given
         V = weight.size(0)
-        # on CUDA, pad the vocabulary to a multiple of 64 (50257 -> 50304): with rows of an odd length
-        # the matmul falls back to slower kernels (docs/PERFORMANCE.md has what that cost)
+        # on CUDA, pad the vocabulary to a multiple of 64 (50257 -> 50304): with rows of an odd
+        # length the matmul falls back to slower kernels (docs/PERFORMANCE.md has what that cost)
         pad = -V % 64 if x.device.type in TargetLogProbs.PAD_VOCAB_ON else 0
         with torch.autocast(x.device.type, enabled=False):
-            logits = x @ F.pad(weight, (0, 0, 0, pad)).T  # (N, V + pad), the one copy; padding columns unused
-            acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 inputs
+            # the one copy of the logits; its padding columns go unused
+            logits = x @ F.pad(weight, (0, 0, 0, pad)).T  # (N, V + pad)
+            # float32, or float64 for float64 inputs
+            acc = torch.promote_types(logits.dtype, torch.float32)
             lse = torch.empty(len(x), dtype=acc, device=x.device)  # (N,)
             rows = max(1, TargetLogProbs.CHUNK // V)
             for i in range(0, len(x), rows):
@@ -567,15 +573,18 @@ class TargetLogProbs(torch.autograd.Function):
         x, weight, targets, logits, lse = ctx.saved_tensors
         V, rows = weight.size(0), ctx.rows
         with torch.autocast(x.device.type, enabled=False):
-            grad_logits = torch.empty_like(logits)[:, :V]  # (N, V), rows as long as the logits' (aligned)
+            # rows as long as the logits' (aligned): a view of an (N, V + pad) buffer
+            grad_logits = torch.empty_like(logits)[:, :V]  # (N, V)
             for i in range(0, len(x), rows):
                 g = grad[i:i + rows, None]  # (n, 1)
-                chunk = (logits[i:i + rows, :V].to(lse.dtype) - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax
-                grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)  # g * (onehot - softmax)
+                chunk = (logits[i:i + rows, :V].to(lse.dtype)
+                         - lse[i:i + rows, None]).exp_().mul_(-g)  # -g * softmax
+                # g * (onehot - softmax)
+                grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)
             return grad_logits @ weight, grad_logits.T @ x, None  # (N, C), (V, C)
 
 
-# -------------------------------------------------------------------- CPU decoding speed-ups
+# ---------------------------------------------------------------- CPU decoding speed-ups
 
 @contextmanager
 def onednn_off(off=True):
@@ -592,15 +601,18 @@ def onednn_off(off=True):
 
 
 def inverse_cdf_draw(probs, generator=None):
-    """One token id per row of probs (B, V), drawn with its probability, as torch.multinomial(probs, 1)
-    draws it (tested against the distribution)."""
-    # Inverse-CDF draw: one uniform a row, and the first token whose cumulative probability passes it.
-    # torch.multinomial draws an exponential for every vocabulary entry instead, many times slower on a
-    # CPU. float64, so the running sum over 50257 tokens stays exact enough that no token's share of
-    # [0, total) is visibly off.
+    """One token id per row of probs (B, V), drawn with its probability, as
+    torch.multinomial(probs, 1) draws it (tested against the distribution)."""
+    # Inverse-CDF draw: one uniform a row, and the first token whose cumulative probability passes
+    # it. torch.multinomial draws an exponential for every vocabulary entry instead, many times
+    # slower on a CPU. float64, so the running sum over 50257 tokens stays exact enough that no
+    # token's share of [0, total) is visibly off.
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1), 1 up to rounding
-    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * total  # (B, 1)
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
-    # right=True: the first i with cdf[i] > u >= cdf[i-1], so probs[i] > 0; a filtered token is never drawn
+    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=cdf.device,
+                   generator=generator) * total  # (B, 1)
+    # u < total even after rounding
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    # right=True: the first i with cdf[i] > u >= cdf[i-1], so probs[i] > 0; a filtered token is
+    # never drawn
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)

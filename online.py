@@ -13,8 +13,8 @@ the higher one of a prompt's two samples is chosen, and a tie gives no pair. Jud
                         online feedback with no separate reward model
     'implicit_per_token:DIR'  the same divided by the response's tokens: the summed log-ratio grows with
                         every repeat of a word the DPO run upweighted, and a policy trained online
-                        against it learns to repeat them (README, "The DPO family on one plane")
-Sampling (sample_responses) is also what evaluate.py scores policies with.
+                        against it learns to repeat them (docs/FAMILY.md)
+Sampling (sample_responses) is also what tools/evaluate.py scores policies with.
 """
 
 import importlib
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import runtime
+import checkpoint
+from common import UserError
 from data import PairData, decode, response_text
 from losses import sequence_logps, totals
 
@@ -52,10 +53,6 @@ def sample_responses(model, prompt_ids, n, generator=None, ctx=nullcontext(), ro
 
 # -------------------------------------------------------------------- judges
 
-class JudgeError(ValueError):
-    """A judge that cannot be loaded or returned something other than one number a response."""
-
-
 def true_reward_judge(prompt_texts, response_texts, prompt_ids, response_ids):
     from synthetic import true_reward
     return np.array([true_reward(p, r) for p, r in zip(prompt_texts, response_texts)])
@@ -68,19 +65,19 @@ def user_judge(spec):
     try:
         if module_name.endswith('.py'):
             if not os.path.isfile(module_name):
-                raise JudgeError(f"judge={spec!r}: no file {module_name}")
+                raise UserError(f"judge={spec!r}: no file {module_name}")
             loader_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except JudgeError:
+    except UserError:
         raise
     except Exception as e:  # not found, or the module itself fails on import
-        raise JudgeError(f"judge={spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+        raise UserError(f"judge={spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise JudgeError(f"judge={spec!r}: {module_name} has no function {function_name!r}")
+        raise UserError(f"judge={spec!r}: {module_name} has no function {function_name!r}")
     return lambda prompt_texts, response_texts, prompt_ids, response_ids: function(prompt_texts, response_texts)
 
 
@@ -91,15 +88,15 @@ def implicit_reward_judge(run_dir, device, autocast=nullcontext(), per_token=Fal
     spec = f"{'implicit_per_token' if per_token else 'implicit'}:{run_dir}"
     path = os.path.join(run_dir, 'ckpt.pt')
     if not os.path.isfile(path):
-        raise JudgeError(f"judge={spec!r}: no DPO run there (no {path})")
-    checkpoint = runtime.load_checkpoint(path)
-    config = checkpoint.get('config', {})
-    if checkpoint.get('script') != 'dpo' or config.get('loss_type') == 'simpo' or not config.get('ref_from'):
-        raise JudgeError(f"judge={spec!r}: {path} is not a DPO run with a reference (written by "
-                         f"{checkpoint.get('script', 'an older version')}.py, loss_type {config.get('loss_type')}); "
+        raise UserError(f"judge={spec!r}: no DPO run there (no {path})")
+    run = checkpoint.load(path)
+    config = run.get('config', {})
+    if run.get('script') != 'dpo' or config.get('loss_type') == 'simpo' or not config.get('ref_from'):
+        raise UserError(f"judge={spec!r}: {path} is not a DPO run with a reference (written by "
+                         f"{run.get('script', 'an older version')}.py, loss_type {config.get('loss_type')}); "
                          "the implicit reward is the log-ratio of a DPO policy to its reference")
-    policy = runtime.load_model(run_dir, device=device, checkpoint=checkpoint).eval()
-    ref = runtime.load_model(config['ref_from'], device=device).eval()
+    policy = checkpoint.load_model(run_dir, device=device, checkpoint=run).eval()
+    ref = checkpoint.load_model(config['ref_from'], device=device).eval()
     beta = config['beta']
 
     def judge(prompt_texts, response_texts, prompt_ids, response_ids):
@@ -120,20 +117,20 @@ def load_judge(spec, device='cpu', autocast=nullcontext()):
     elif ':' in spec:
         judge = user_judge(spec)
     else:
-        raise JudgeError(f"judge={spec!r}: use 'true_reward', 'module:function', 'implicit:DIR' or 'implicit_per_token:DIR'")
+        raise UserError(f"judge={spec!r}: use 'true_reward', 'module:function', 'implicit:DIR' or 'implicit_per_token:DIR'")
 
     def checked(prompt_texts, response_texts, prompt_ids, response_ids):
         try:
             scores = np.asarray(judge(prompt_texts, response_texts, prompt_ids, response_ids), dtype=np.float64)
-        except JudgeError:
+        except UserError:
             raise
         except (TypeError, ValueError) as e:
-            raise JudgeError(f"judge={spec!r} did not return numbers ({type(e).__name__}: {e})") from None
+            raise UserError(f"judge={spec!r} did not return numbers ({type(e).__name__}: {e})") from None
         if scores.shape != (len(response_texts),):
-            raise JudgeError(f"judge={spec!r} returned {scores.shape[0] if scores.ndim else 'a scalar'} scores "
+            raise UserError(f"judge={spec!r} returned {scores.shape[0] if scores.ndim else 'a scalar'} scores "
                              f"for {len(response_texts)} responses: it must return one score a response")
         if not np.all(np.isfinite(scores)):
-            raise JudgeError(f"judge={spec!r} returned a score that is NaN or infinite")
+            raise UserError(f"judge={spec!r} returned a score that is NaN or infinite")
         return scores
     return checked
 
@@ -147,15 +144,13 @@ def rank_pairs(scores_a, scores_b):
     return scores_a > scores_b, scores_a != scores_b
 
 
-ONLINE_METRICS = ('online/score', 'online/ties')  # the judge's mean score of the samples; the share of tied prompts
-
-
-def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, max_tries=20, **sampling):
+def sample_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, max_tries=20, **sampling):
     """n_pairs pairs sampled from the current policy and ranked by the judge, as PairData: two
     responses to each prompt of data's next batches (next_indices() gives one batch of indices), until
-    n_pairs are found (ties give none). Also the totals of ONLINE_METRICS (losses.totals), over every
+    n_pairs are found (ties give none). Also the totals of losses.ONLINE_METRICS, over every
     sample drawn, kept or not. Its errors come from this rank's own samples: under torchrun they
-    name the rank, so that it prints them (runtime.exit_with_error), not only rank 0."""
+    name the rank, so that it prints them (common.exit_with_error), not only rank 0.
+    It takes as many of data's batches as ties make it need: one or more."""
     this_rank = f"rank {run.rank}: " if run.ddp else ''
     was_training = policy.training
     policy.eval()  # no dropout while sampling
@@ -169,8 +164,8 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
         prompt_texts = [decode(p) for p in rows]
         try:
             response_scores = judge(prompt_texts, [response_text(r) for r in responses], rows, responses)
-        except JudgeError as e:
-            raise JudgeError(this_rank + str(e)) from None
+        except UserError as e:
+            raise UserError(this_rank + str(e)) from None
         a_is_chosen, kept = rank_pairs(response_scores[0::2], response_scores[1::2])  # each prompt's two samples
         for n, prompt in enumerate(prompt_ids):
             if kept[n] and len(found['prompt']) < n_pairs:
@@ -183,7 +178,7 @@ def online_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
         if len(found['prompt']) == n_pairs:
             break
     else:
-        raise runtime.TrainingError(f"{this_rank}in {max_tries} batches of prompts the judge told the two samples apart for only "
+        raise UserError(f"{this_rank}in {max_tries} batches of prompts the judge told the two samples apart for only "
                                     f"{len(found['prompt'])} prompts, fewer than the {n_pairs} pairs a micro-step "
                                     "needs; a judge that cannot tell samples apart gives online DPO nothing to learn")
     policy.train(was_training)

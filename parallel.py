@@ -1,19 +1,24 @@
 """
-How a model is spread over the ranks that torchrun starts, for sft.py and dpo.py:
+The devices and ranks a run runs on: the device and dtype, torchrun's process group and its
+collectives, and how a model is spread over the ranks:
 
     DDP  (the default)  every rank holds the whole model, its gradients and AdamW's moments; the
                         gradients are all-reduced after the last micro-step.
-    FSDP (fsdp=True)    PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard): every rank holds 1/N
-                        of each parameter, gradient and moment. A block's weights are gathered when
-                        it runs, forward and backward, the embeddings' and LayerNorms' for the whole
-                        step; the gradients are reduce-scattered after every micro-step.
+    FSDP (fsdp=True)    PyTorch's FSDP2 (fully_shard): every rank holds 1/N of each parameter,
+                        gradient and moment; a block's weights are gathered when it runs, and the
+                        gradients reduce-scattered after every micro-step.
 
-Both compute the same thing: float32 weights, matmuls in the run's dtype (bf16), a float32 residual
-stream, float32 reductions and optimizer steps. The loops read the same for both: wrap() once,
-sync_gradients() each micro-step, and full_state() for a checkpoint, which always holds whole
-tensors (ckpt.pt's format does not change with the layout: a run saved under FSDP resumes under DDP
-or on one process, and the other way round).
+Both compute the same thing: float32 weights, matmuls in the run's dtype, a float32 residual stream,
+float32 reductions and optimizer steps; a checkpoint always holds whole tensors (full_state), so a
+run saved under one layout resumes under another. A reader of the training story can leave this closed.
 """
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,22 +26,196 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError
+from common import UserError, first_line
 
 
-def check(fsdp, run):
-    """Stop early on what FSDP cannot do here."""
+# -------------------------------------------------------------------- the device and dtype
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def cpu_has_native_bf16():
+    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Elsewhere bf16 matmuls
+    are emulated, hundreds of times slower than float32 (docs/PERFORMANCE.md)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: assume no native bf16
+        return False
+    return bool(flags & {'amx_bf16', 'avx512_bf16'})
+
+
+def resolve_device(device):
+    """'auto' becomes cuda when there is a GPU, else cpu; anything else is returned as given, once
+    it is known to name a device this machine has."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or "
+                        "'cuda:N'") from None
+    if kind.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UserError(f"device={device!r}, but torch finds no GPU here "
+                            f"(torch {torch.__version__}, {build}); "
+                            "use device='cpu', or 'auto' to take a GPU only where there is one")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise UserError(f"device={device!r}, but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s): "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto' becomes what the hardware computes fastest: bf16 on CUDA GPUs that have it (fp16,
+    which needs a GradScaler to train, on older ones), bf16 on CPUs with native bf16, else
+    float32."""
+    if dtype != 'auto':
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        return dtype
+    if device.startswith('cuda'):
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if device == 'cpu' and cpu_has_native_bf16():
+        return 'bfloat16'
+    return 'float32'
+
+
+def autocast(device, dtype):
+    """Mixed-precision context for the forward pass: weights stay float32, matmuls run in dtype."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
+
+
+
+# -------------------------------------------------------------------- the ranks
+
+DDP_TIMEOUT_S = 600  # how long a rank waits for the others at a collective before the run stops
+
+
+def start(device, dtype, seed, timeout_s=DDP_TIMEOUT_S):
+    """This process's Run. Under torchrun (RANK is set) it joins the process group: nccl on CUDA,
+    one GPU a process; gloo on CPU; a collective that waits more than timeout_s for a rank (stopped,
+    crashed, stuck in I/O) fails instead of waiting forever. Seeds torch with seed + rank, and sets
+    torch's global speed flags (TF32 matmuls, no cuDNN attention)."""
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = (0, 0, 1)
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    device = resolve_device(device)
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                                timeout=timedelta(seconds=timeout_s))
+    torch.manual_seed(seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores, where there are
+    torch.backends.cudnn.allow_tf32 = True
+    # cuDNN's attention kernels plan anew for every new sequence length, and here every batch has
+    # its own: a quarter of a DPO step's CPU time on an H100 (docs/PERFORMANCE.md). Flash attention
+    # (or the memory-efficient kernel, with a mask) needs no plan.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return Run(ddp, rank, local_rank, world_size, device, resolve_dtype(dtype, device), timeout_s)
+
+
+class Run:
+    """This process's part in a run: its device and dtype, its rank among torchrun's processes
+    (master: rank 0, the one that logs and saves), and the collectives that every rank calls
+    together. Without torchrun (ddp False) each collective is the plain one-process case."""
+
+    def __init__(self, ddp=False, rank=0, local_rank=0, world_size=1, device='cpu', dtype='float32',
+                 timeout_s=DDP_TIMEOUT_S):
+        self.ddp, self.rank, self.local_rank, self.world_size = ddp, rank, local_rank, world_size
+        self.master = rank == 0
+        self.device, self.device_type, self.dtype = device, device.split(':')[0], dtype
+        self.autocast = autocast(device, dtype)  # the forward's mixed precision
+        self.peak_flops = peak_flops(device, dtype)  # what MFU is measured against, or None
+        self.timeout_s = timeout_s
+
+    @contextmanager
+    def collective(self, what):
+        """Around a collective: a rank that times out there stops with a UserError naming it."""
+        try:
+            yield
+        except RuntimeError as e:  # gloo and nccl both report a timeout as a RuntimeError
+            if 'time' not in str(e).lower():
+                raise
+            raise UserError(f"rank {self.rank}: {what} waited more than {self.timeout_s} s for the "
+                            f"other ranks, one of which stopped, crashed or is stuck "
+                            f"({first_line(e, 200)})") from None
+
+    def sum(self, t, what='the metrics'):
+        """t summed over the ranks, in place (t itself without DDP)."""
+        if self.ddp:
+            with self.collective(f"the all-reduce of {what}"):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self, why):
+        if self.ddp:
+            with self.collective(f"the barrier {why}"):
+                dist.barrier()
+
+    @contextmanager
+    def node_first(self):
+        """The block runs on each node's first rank (LOCAL_RANK 0), then on the node's others: the
+        first writes a file (the token cache) that the others then read, so that no two processes
+        of a node write it at once and every node has it on its own disk. (Nodes that share storage
+        may write it at once: each through atomic_open, which leaves one whole copy.)"""
+        if self.local_rank != 0:
+            self.barrier("waiting for the node's first rank to write the token cache")
+        yield
+        if self.local_rank == 0:
+            self.barrier("after the node's first rank wrote the token cache")
+
+    def stop_unless_finite(self, loss_sum, iter_num, what='loss'):
+        """Raise UserError, on every rank at once, when the loss is NaN or infinite: checked before
+        each optimizer step, so nothing broken reaches the weights, and on the held-out loss before
+        each save, so a checkpoint never holds weights that an earlier step broke."""
+        loss_sum = torch.as_tensor(loss_sum, dtype=torch.float32, device=self.device).clone()
+        if not torch.isfinite(self.sum(loss_sum, what)):
+            raise UserError(f"iteration {iter_num}: the {what} is {loss_sum.item()}; stopped, and "
+                            "the last checkpoint is untouched (try a lower learning_rate, or "
+                            "dtype=float32)")
+
+    def every_rank(self, flat, what):
+        """(world_size, n) int32 on the CPU: row r is rank r's flat (n,) integers (the same n on
+        every rank). One all-reduce of a table in which each rank fills its own row: plain tensors
+        on the device the backend wants, nothing pickled (as all_gather_object would)."""
+        table = torch.zeros(self.world_size, flat.numel(), dtype=torch.int32, device=self.device)
+        table[self.rank] = flat.to(self.device, torch.int32)
+        return self.sum(table, what).cpu()
+
+    def full_tensor(self, t):
+        """t as a whole: under FSDP a shard (DTensor) gathered from every rank (a collective)."""
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def exit_together(self):
+        """The end of a run under DDP: every rank waits here for the others (the master's last save
+        done), then the process ends at once with os._exit(0), skipping an interpreter teardown that
+        can deadlock in gloo (seen in about one run of ten on 2 CPU ranks). Without DDP: nothing."""
+        if self.ddp:
+            self.barrier("at the end, waiting for the master's last save")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+# -------------------------------------------------------------------- the model over the ranks
+
+def distribute(model, run, fsdp=False, compile=False, forward_only=False):
+    """The model the forward goes through, in three steps. fsdp under torchrun: rank 0's weights
+    broadcast to every rank, then the model sharded in place, each block's attention and MLP and then
+    the rest (the embeddings, tied to the output layer, and the LayerNorms), so that its parameters are
+    this rank's shards from here on: build the optimizer after distribute(). compile: torch.compile.
+    Training under torchrun without fsdp: DDP around it (forward_only, the reference: no DDP)."""
     if fsdp and run.dtype == 'float16':
-        raise ConfigError("fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
-                          "use bfloat16 (or float32)")
-
-
-def wrap(model, run, fsdp=False, compile=False, forward_only=False):
-    """The model the forward goes through, in three steps. fsdp under torchrun: rank 0's weights on
-    every rank, then the model sharded in place, each block's attention and MLP and then the rest
-    (the embeddings, tied to the output layer, and the LayerNorms), so that its parameters are this
-    rank's shards from here on: build the optimizer after wrap(). compile: torch.compile. Training
-    under torchrun without fsdp: DDP around it (forward_only, the reference: no DDP, nothing to reduce)."""
+        raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
+                        "sharded gradients: use bfloat16 (or float32)")
     if fsdp and run.ddp:
         for t in [*model.parameters(), *model.buffers()]:  # as DDP starts: a model made from scratch
             dist.broadcast(t.detach(), 0)                  # differs by each rank's seed
@@ -47,7 +226,8 @@ def wrap(model, run, fsdp=False, compile=False, forward_only=False):
         # as under DDP with autocast. The rest, the embeddings and every LayerNorm, is the root's, in
         # float32: the same computation as DDP's.
         compute = None if run.dtype == 'float32' else getattr(torch, run.dtype)  # torch.bfloat16
-        matmuls = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        matmuls = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False)
         for block in model.transformer.h:
             fully_shard(block.attn, mp_policy=matmuls)
             fully_shard(block.mlp, mp_policy=matmuls)
@@ -55,7 +235,7 @@ def wrap(model, run, fsdp=False, compile=False, forward_only=False):
         # only runs forward (the reference) would keep them gathered for good
         fully_shard(model, reshard_after_forward=True if forward_only else None)
     if compile:
-        model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph for all
+        model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph
     if run.ddp and not fsdp and not forward_only:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
         model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None,
@@ -63,27 +243,10 @@ def wrap(model, run, fsdp=False, compile=False, forward_only=False):
     return model
 
 
-def sync_gradients(model, on):
-    """Whether the next backward of model (wrap()'s) all-reduces the gradients, under DDP: only the
-    last micro-step's needs to, the others accumulate locally for free. Under FSDP every micro-step
-    reduce-scatters: skipping it would keep each rank's gradients whole, in float32, until the last
-    micro-step (FSDP2 accumulates them unsharded), 4 bytes a parameter on every rank."""
-    if isinstance(model, DDP):
-        model.require_backward_grad_sync = on
-
-
 def is_sharded(t):
     return isinstance(t, DTensor)
 
 
-def local(t):
-    """This rank's part of a tensor: a shard's own (FSDP), or the whole of a tensor that is not sharded."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def whole(t):
-    """A tensor as a whole: a shard gathered from all ranks (a collective: every rank calls it)."""
-    return t.full_tensor() if is_sharded(t) else t
 
 
 def full_state(model, optimizer, keep):
@@ -92,7 +255,8 @@ def full_state(model, optimizer, keep):
     FSDP every rank takes part in each gather, one tensor at a time, in the same order, so that a
     GPU never holds more than one whole tensor beyond its shards."""
     def gathered(t):
-        t = whole(t.detach())  # under FSDP a collective
+        t = t.detach()
+        t = t.full_tensor() if is_sharded(t) else t  # under FSDP a collective
         return t.cpu() if keep else None
     copies = {}  # id of a parameter -> its copy: the tied embedding and output weights stay one tensor
     model_state = {}
@@ -101,7 +265,8 @@ def full_state(model, optimizer, keep):
             copies[id(param)] = gathered(param)
         model_state[name] = copies[id(param)]
     optimizer_state = optimizer.state_dict()
-    optimizer_state['state'] = {i: {k: gathered(v) for k, v in s.items()} for i, s in optimizer_state['state'].items()}
+    optimizer_state['state'] = {i: {k: gathered(v) for k, v in s.items()}
+                                for i, s in optimizer_state['state'].items()}
     return (model_state, optimizer_state) if keep else (None, None)
 
 
@@ -112,7 +277,46 @@ def load_optimizer_state(optimizer, state):
     moments = {}
     for i, values in state['state'].items():
         p = params[i]
-        moments[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                      if is_sharded(p) and v.shape == p.shape else v  # (every rank has it whole: no scatter)
+        # every rank has the moment whole: its shard is cut out, no scatter
+        moments[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                           src_data_rank=None)
+                      if is_sharded(p) and v.shape == p.shape else v
                       for k, v in values.items()}
     optimizer.load_state_dict({**state, 'state': moments})
+
+# ------------------------------------------------------------ the peak FLOPs MFU is measured against
+
+PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs as TF32 at half of it)
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'L4': 121e12,
+    '4090': 165e12,
+}
+
+
+PEAK_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache', 'peak_flops.json')
+
+
+def cpu_name():
+    """The CPU's model name (what a measured peak is filed under), or the platform's word for it."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def peak_flops(device, dtype):
+    """The peak that MFU is measured against: a GPU's published figure, or, on a CPU (which has no
+    one published figure), the matmul rate that `python tools/bench.py` measured on this CPU and cached
+    in PEAK_CACHE; None when neither is known (no MFU is logged then)."""
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        return peak / 2 if peak and dtype == 'float32' else peak
+    try:
+        with open(PEAK_CACHE) as f:
+            return json.load(f).get(f"{cpu_name()} {os.cpu_count()} cores {dtype}")
+    except (OSError, ValueError):
+        return None
+
+

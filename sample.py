@@ -8,16 +8,17 @@ All samples are drawn together as one batch, with the KV cache.
 """
 
 import os
-import sys
 import time
 
 import torch
 
-from configurator import Range, above, at_least, configure, one_of, optional
+from checkpoint import load_model
+from common import UserError, one_line_errors
+from configurator import configure
 from data import encode, response_text
 from losses import sequence_logps
-from model import EOT_TOKEN, LoadError
-from runtime import DTYPES, load_model, resolve_device, resolve_dtype
+from model import EOT_TOKEN
+from parallel import DTYPES, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id or a directory
@@ -37,9 +38,9 @@ ref_from = ''  # a reference model: order the samples by the implicit reward bet
 beta = 0.1
 # -----------------------------------------------------------------------------
 RANGES = {  # what each setting may be: configure() checks them all before any work
-    'num_samples': at_least(1), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
-    'top_k': optional(at_least(1)), 'top_p': optional(Range(lambda v: 0 < v <= 1, 'in (0, 1]')),
-    'seed': at_least(0), 'dtype': one_of('auto', *DTYPES), 'beta': above(0),
+    'num_samples': '>= 1', 'max_new_tokens': '>= 1', 'temperature': '>= 0',
+    'top_k': 'None or >= 1', 'top_p': 'None or (0, 1]', 'seed': '>= 0',
+    'dtype': ('auto', *DTYPES), 'beta': '> 0',
 }
 
 
@@ -52,14 +53,14 @@ def read_prompt(start):
         with open(path, encoding='utf-8') as f:
             return f.read()
     except OSError as e:
-        raise LoadError(f"cannot read the prompt file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
 
 
 def main():
     run_device = resolve_device(device)
     run_dtype = resolve_dtype(dtype, run_device)
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
-        raise LoadError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: name the model to sample from, "
+        raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: name the model to sample from, "
                         "--init_from=gpt2 (or gpt2-medium, a hub id, a hub-layout directory, a run's out_dir "
                         "such as out-demo/dpo-beta0.1), or the run with --out_dir=DIR")
     print(f"device {run_device}, dtype {run_dtype}")
@@ -94,7 +95,5 @@ def main():
 
 if __name__ == '__main__':
     configure(globals(), RANGES)
-    try:
+    with one_line_errors():
         main()
-    except (LoadError, ValueError) as e:
-        sys.exit(f"error: {e}")

@@ -4,25 +4,28 @@ chosen responses, loss on response tokens only. Its out_dir is the start and the
 
     python sft.py config/sft_synthetic.py
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_hh.py
+
+Read it as dpo.py: the settings, then main(): the model, the data, the loop. checkpoint.py and
+parallel.py are the guard rails beside it.
 """
 
 import os
 import time
-from dataclasses import asdict
 
 import torch
 
+import checkpoint
 import parallel
-import runtime
-from configurator import ConfigError, Range, above, at_least, config_keys, configure, one_of, within
-from batches import PairLoader, eval_batches, sft_batch
-from data import DataError, load_dataset
-from losses import SFT_METRICS, means, sft_step
-from model import GPT, GPTConfig, LoadError
+from batches import PairLoader, sft_batch
+from common import one_line_errors
+from configurator import configure
+from data import load_dataset
+from losses import METRICS, held_out_means, means, sft_step
+from model import GPT, GPTConfig, get_lr
 
 # -----------------------------------------------------------------------------
 # the model
-init_from = 'gpt2'  # a GPT-2 name, hub id or hub-layout directory, 'scratch' (a new model of the shape below), or 'resume'
+init_from = 'gpt2'  # a GPT-2 name, hub id or directory, 'scratch' (the shape below), or 'resume'
 n_layer = 4  # init_from='scratch' only: the shape of the new model
 n_head = 4
 n_embd = 128
@@ -36,12 +39,12 @@ hh_subsets = 'all'  # dataset='hh': 'all' or a comma-separated list of subsets
 max_length = 512  # prompt + response tokens
 max_prompt_length = 256
 group_by_length = True  # batches of sequences of similar length: less padding
-pack = False  # several sequences a row (block-diagonal causal attention) instead of one padded row each: less padding still
+pack = False  # several sequences a row (block-diagonal causal attention): less padding still
 # training
 out_dir = 'out-sft'
-overwrite = False  # a new run may replace the run already in out_dir (its ckpt.pt and metrics.jsonl)
+overwrite = False  # a new run may replace the run in out_dir (its ckpt.pt and metrics.jsonl)
 batch_size = 16  # sequences (prompt + chosen) per micro-batch per rank
-gradient_accumulation_steps = 4  # sequences per optimizer step: batch_size * gradient_accumulation_steps * ranks
+gradient_accumulation_steps = 4  # sequences a step: batch_size * this * ranks
 max_iters = 1000
 learning_rate = 1e-5
 warmup_iters = 100
@@ -53,7 +56,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the gradient norm to this; 0 turns clipping off
 # evaluation, logging, saving
-eval_interval = 100  # evaluate on the held-out chosen responses and save ckpt.pt every this many iterations
+eval_interval = 100  # evaluate on the held-out chosen responses and save ckpt.pt this often
 eval_iters = 20  # batches per evaluation; -1 for the whole held-out set
 eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
 log_interval = 10
@@ -62,130 +65,134 @@ wandb_project = 'nanodpo'
 wandb_run_name = 'sft'
 # the system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'auto' (bf16 where the hardware has it, float16 on older GPUs, else float32), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float16 on GPUs, float32), or one
 compile = False  # torch.compile the model
-fsdp = False  # under torchrun: each rank holds 1/N of the model, the gradients and AdamW's state (FSDP2), not all of them (DDP)
+fsdp = False  # under torchrun: each rank holds 1/N of the model, gradients and AdamW state (FSDP2)
 seed = 1337
 # -----------------------------------------------------------------------------
 
 RANGES = {  # what each setting may be: configure() checks them all before any work
-    'n_layer': at_least(1), 'n_head': at_least(1), 'n_embd': at_least(1), 'block_size': at_least(2),
-    'dropout': within(0, 1), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
-    'max_prompt_length': at_least(1), 'batch_size': at_least(1), 'gradient_accumulation_steps': at_least(1),
-    'max_iters': at_least(0), 'learning_rate': above(0), 'warmup_iters': at_least(0), 'lr_decay_iters': at_least(1),
-    'min_lr': at_least(0), 'weight_decay': at_least(0), 'beta1': within(0, 1), 'beta2': within(0, 1),
-    'grad_clip': at_least(0), 'eval_interval': at_least(1), 'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
-    'log_interval': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
+    'n_layer': '>= 1', 'n_head': '>= 1', 'n_embd': '>= 1', 'block_size': '>= 2',
+    'dropout': '[0, 1)', 'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'max_prompt_length': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
+    'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
+    'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
+    'grad_clip': '>= 0', 'eval_interval': '>= 1', 'eval_iters': '-1 (all) or >= 1',
+    'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
 }
-
-
-@torch.no_grad()
-def evaluate(model, data, run):
-    """Held-out NLL per token of the chosen responses, over eval_iters batches (all with -1), all ranks."""
-    model.eval()
-    totals = torch.zeros(len(SFT_METRICS), 2, device=run.device)  # (sum, count) of each metric
-    for indices, counted in eval_batches(len(data), batch_size, run.rank, run.world_size, eval_iters, fsdp):
-        batch_totals = sft_step(model, sft_batch(data, indices, pack).to(run.device), run.autocast)[1]
-        totals += batch_totals if counted else 0  # (FSDP: a rank short of batches runs one more, not counted)
-    model.train()
-    return means(SFT_METRICS, runtime.all_reduce_sum(totals, run), prefix='eval/')
+CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
+    (lambda c: c['init_from'] == 'scratch' and c['n_embd'] % c['n_head'],
+     "n_embd={n_embd} is not a multiple of n_head={n_head} (each head takes n_embd / n_head of the "
+     "channels)"),
+    (lambda c: c['init_from'] == 'scratch' and c['max_length'] > c['block_size'],
+     "max_length={max_length} is longer than the model's block_size {block_size}"),
+    (lambda c: c['fsdp'] and c['dtype'] == 'float16',
+     "fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
+     "use bfloat16 (or float32)"),
+]
 
 
 def main(config):
-    run = runtime.setup(device, dtype, seed)
-    checkpoint, model_from = None, init_from
-    if init_from == 'resume':  # the run in out_dir goes on
-        checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), 'cpu', script='sft')
-        model_from = checkpoint['config']['init_from']
-    if not eval_only:  # stop before anything is written over a run or a model this run reads
-        runtime.prepare_out_dir(out_dir, run, checkpoint is not None, overwrite, {'init_from': model_from})
-    config = {**config, 'init_from': model_from}  # what the run started from, for every later resume
+    run = parallel.start(device, dtype, seed)  # this process's device, dtype and rank
+    # the model
+    resuming = init_from == 'resume'
+    resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), script='sft') if resuming else None
+    model_from = resumed['config']['init_from'] if resumed else init_from
+    if not eval_only:  # a new run never writes over a run (unless overwrite) or a model it reads
+        checkpoint.clear_out_dir_or_refuse(out_dir, run, resuming, overwrite,
+                                           {'init_from': model_from})
+    config = {**config, 'init_from': model_from}  # what the run started from, for a resume
     if init_from == 'scratch':
-        try:
-            shape = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        model = GPT(shape).to(run.device)
+        model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                              dropout=dropout)).to(run.device)
     else:  # a wrong init_from stops here, before any data is read
-        model = runtime.load_model(init_from, out_dir, run.device, dropout, checkpoint)
-    if max_length > model.config.block_size:
-        raise ConfigError(f"max_length={max_length} is longer than the model's block_size {model.config.block_size}")
-    parallel.check(fsdp, run)
-    with runtime.node_first(run):  # one process a node writes the token cache, the others read it
-        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
-        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
+        model = checkpoint.load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
+    # the data: tokenized once into the token cache, by one process a node
+    with run.node_first():
+        train_data, eval_data = (load_dataset(dataset, split, data_path, eval_data_path, max_length,
+                                              max_prompt_length, hh_subsets)
+                                 for split in ('train', 'test'))
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
-    loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size, gradient_accumulation_steps,
-                        group_by_length=group_by_length)
-    raw_model = model  # the model that is stepped and saved (under FSDP, sharded in place by wrap)
-    model = parallel.wrap(raw_model, run, fsdp, compile)  # the one the forward goes through: compiled, DDP or FSDP
-    # after wrap: under FSDP the optimizer holds this rank's shards of the parameters and moments
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type)
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # only float16 needs one
-    iter_num = runtime.restore_training_state(checkpoint, optimizer, scaler, loader, run) if checkpoint else 0
+    loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size,
+                        gradient_accumulation_steps, group_by_length=group_by_length)
+    # under torchrun: DDP or FSDP (sharded in place); compiled if asked. raw_model: stepped, saved
+    raw_model, model = model, parallel.distribute(model, run, fsdp, compile)
+    # after distribute: under FSDP the optimizer holds this rank's shards of the weights and moments
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2),
+                                               run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')  # float16 only
+    iter_num = checkpoint.restore(resumed, optimizer, scaler, loader, run) if resumed else 0
     start_iter = iter_num
-    del checkpoint  # its tensors live in the model and the optimizer now
-    log = runtime.MetricLog(out_dir, run.master and not eval_only, start_iter, wandb_log, wandb_project, wandb_run_name, config)
-    peak_flops = runtime.peak_flops(run.device, run.dtype)  # a GPU's published figure, or what bench.py measured
+    del resumed  # its tensors live in the model and the optimizer now
+    log = checkpoint.MetricLog(out_dir, run.master, start_iter, eval_only, wandb_log,
+                               wandb_project, wandb_run_name, config)
     if run.master:
-        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, {run.world_size} rank(s); "
-              f"{len(train_data)} train / {len(eval_data)} held-out sequences; "
-              f"{batch_size * gradient_accumulation_steps * run.world_size} sequences per step")
+        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, "
+              f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
+              f"sequences; {batch_size * gradient_accumulation_steps * run.world_size} a step")
+
+    def held_out(indices):  # the totals of a held-out batch of sequences
+        return sft_step(model, sft_batch(eval_data, indices, pack).to(run.device), run.autocast)[1]
 
     while True:
-        # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations, and at the end
-        due = iter_num % eval_interval == 0 or iter_num == max_iters
-        just_resumed = start_iter > 0 and iter_num == start_iter  # the run resumed from evaluated and saved at this iteration
-        if eval_only or (due and not just_resumed):
-            metrics = evaluate(model, eval_data, run)
+        # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations
+        # and at the end, but not at the iteration a resumed run starts from: it was saved there
+        if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
+                         and (iter_num > start_iter or start_iter == 0)):
+            metrics = held_out_means(model, held_out, METRICS['sft'], len(eval_data), batch_size,
+                                     eval_iters, run, same_count=fsdp)
             if eval_only:
-                runtime.write_eval(metrics, iter_num, out_dir, run)
+                log.write_eval(iter_num, metrics)
                 break
             log.log(iter_num, metrics)
-            runtime.stop_unless_finite(metrics['eval/loss'], iter_num, run, 'held-out loss')  # never save broken weights
+            run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
             if iter_num > start_iter:
-                rng = runtime.rng_states(run)  # every rank's (a collective), so each resumes its own stream
-                loader_state = runtime.loader_state(loader, run)  # and its own place in the data (a collective)
-                model_state, optimizer_state = parallel.full_state(raw_model, optimizer, run.master)  # (FSDP: gathers)
-                if run.master:
-                    runtime.save_checkpoint(dict(  # all that a resume needs
-                        script='sft', model=model_state, model_args=asdict(raw_model.config),
-                        optimizer=optimizer_state, scaler=scaler.state_dict(), iter_num=iter_num,
-                        loader=loader_state, rng=rng, config=config),
-                        os.path.join(out_dir, 'ckpt.pt'))
+                path = os.path.join(out_dir, 'ckpt.pt')
+                checkpoint.save(path, run, raw_model, optimizer, loader, script='sft',
+                                scaler=scaler.state_dict(), iter_num=iter_num, config=config)
         if iter_num >= max_iters:
             break
-        # this iteration's learning rate
-        lr = runtime.get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
+        lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
         # forward and backward over gradient_accumulation_steps micro-batches, the gradients summed
         t0 = time.perf_counter()
-        totals, flops, tokens = torch.zeros(len(SFT_METRICS), 2, device=run.device), 0, 0  # (sum, count) of each metric
+        totals, flops, tokens = 0, 0, 0  # totals: (sum, count) of each metric
         for micro_step in range(gradient_accumulation_steps):
-            parallel.sync_gradients(model, micro_step == gradient_accumulation_steps - 1)  # the last micro-step's only
-            indices = next(loader)
-            batch = sft_batch(train_data, indices, pack).to(run.device)
-            loss, batch_totals = sft_step(model, batch, run.autocast)
+            if run.ddp:  # DDP all-reduces the gradients in the last micro-step's backward only: the
+                # others add to them locally, for free (FSDP reduce-scatters every micro-step)
+                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            batch = sft_batch(train_data, next(loader), pack).to(run.device)
+            loss, batch_totals = sft_step(model, batch, run.autocast)  # NLL per response token
             scaler.scale(loss / gradient_accumulation_steps).backward()
-            totals += batch_totals
-            shape = batch.flops_shape()  # (tokens, tokens with a target, attended length), padding not counted
+            totals = totals + batch_totals
+            shape = batch.flops_shape()  # (tokens, with a target, attended length): no padding
             tokens += shape[0]
             flops += raw_model.flops(*shape)
-        runtime.stop_unless_finite(totals[0, 0], iter_num, run)  # the loss's sum: a NaN never reaches the weights
-        grad_norm = runtime.optimizer_step(raw_model, optimizer, scaler, grad_clip)  # clip, step, zero the gradients
+        run.stop_unless_finite(totals[0, 0], iter_num)  # the loss's sum: no NaN reaches the weights
+        # clip the gradient norm (float16: unscaled first), step (skipped on an overflow), zero
+        scaler.unscale_(optimizer)
+        max_norm = grad_clip if grad_clip > 0 else float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.full_tensor(grad_norm).item()  # (under FSDP a DTensor over the shards)
         iter_num += 1
-        if iter_num % log_interval == 0:
-            totals = runtime.all_reduce_sum(totals, run)  # means over what the step really had, on all ranks
-            sequences = totals[1, 1].item()  # the count of logps/chosen: one a sequence
-            log.log(iter_num, {**means(SFT_METRICS, totals), **runtime.speed(t0, sequences, tokens, flops, peak_flops, run, unit='sequences'),
-                               'grad_norm': grad_norm, 'lr': lr})
-    runtime.finish(run, log)
+        if iter_num % log_interval == 0:  # the step's means over all ranks, and its speed
+            totals = run.sum(totals)
+            seconds = time.perf_counter() - t0  # (the .item() above waited for the GPU)
+            speed = {'sequences_per_sec': totals[1, 1].item() / seconds,  # logps/chosen's count
+                     'tokens_per_sec': tokens * run.world_size / seconds}  # (this rank's x ranks)
+            if run.peak_flops:
+                speed['mfu'] = flops / seconds / run.peak_flops
+            log.log(iter_num, {**means(METRICS['sft'], totals), **speed, 'grad_norm': grad_norm,
+                               'lr': lr})
+    log.close()
+    run.exit_together()
 
 
 if __name__ == '__main__':
-    configure(globals(), RANGES)
-    try:
-        main(config_keys(globals()))
-    except (ConfigError, LoadError, DataError, runtime.TrainingError) as e:
-        runtime.exit_with_error(e)
+    settings = configure(globals(), RANGES, checks=CHECKS)  # the command line's overrides, checked
+    with one_line_errors():  # a user's mistake ends the run with one line, not a traceback
+        main(settings)

@@ -7,7 +7,7 @@
 #   each pair is two rows (chosen, rejected) of ~230 tokens: ~29k tokens per step
 #   one epoch = 160,800 / 64 = ~2,500 steps
 #   FLOPs per step = policy 6N + reference 2N per token = 8 * 124M * 29k = ~29 TFLOP; on one H100
-#   at 25% MFU (measured by bench.py for gpt2-medium, eager, 48 pairs a micro-batch; 20% at 16)
+#   at 25% MFU (measured by tools/bench.py for gpt2-medium, eager, 48 pairs a micro-batch; 20% at 16)
 #   ~0.12 s a step, ~5 min an epoch. Micro-batches of 4 pairs leave a GPU mostly idle: where memory
 #   allows, raise batch_size and lower gradient_accumulation_steps to keep 64 pairs a step.
 #   precompute_ref_logps=True drops the reference's 2N from every step (and its memory) after one

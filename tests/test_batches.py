@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 import batches
+import bench
 from batches import PairLoader
-from configurator import ConfigError
 from data import EOT_TOKEN, PairData, encode, load_dataset, tokenize_pairs
 from test_data import write_jsonl
 
@@ -68,8 +69,8 @@ def test_padding_fraction_of_packed_batches():
     batch = [np.array([0, 1])]
     for pack in (False, True):
         b = batches.dpo_batch(pairs, batch[0], pack)
-        assert batches.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
-    assert batches.dpo_padding(pairs, batch, True) < batches.dpo_padding(pairs, batch, False)
+        assert bench.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
+    assert bench.dpo_padding(pairs, batch, True) < bench.dpo_padding(pairs, batch, False)
 
 
 def test_dpo_batch_layout_and_logprob_sums(tmp_path):
@@ -166,11 +167,11 @@ def test_a_run_resumes_on_another_layout_where_it_stopped():
         micro = [[next(loader) for _ in range(2)] for loader in resumed]
         got.append([sorted(micro[r][m].tolist()) for m in range(2) for r in range(2)])
     assert got == expected
-    with pytest.raises(ConfigError, match=r"the run took 8 pairs a step in micro-batches of 2, this one would take 4 "
+    with pytest.raises(UserError, match=r"the run took 8 pairs a step in micro-batches of 2, this one would take 4 "
                                           r"in micro-batches of 2 \(batch_size x gradient_accumulation_steps 1 x 2 "
                                           r"rank\(s\)\).*\(here: --batch_size=2 --gradient_accumulation_steps=2\)"):
         PairLoader(lengths, 2, world_size=2).load_state_dict(state)
-    with pytest.raises(ConfigError, match=r"in micro-batches of 2, this one would take 8 in micro-batches of 4"):
+    with pytest.raises(UserError, match=r"in micro-batches of 2, this one would take 8 in micro-batches of 4"):
         PairLoader(lengths, 4, world_size=2).load_state_dict(state)  # the same pairs a step, other micro-batches
 
 
@@ -208,19 +209,9 @@ def test_restored_loader_continues_exactly():
 def test_grouping_by_length_cuts_padding():
     pairs = tokenize_pairs([{'prompt': 'p ' * (i % 37), 'chosen': ' c' * (i % 11 + 1), 'rejected': ' r',
                                   'where': str(i)} for i in range(400)], 512, 256)
-    plain, grouped = (batches.dpo_padding(pairs, PairLoader(pairs.pair_lengths(), 16, group_by_length=g).epoch_batches(0))
+    plain, grouped = (bench.dpo_padding(pairs, PairLoader(pairs.pair_lengths(), 16, group_by_length=g).epoch_batches(0))
                       for g in (False, True))
     assert grouped < plain
-    one_batch = batches.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
+    one_batch = bench.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
     rows = [len(pairs.get('prompt', i)) + len(pairs.get(f, i)) - 1 for f in ('chosen', 'rejected') for i in (0, 1)]
     assert one_batch == pytest.approx(1 - sum(rows) / (4 * max(rows)))
-
-
-def test_an_older_checkpoints_data_order_restarts_at_the_next_epoch(capsys):
-    """A state from before the order depended on the pairs per step ({'epoch', 'batch'}) cannot say
-    which pairs of its epoch are left: the run goes on at the next epoch's start, and says so."""
-    lengths = np.arange(20)
-    loader = PairLoader(lengths, 4, seed=3)
-    loader.load_state_dict({'epoch': 2, 'batch': 1})
-    assert "the run goes on at the start of epoch 3, the rest of epoch 2 left out" in capsys.readouterr().err
-    assert next(loader).tolist() == PairLoader(lengths, 4, seed=3).epoch_batches(3)[0].tolist()

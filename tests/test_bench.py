@@ -12,7 +12,7 @@ from conftest import ROOT
 @pytest.mark.slow
 @pytest.mark.parametrize('pack', [False, True])
 def test_bench_reports_every_step(pack):
-    result = subprocess.run([sys.executable, 'bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
+    result = subprocess.run([sys.executable, 'tools/bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
                              '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2', f'--pack={pack}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,7 +50,7 @@ def test_bench_bytes_per_rank_halve_under_fsdp():
     row apart, so about half)."""
     def bytes_per_param(fsdp):
         result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                 'bench.py', '--model=tiny', '--what=dpo', '--steps=1', '--warmup_steps=0', '--device=cpu',
+                                 'tools/bench.py', '--model=tiny', '--what=dpo', '--steps=1', '--warmup_steps=0', '--device=cpu',
                                  '--dtype=float32', '--batch_size=2', '--lengths=16,16', f'--fsdp={fsdp}'],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

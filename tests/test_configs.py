@@ -107,3 +107,37 @@ def test_help_lists_every_setting_with_its_default_and_comment(name, capsys):
         assert f"--{key}={default!r}" in out
     if name == 'dpo':  # the comment beside the setting, under the config block's section heading
         assert re.search(r"\n  the loss\n    --beta=0\.1 +the KL penalty's strength", out)
+
+
+CONFLICTS = [
+    ('dpo', ['--loss_type=kto', '--batch_size=1'], "loss_type='kto' needs batch_size >= 2"),
+    ('dpo', ['--loss_type=kto', '--precompute_ref_logps=True'], "precompute_ref_logps=True does not go with "
+                                                                "loss_type='kto'"),
+    ('dpo', ['--online=True', '--loss_type=kto'], "online=True samples new pairs every step"),
+    ('dpo', ['--online=True', '--fsdp=True'], "fsdp=True does not go with online=True"),
+    ('dpo', ['--fsdp=True', '--dtype=float16'], "fsdp=True does not go with dtype=float16"),
+    ('sft', ['--init_from=scratch', '--max_length=64', '--n_embd=30'], "n_embd=30 is not a multiple of n_head=4"),
+    ('sft', ['--init_from=scratch', '--max_length=100', '--block_size=64'],
+     "max_length=100 is longer than the model's block_size 64"),
+]
+
+
+@pytest.mark.parametrize('name,args,message', CONFLICTS, ids=[' '.join(c[1]) for c in CONFLICTS])
+def test_settings_that_do_not_go_together_stop_before_any_work(name, args, message):
+    """The checks of combinations live beside RANGES (CHECKS) and run in configure(), each one line."""
+    with pytest.raises(SystemExit) as stop:
+        configure(dict(vars(SCRIPTS[name])), SCRIPTS[name].RANGES, args, checks=SCRIPTS[name].CHECKS)
+    assert str(stop.value).startswith('config error: ' + message)
+    assert '\n' not in str(stop.value)
+    configure(dict(vars(SCRIPTS[name])), SCRIPTS[name].RANGES, args[:-1], checks=SCRIPTS[name].CHECKS)  # without the last: fine
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_no_setting_shadows_a_name_the_script_imports(name):
+    """A setting named like an import (`import online`, then `online = False`) would replace the
+    module with the setting's value, and the first call through it would fail deep in the run."""
+    import ast
+    tree = ast.parse(open(SCRIPTS[name].__file__).read())
+    imported = {(a.asname or a.name).split('.')[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    assert imported & set(config_keys(vars(SCRIPTS[name]))) == set()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from configurator import ConfigError, apply_overrides
+from common import UserError
+from configurator import apply_overrides
 
 
 def script_globals():
@@ -34,7 +35,7 @@ def test_overrides_parse_as_typed(tmp_path):
     (['no_such_file.py'], r"config file no_such_file.py does not exist"),
 ])
 def test_mistakes_are_named(args, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         apply_overrides(script_globals(), args)
 
 
@@ -47,6 +48,6 @@ def test_mistakes_are_named(args, message):
 def test_broken_config_files_name_file_and_line(text, message, tmp_path):
     path = tmp_path / 'exp.py'
     path.write_text(text)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         apply_overrides(script_globals(), [str(path)])
     assert str(error.value).startswith(message.format(path=path))

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from common import UserError
 import data
-from data import EOT_TOKEN, DataError, encode, load_dataset, split_transcripts, truncate
+from data import EOT_TOKEN, encode, load_dataset, split_transcripts, truncate
 from conftest import ROOT
 
 
@@ -120,7 +121,7 @@ def test_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
 def test_bad_input_is_named_and_nothing_is_written(lines, message, tmp_path):
     path = write_jsonl(tmp_path / 'd.jsonl', lines)
     cache = tmp_path / 'cache'
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UserError, match=message):
         load_dataset('jsonl', 'train', data_path=path, max_length=64, max_prompt_length=64, cache_dir=str(cache),
                      unpaired_ok=True)
     assert not cache.exists() or not os.listdir(cache)
@@ -129,7 +130,7 @@ def test_bad_input_is_named_and_nothing_is_written(lines, message, tmp_path):
 def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
     path = tmp_path / 'd.jsonl'
     path.write_bytes(b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "caf\xe9", "chosen": " b", "rejected": " c"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+    with pytest.raises(UserError, match=r"d\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
         load_dataset('jsonl', 'train', data_path=str(path), cache_dir=str(tmp_path / 'cache'))
 
 
@@ -145,7 +146,7 @@ def test_gzip_is_read_whatever_the_name(tmp_path):
 
 
 def test_a_directory_as_data_path_is_called_a_directory(tmp_path):
-    with pytest.raises(DataError, match=f"data_path='{tmp_path}' is a directory: give the JSONL file itself"):
+    with pytest.raises(UserError, match=f"data_path='{tmp_path}' is a directory: give the JSONL file itself"):
         load_dataset('jsonl', 'train', data_path=str(tmp_path), cache_dir=str(tmp_path / 'cache'))
 
 
@@ -196,8 +197,8 @@ def test_hh_reads_the_dataset_repo_layout(tmp_path, monkeypatch):
     assert len(pairs) == 2
     assert pairs.stats['dropped'] == {'chosen and rejected are identical': 1}
     assert pairs.get('prompt', 1).tolist() == encode("\n\nHuman: q\n\nAssistant: a\n\nHuman: q2\n\nAssistant:")
-    with pytest.raises(DataError, match="unknown hh_subsets \\['helpful'\\]"):
+    with pytest.raises(UserError, match="unknown hh_subsets \\['helpful'\\]"):
         load_dataset('hh', 'train', hh_subsets='helpful', cache_dir=str(tmp_path / 'cache'))
-    with pytest.raises(DataError, match="could not get harmless-base/train.jsonl.gz of the dataset Anthropic/hh-rlhf"):
+    with pytest.raises(UserError, match="could not get harmless-base/train.jsonl.gz of the dataset Anthropic/hh-rlhf"):
         load_dataset('hh', 'train', hh_subsets='harmless-base', cache_dir=str(tmp_path / 'cache'),
                      hub_cache_dir=str(tmp_path / 'hub'))

@@ -66,7 +66,7 @@ def test_cuda_bf16_packed_rows(varied_pairs):
 def test_cached_generation_equals_recomputed(device):
     """Greedy tokens with the KV cache equal those recomputed over the whole window, for prompts of
     equal lengths (no padding: each new token's mask is one query against every key) and unequal ones.
-    On CUDA with cuDNN's attention off, as runtime.setup has it, so that the memory-efficient kernel
+    On CUDA with cuDNN's attention off, as parallel.start has it, so that the memory-efficient kernel
     runs: it refused the decode step's mask when that was broadcast along the keys."""
     model = tiny(device).eval()
     cudnn = device == 'cuda' and torch.backends.cuda.cudnn_sdp_enabled()

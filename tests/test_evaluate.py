@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from common import UserError
 import evaluate
-import runtime
+import parallel
 from data import tokenize_pairs
 from model import GPT, GPTConfig
 from synthetic import synthetic_pairs, true_reward
@@ -49,7 +50,7 @@ def test_a_policy_equal_to_its_reference_and_baseline():
     model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     pairs = tokenize_pairs(synthetic_pairs(10, seed=5), 64, 32)
     prompts = [p['prompt'] for p in synthetic_pairs(3, seed=6)]
-    run = runtime.setup('cpu', 'float32', 0)
+    run = parallel.start('cpu', 'float32', 0)
     summary, records = evaluate.evaluate_policy(model, prompts, run, ref=model, baseline=model, pairs=pairs,
                                                 true_reward=true_reward)
     assert summary['samples'] == len(records) == 3 * evaluate.samples_per_prompt
@@ -62,7 +63,7 @@ def test_a_policy_equal_to_its_reference_and_baseline():
 def test_bad_prompt_file_names_the_line(tmp_path):
     path = tmp_path / 'p.jsonl'
     path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(evaluate.DataError, match=r"p\.jsonl, line 2: missing field 'prompt'"):
+    with pytest.raises(evaluate.UserError, match=r"p\.jsonl, line 2: missing field 'prompt'"):
         evaluate.read_prompts(str(path))
 
 
@@ -80,7 +81,7 @@ def test_plots_write_pngs(tmp_path):
     plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
     for name in ('curves.png', 'frontier.png'):
         assert (tmp_path / name).read_bytes()[:8] == PNG
-    result = subprocess.run([sys.executable, 'plot.py', f'--metrics={tmp_path / "missing.jsonl"}'], cwd=ROOT,
+    result = subprocess.run([sys.executable, 'tools/plot.py', f'--metrics={tmp_path / "missing.jsonl"}'], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.stderr.strip() == f"error: cannot read {tmp_path / 'missing.jsonl'} (a metrics.jsonl of sft.py or dpo.py): No such file or directory"
 
@@ -88,7 +89,7 @@ def test_plots_write_pngs(tmp_path):
 @pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
     out = tmp_path / 'demo'
-    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4', '--eval_iters=2',
+    result = subprocess.run([sys.executable, 'tools/demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4', '--eval_iters=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
                              '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -116,7 +117,7 @@ def test_shortened_comparison_end_to_end(tmp_path):
     a tie), best-of-2, two runs at a time; the table gives mean ± sd, in the order of a run one at a
     time, and the figure is drawn."""
     out = tmp_path / 'compare'
-    result = subprocess.run([sys.executable, 'demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
+    result = subprocess.run([sys.executable, 'tools/demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
                              '--dpo_iters=3', '--eval_iters=2', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
                              '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}', '--jobs=2'],

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import runtime
+import checkpoint
 from conftest import ROOT
 from data import encode
 from model import GPT, GPTConfig
@@ -20,8 +20,8 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()  # GPT-2's vocabulary
-    runtime.save_checkpoint({'model_args': asdict(ours.config), 'model': ours.state_dict()}, str(tmp_path / 'run' / 'ckpt.pt'))
-    result = subprocess.run([sys.executable, 'export.py', f'--init_from={tmp_path / "run"}', f'--to={tmp_path / "hf"}'],
+    checkpoint.write({'model_args': asdict(ours.config), 'model': ours.state_dict()}, str(tmp_path / 'run' / 'ckpt.pt'))
+    result = subprocess.run([sys.executable, 'tools/export.py', f'--init_from={tmp_path / "run"}', f'--to={tmp_path / "hf"}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     model, tokenizer = (cls.from_pretrained(str(tmp_path / 'hf')) for cls in (AutoModelForCausalLM, AutoTokenizer))

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 import losses
 from batches import eval_batches, kto_batch
 from conftest import ROOT
-from data import EOT_TOKEN, DataError, encode, load_dataset, tokenize_pairs, unpair
+from data import EOT_TOKEN, encode, load_dataset, tokenize_pairs, unpair
 from model import GPT, GPTConfig, save_pretrained
 
 sigmoid = lambda x: 1 / (1 + math.exp(-x))
@@ -72,7 +73,7 @@ def test_rows_from_pairs_and_from_unpaired_jsonl(tmp_path):
     assert data.get('completion', 1).tolist() == encode(' down') + [EOT_TOKEN]  # <|endoftext|> ends it, as a pair's responses
     again = load_dataset('jsonl', 'train', data_path=path, cache_dir=str(tmp_path / 'cache'), unpaired_ok=True)
     assert again.stats['cache'].startswith('loaded') and again.arrays['label'].tolist() == [True, False]
-    with pytest.raises(DataError, match=r"rows\.jsonl holds unpaired rows .*only loss_type='kto' trains on them"):
+    with pytest.raises(UserError, match=r"rows\.jsonl holds unpaired rows .*only loss_type='kto' trains on them"):
         load_dataset('jsonl', 'train', data_path=path, cache_dir=str(tmp_path / 'cache'))
 
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import dpo
 import losses
-import runtime
+import checkpoint
+import parallel
 from batches import dpo_batch, sft_batch
 from data import tokenize_pairs
 from model import GPT, GPTConfig
@@ -105,14 +105,13 @@ def test_stacked_forward_equals_separate_forwards(pairs, model):
 
 
 def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
-    monkeypatch.setattr(dpo, 'batch_size', 2)
-    run = runtime.setup('cpu', 'float32', 0)
+    run = parallel.start('cpu', 'float32', 0)
     pairs = copy.copy(pairs)
     pairs.path = str(tmp_path / 'pairs.npz')
-    precomputed = dpo.reference_logps(model, runtime.weights_sha256(model), pairs, run)
+    precomputed = losses.reference_logps(model, checkpoint.weights_sha256(model), pairs, 8, False, run)
     cached = [p.name for p in tmp_path.iterdir()]
     assert len(cached) == 1 and cached[0].startswith('pairs-ref-') and cached[0].endswith('-float32.npy')
-    again = dpo.reference_logps(model, runtime.weights_sha256(model), pairs, run)  # read back from the file
+    again = losses.reference_logps(model, checkpoint.weights_sha256(model), pairs, 8, False, run)  # read back from the file
     assert (precomputed == again).all()
     with torch.no_grad():
         live = torch.stack(losses.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import UserError
 from conftest import TINY, edit_json
-from model import (GPT, GPTConfig, LoadError, TargetLogProbs, from_pretrained, plain_target_logprobs, sample_next_token,
-                   save_pretrained, top_k_filter, top_p_filter)
+from model import GPT, GPTConfig, TargetLogProbs, from_pretrained, plain_target_logprobs, sample_next_token, save_pretrained, top_k_filter, top_p_filter
 
 
 def tiny_gpt(seed=0, **kw):
@@ -73,7 +73,7 @@ def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
     from_dir = from_pretrained(hf_dir)
     for a, b in zip(from_hub.state_dict().values(), from_dir.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(LoadError, match=r'could not get config.json of openai-community/gpt2-medium from the Hugging '
+    with pytest.raises(UserError, match=r'could not get config.json of openai-community/gpt2-medium from the Hugging '
                                         r'Face hub or its cache \(.*\); without internet, pass a local hub-layout '
                                         r'directory, or fill the hub cache .* set HF_HUB_OFFLINE=1$'):
         from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
@@ -106,47 +106,47 @@ def rewrite_weights(path, edit):
 def test_missing_key_is_named(official_dir, tmp_path):
     path = copy_dir(official_dir, tmp_path / 'm')
     rewrite_weights(path, lambda t: t.pop('h.1.mlp.c_fc.bias'))
-    with pytest.raises(LoadError, match=r"model.safetensors: missing key 'h\.1\.mlp\.c_fc\.bias'"):
+    with pytest.raises(UserError, match=r"model.safetensors: missing key 'h\.1\.mlp\.c_fc\.bias'"):
         from_pretrained(path)
 
 
 def test_unexpected_key_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     rewrite_weights(path, lambda t: t.update({'transformer.h.0.attn.rotary.weight': torch.zeros(2)}))
-    with pytest.raises(LoadError, match=r"unexpected key 'transformer\.h\.0\.attn\.rotary\.weight'"):
+    with pytest.raises(UserError, match=r"unexpected key 'transformer\.h\.0\.attn\.rotary\.weight'"):
         from_pretrained(path)
 
 
 def test_shape_mismatch_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), n_positions=32)  # the file has 64 positions
-    with pytest.raises(LoadError, match=r"key 'transformer\.wpe\.weight' has shape \(64, 32\).*\(32, 32\)"):
+    with pytest.raises(UserError, match=r"key 'transformer\.wpe\.weight' has shape \(64, 32\).*\(32, 32\)"):
         from_pretrained(path)
 
 
 def test_missing_file_and_unknown_name(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     os.remove(os.path.join(path, 'model.safetensors'))
-    with pytest.raises(LoadError, match=r"model\.safetensors does not exist"):
+    with pytest.raises(UserError, match=r"model\.safetensors does not exist"):
         from_pretrained(path)
-    with pytest.raises(LoadError, match="'./no/such/dir' is not a directory"):
+    with pytest.raises(UserError, match="'./no/such/dir' is not a directory"):
         from_pretrained('./no/such/dir')
 
 
 def test_unsupported_config_is_refused(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), activation_function='relu')
-    with pytest.raises(LoadError, match="activation_function='relu' is not supported"):
+    with pytest.raises(UserError, match="activation_function='relu' is not supported"):
         from_pretrained(path)
 
 
 def test_a_shape_that_cannot_be_built_is_named(hf_dir, tmp_path):
     path = copy_dir(hf_dir, tmp_path / 'm')
     edit_json(os.path.join(path, 'config.json'), n_head=5)  # 32 channels do not split into 5 heads
-    with pytest.raises(LoadError, match=r"config\.json: n_embd=32 is not a multiple of n_head=5"):
+    with pytest.raises(UserError, match=r"config\.json: n_embd=32 is not a multiple of n_head=5"):
         from_pretrained(path)
     edit_json(os.path.join(path, 'config.json'), n_head=4, n_layer=0)
-    with pytest.raises(LoadError, match=r"config\.json: n_layer=0 must be a whole number >= 1"):
+    with pytest.raises(UserError, match=r"config\.json: n_layer=0 must be a whole number >= 1"):
         from_pretrained(path)
 
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 from dataclasses import asdict
 
+from common import UserError
 import online
-import runtime
+import checkpoint
+import common
+import parallel
 from data import EOT_TOKEN, decode, tokenize_pairs
 from model import GPT, GPTConfig
 from synthetic import synthetic_pairs
@@ -30,7 +33,7 @@ def test_online_pairs_are_the_right_way_round_and_ties_give_none(tiny):
     """A judge that scores a response by its first token id mod 3 (a tie one time in three): every
     chosen response scores higher than its rejected one, ties are dropped, exactly n_pairs come back."""
     data = tokenize_pairs(synthetic_pairs(40, seed=3), 64, 32)
-    run = runtime.setup('cpu', 'float32', 0)
+    run = parallel.start('cpu', 'float32', 0)
     seen = []
     score = lambda response: float(response[0] % 3)
 
@@ -39,7 +42,7 @@ def test_online_pairs_are_the_right_way_round_and_ties_give_none(tiny):
         seen.append(scores)
         return scores
     batches = iter([np.arange(i, i + 8) for i in range(0, 40, 8)])
-    pairs, totals = online.online_pairs(tiny, data, lambda: next(batches), 10, by_first_token, run, max_length=64,
+    pairs, totals = online.sample_pairs(tiny, data, lambda: next(batches), 10, by_first_token, run, max_length=64,
                                         max_new_tokens=6, temperature=1.0)
     assert len(pairs) == 10
     for i in range(10):
@@ -53,10 +56,10 @@ def test_online_pairs_are_the_right_way_round_and_ties_give_none(tiny):
 
 def test_a_judge_that_always_ties_stops_the_run(tiny):
     data = tokenize_pairs(synthetic_pairs(8, seed=3), 64, 32)
-    run = runtime.setup('cpu', 'float32', 0)
+    run = parallel.start('cpu', 'float32', 0)
     constant = lambda prompt_texts, response_texts, *ids: np.zeros(len(response_texts))
-    with pytest.raises(runtime.TrainingError, match=r"^in 3 batches of prompts the judge told the two samples apart for only 0 prompts, fewer than the 2 pairs"):
-        online.online_pairs(tiny, data, lambda: np.arange(4), 2, constant, run, max_length=64, max_tries=3,
+    with pytest.raises(UserError, match=r"^in 3 batches of prompts the judge told the two samples apart for only 0 prompts, fewer than the 2 pairs"):
+        online.sample_pairs(tiny, data, lambda: np.arange(4), 2, constant, run, max_length=64, max_tries=3,
                             max_new_tokens=2, temperature=1.0)
 
 
@@ -64,21 +67,21 @@ def test_errors_from_one_ranks_samples_name_the_rank(tiny, capsys, monkeypatch):
     """Under torchrun only rank 0 prints an error, unless the error names its rank: online's errors
     come from each rank's own samples, so they name it, and rank 1 prints its own."""
     data = tokenize_pairs(synthetic_pairs(8, seed=3), 64, 32)
-    run = runtime.setup('cpu', 'float32', 0)
+    run = parallel.start('cpu', 'float32', 0)
     run.ddp, run.rank = True, 1  # as rank 1 of a torchrun run sees itself (no process group needed here)
     monkeypatch.setenv('RANK', '1')
     constant = lambda prompt_texts, response_texts, *ids: np.zeros(len(response_texts))
 
     def not_finite(*args):
-        raise online.JudgeError("judge='mine:score' returned a score that is NaN or infinite")
-    for judge, error, message in ((constant, runtime.TrainingError, "rank 1: in 2 batches of prompts the judge told"),
-                                  (not_finite, online.JudgeError, "rank 1: judge='mine:score' returned a score that is NaN")):
+        raise online.UserError("judge='mine:score' returned a score that is NaN or infinite")
+    for judge, error, message in ((constant, UserError, "rank 1: in 2 batches of prompts the judge told"),
+                                  (not_finite, online.UserError, "rank 1: judge='mine:score' returned a score that is NaN")):
         with pytest.raises(error) as caught:
-            online.online_pairs(tiny, data, lambda: np.arange(4), 2, judge, run, max_length=64, max_tries=2,
+            online.sample_pairs(tiny, data, lambda: np.arange(4), 2, judge, run, max_length=64, max_tries=2,
                                 max_new_tokens=2, temperature=1.0)
         assert str(caught.value).startswith(message)
         with pytest.raises(SystemExit):
-            runtime.exit_with_error(caught.value)
+            common.exit_with_error(caught.value)
         assert capsys.readouterr().err.startswith(f"error: {message}")  # printed by rank 1
 
 
@@ -105,7 +108,7 @@ def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
         ('no_such_package_xyz:f', r"cannot import no_such_package_xyz \(ModuleNotFoundError"),
         ('best', r"judge='best': use 'true_reward', 'module:function', 'implicit:DIR' or 'implicit_per_token:DIR'"),
     ]:
-        with pytest.raises(online.JudgeError, match=message):
+        with pytest.raises(online.UserError, match=message):
             call(spec)
 
 
@@ -121,9 +124,9 @@ def test_the_implicit_reward_judge_is_beta_times_the_log_ratio(tmp_path):
     for name, seed in (('policy', 1), ('ref', 2)):
         torch.manual_seed(seed)
         models[name] = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
-    runtime.save_checkpoint({'model_args': asdict(models['ref'].config), 'model': models['ref'].state_dict()},
+    checkpoint.write({'model_args': asdict(models['ref'].config), 'model': models['ref'].state_dict()},
                             str(tmp_path / 'ref' / 'ckpt.pt'))
-    runtime.save_checkpoint({'script': 'dpo', 'model_args': asdict(models['policy'].config),
+    checkpoint.write({'script': 'dpo', 'model_args': asdict(models['policy'].config),
                              'model': models['policy'].state_dict(),
                              'config': {'ref_from': str(tmp_path / 'ref'), 'beta': 0.3, 'loss_type': 'sigmoid'}},
                             str(tmp_path / 'dpo' / 'ckpt.pt'))
@@ -139,9 +142,9 @@ def test_the_implicit_reward_judge_is_beta_times_the_log_ratio(tmp_path):
     assert judge(*texts, prompts, responses).tolist() == pytest.approx(by_hand, abs=1e-5)
     per_token = online.load_judge(f'implicit_per_token:{tmp_path / "dpo"}')(*texts, prompts, responses)
     assert per_token.tolist() == pytest.approx([by_hand[0] / 3, by_hand[1] / 4], abs=1e-5)  # 3 and 4 response tokens
-    with pytest.raises(online.JudgeError, match=r"is not a DPO run with a reference"):
+    with pytest.raises(online.UserError, match=r"is not a DPO run with a reference"):
         online.load_judge(f'implicit:{tmp_path / "ref"}')
-    with pytest.raises(online.JudgeError, match=r"no DPO run there"):
+    with pytest.raises(online.UserError, match=r"no DPO run there"):
         online.load_judge(f'implicit:{tmp_path / "nothing"}')
-    with pytest.raises(online.JudgeError, match=r"judge='implicit_per_token:.*nothing': no DPO run there"):
+    with pytest.raises(online.UserError, match=r"judge='implicit_per_token:.*nothing': no DPO run there"):
         online.load_judge(f'implicit_per_token:{tmp_path / "nothing"}')

@@ -1,4 +1,4 @@
-"""runtime.py: dtype and device choice, atomic checkpoints (a full disk included), loading a model
+"""parallel.py and checkpoint.py: dtype and device choice, atomic checkpoints (a full disk included), loading a model
 from a checkpoint, guarding out_dir, the metric log's resume, and DDP's timeout and ordering."""
 
 import json
@@ -11,37 +11,40 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import runtime
-from configurator import ConfigError
-from model import GPT, GPTConfig, LoadError
+from common import UserError
+import checkpoint
+import common
+import parallel
+
+from model import GPT, GPTConfig
 from conftest import ROOT
 
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: True)
-    assert runtime.resolve_dtype('auto', 'cpu') == 'bfloat16'
-    monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: False)
-    assert runtime.resolve_dtype('auto', 'cpu') == 'float32'
-    assert runtime.resolve_dtype('float16', 'cpu') == 'float16'  # asked for: given
+    monkeypatch.setattr(parallel, 'cpu_has_native_bf16', lambda: True)
+    assert parallel.resolve_dtype('auto', 'cpu') == 'bfloat16'
+    monkeypatch.setattr(parallel, 'cpu_has_native_bf16', lambda: False)
+    assert parallel.resolve_dtype('auto', 'cpu') == 'float32'
+    assert parallel.resolve_dtype('float16', 'cpu') == 'float16'  # asked for: given
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
-    assert runtime.resolve_dtype('auto', 'cuda') == 'float16'
+    assert parallel.resolve_dtype('auto', 'cuda') == 'float16'
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"):
-        runtime.resolve_dtype('fp8', 'cpu')
+        parallel.resolve_dtype('fp8', 'cpu')
 
 
 def test_a_crash_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint({'iter_num': 1, 'w': torch.ones(3)}, path)
+    checkpoint.write({'iter_num': 1, 'w': torch.ones(3)}, path)
     real_save = torch.save
     def crash(obj, f):
         real_save({'partial': torch.zeros(1000)}, f)
         raise KeyboardInterrupt  # killed half-way
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint({'iter_num': 2, 'w': torch.zeros(3)}, path)
+        checkpoint.write({'iter_num': 2, 'w': torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert runtime.load_checkpoint(path)['iter_num'] == 1
+    assert checkpoint.load(path)['iter_num'] == 1
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temporary file left behind
 
 
@@ -49,27 +52,27 @@ def test_load_model_resume_and_errors(tmp_path):
     torch.manual_seed(0)
     args = dict(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=8)
     model = GPT(GPTConfig(**args))
-    runtime.save_checkpoint({'model_args': args, 'model': model.state_dict()}, str(tmp_path / 'ckpt.pt'))
-    loaded = runtime.load_model('resume', str(tmp_path))
+    checkpoint.write({'model_args': args, 'model': model.state_dict()}, str(tmp_path / 'ckpt.pt'))
+    loaded = checkpoint.load_model('resume', str(tmp_path))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(LoadError, match=f"no checkpoint at {tmp_path / 'empty' / 'ckpt.pt'}"):
-        runtime.load_model('resume', str(tmp_path / 'empty'))
+    with pytest.raises(UserError, match=f"no checkpoint at {tmp_path / 'empty' / 'ckpt.pt'}"):
+        checkpoint.load_model('resume', str(tmp_path / 'empty'))
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(LoadError, match='is not a readable checkpoint'):
-        runtime.load_model('resume', str(tmp_path / 'junk'))
+    with pytest.raises(UserError, match='is not a readable checkpoint'):
+        checkpoint.load_model('resume', str(tmp_path / 'junk'))
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint({'iter_num': 1}, path)
+    checkpoint.write({'iter_num': 1}, path)
     with open(path, 'rb') as f:
         good = f.read()
     os.symlink('/dev/full', f"{path}.{socket.gethostname()}.{os.getpid()}.tmp")  # written through /dev/full: ENOSPC
-    with pytest.raises(runtime.TrainingError, match=f"could not write {path}: the disk is full .*; the "
+    with pytest.raises(UserError, match=f"could not write {path}: the disk is full .*; the "
                                                     "checkpoint there before is kept"):
-        runtime.save_checkpoint({'iter_num': 2, 'w': torch.zeros(10 ** 6)}, path)
+        checkpoint.write({'iter_num': 2, 'w': torch.zeros(10 ** 6)}, path)
     with open(path, 'rb') as f:
         assert f.read() == good
     assert os.listdir(tmp_path) == ['ckpt.pt']
@@ -77,34 +80,34 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
 def test_cuda_without_a_gpu_says_there_is_no_gpu():
-    with pytest.raises(ConfigError, match=r"device='cuda', but torch finds no GPU here .*use device='cpu'"):
-        runtime.resolve_device('cuda')
-    with pytest.raises(ConfigError, match=r"device='gpu' is not a device"):
-        runtime.resolve_device('gpu')
+    with pytest.raises(UserError, match=r"device='cuda', but torch finds no GPU here .*use device='cpu'"):
+        parallel.resolve_device('cuda')
+    with pytest.raises(UserError, match=r"device='gpu' is not a device"):
+        parallel.resolve_device('gpu')
 
 
 def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint({'script': 'sft', 'config': {'init_from': 'gpt2'}}, path)
-    assert runtime.load_checkpoint(path, script='sft')['script'] == 'sft'
-    with pytest.raises(LoadError, match=f"{path} was written by sft.py, so dpo.py cannot resume it; to start "
+    checkpoint.write({'script': 'sft', 'config': {'init_from': 'gpt2'}}, path)
+    assert checkpoint.load(path, script='sft')['script'] == 'sft'
+    with pytest.raises(UserError, match=f"{path} was written by sft.py, so dpo.py cannot resume it; to start "
                                         f"DPO from it, pass --init_from={tmp_path}"):
-        runtime.load_checkpoint(path, script='dpo')
+        checkpoint.load(path, script='dpo')
 
 
 def test_each_rank_resumes_its_own_random_stream():
     states = []
     for rank in range(2):  # what two ranks saved
         torch.manual_seed(100 + rank)
-        states.append(runtime.rng_states(SimpleNamespace(ddp=False))[0])
+        states.append(checkpoint.rng_states(SimpleNamespace(ddp=False))[0])
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=4))
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
     scaler, loader = torch.amp.GradScaler('cpu', enabled=False), SimpleNamespace(load_state_dict=lambda s: None)
-    checkpoint = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loader={}, iter_num=7, rng=states)
+    saved = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), loader={}, iter_num=7, rng=states)
     draws = []
     for rank in range(2):
         torch.manual_seed(0)
-        assert runtime.restore_training_state(checkpoint, optimizer, scaler, loader, SimpleNamespace(rank=rank)) == 7
+        assert checkpoint.restore(saved, optimizer, scaler, loader, SimpleNamespace(rank=rank)) == 7
         draws.append(torch.rand(3))
     for rank in range(2):
         torch.manual_seed(100 + rank)
@@ -114,39 +117,40 @@ def test_each_rank_resumes_its_own_random_stream():
 def test_out_dir_holding_a_run_or_a_model_it_reads_is_refused(tmp_path):
     run = SimpleNamespace(master=True)
     out = tmp_path / 'out'
-    runtime.prepare_out_dir(str(out), run, False, False, {'init_from': 'gpt2'})  # nothing there: fine
+    checkpoint.clear_out_dir_or_refuse(str(out), run, False, False, {'init_from': 'gpt2'})  # nothing there: fine
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(b'weights')
     (out / 'metrics.jsonl').write_text('{"iter": 0}\n')
-    with pytest.raises(ConfigError, match=f"out_dir='{out}' already holds a run \\(ckpt.pt and metrics.jsonl\\): "
+    with pytest.raises(UserError, match=f"out_dir='{out}' already holds a run \\(ckpt.pt and metrics.jsonl\\): "
                                           "continue it with --init_from=resume, .* --overwrite=True"):
-        runtime.prepare_out_dir(str(out), run, False, False, {'init_from': 'gpt2'})
-    runtime.prepare_out_dir(str(out), run, True, False, {'init_from': 'gpt2'})  # resuming it: fine
+        checkpoint.clear_out_dir_or_refuse(str(out), run, False, False, {'init_from': 'gpt2'})
+    checkpoint.clear_out_dir_or_refuse(str(out), run, True, False, {'init_from': 'gpt2'})  # resuming it: fine
     for resuming, overwrite in ((False, True), (True, False)):  # never when out_dir is a model the run reads
-        with pytest.raises(ConfigError, match=f"out_dir='{out}' is also ref_from, a model this run reads"):
-            runtime.prepare_out_dir(str(out), run, resuming, overwrite, {'init_from': 'gpt2', 'ref_from': str(out) + '/'})
+        with pytest.raises(UserError, match=f"out_dir='{out}' is also ref_from, a model this run reads"):
+            checkpoint.clear_out_dir_or_refuse(str(out), run, resuming, overwrite, {'init_from': 'gpt2', 'ref_from': str(out) + '/'})
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'metrics.jsonl'] and (out / 'ckpt.pt').read_bytes() == b'weights'
-    runtime.prepare_out_dir(str(out), run, False, True, {'init_from': 'gpt2'})  # asked to overwrite
+    checkpoint.clear_out_dir_or_refuse(str(out), run, False, True, {'init_from': 'gpt2'})  # asked to overwrite
     assert os.listdir(out) == []
 
 
 def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path, capsys):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"iter": 1, "loss": 0.5}\n{"iter": 2, "loss": 0.4}\n{"iter": 3, "lo')
-    log = runtime.MetricLog(str(tmp_path), True, start_iter=2)
+    log = checkpoint.MetricLog(str(tmp_path), True, start_iter=2)
     assert "metrics.jsonl, line 3: the last line is cut short" in capsys.readouterr().err
     log.log(3, {'loss': 0.3})
     assert [json.loads(line)['iter'] for line in path.read_text().splitlines()] == [1, 2, 3]
     path.write_text('{"iter": 1}\n{"it\n{"iter": 2}\n')  # a broken line before the last: not a crash's doing
-    with pytest.raises(runtime.TrainingError, match="metrics.jsonl, line 2: not a JSON line"):
-        runtime.MetricLog(str(tmp_path), True, start_iter=2)
+    with pytest.raises(UserError, match="metrics.jsonl, line 2: not a JSON line"):
+        checkpoint.MetricLog(str(tmp_path), True, start_iter=2)
 
 
 RANK_CODE = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import torch, runtime
-run = runtime.setup('cpu', 'float32', 0, timeout_s=2)
+import torch, common, parallel
+from common import UserError
+run = parallel.start('cpu', 'float32', 0, timeout_s=2)
 marker = {marker!r}
 if {test!r} == 'stall':
     if run.rank == 1:
@@ -154,21 +158,21 @@ if {test!r} == 'stall':
         sys.exit(0)
     t0 = time.time()
     try:
-        runtime.all_reduce_sum(torch.ones(1), run, 'the loss')
-    except runtime.TrainingError as e:
+        run.sum(torch.ones(1), 'the loss')
+    except UserError as e:
         print(f"{{time.time() - t0:.1f}} {{e}}")
 else:  # node_first, 2 nodes of 2 ranks: a node's first rank's block ends before its other ranks' start
     node = run.rank // 2
-    with runtime.node_first(run):
+    with run.node_first():
         if run.local_rank == 0:
             time.sleep(1)
             open(f"{{marker}}{{node}}", 'w').close()  # on the node's own disk
             for n in range(100):  # and on storage both nodes share, by both at once
-                with runtime.atomic_open(marker + '-shared') as f:
+                with common.atomic_open(marker + '-shared') as f:
                     f.write(str(node) * 100000)
         else:
             print('marker there' if os.path.exists(f"{{marker}}{{node}}") else 'marker missing')
-    runtime.finish(run)
+    run.exit_together()
 """
 
 
@@ -200,18 +204,34 @@ def test_node_first_runs_each_nodes_first_rank_before_its_others(tmp_path):
 
 def test_training_reads_the_cpu_peak_that_bench_measured(tmp_path, monkeypatch):
     from bench import measure_cpu_peak
-    monkeypatch.setattr(runtime, 'PEAK_CACHE', str(tmp_path / 'peak_flops.json'))
-    assert runtime.peak_flops('cpu', 'float32') is None  # nothing measured: no MFU, and nothing timed here
+    monkeypatch.setattr(parallel, 'PEAK_CACHE', str(tmp_path / 'peak_flops.json'))
+    assert parallel.peak_flops('cpu', 'float32') is None  # nothing measured: no MFU, and nothing timed here
     peak = measure_cpu_peak('float32', n=128, reps=1)
-    assert peak > 0 and runtime.peak_flops('cpu', 'float32') == peak
-    assert runtime.peak_flops('cpu', 'bfloat16') is None  # filed by dtype
+    assert peak > 0 and parallel.peak_flops('cpu', 'float32') == peak
+    assert parallel.peak_flops('cpu', 'bfloat16') is None  # filed by dtype
 
 
 @pytest.mark.parametrize('rank,message,printed', [('0', 'bad key', True), ('1', 'bad key', False),
                                                   ('1', 'rank 1: the barrier timed out', True)])
 def test_under_torchrun_an_error_is_printed_once(rank, message, printed):
-    code = f"import runtime; runtime.exit_with_error(runtime.TrainingError({message!r}))"
+    code = f"import common; common.exit_with_error(common.UserError({message!r}))"
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, 'RANK': rank})
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {message}" if printed else '')
+
+
+def test_a_checkpoint_of_an_older_layout_is_refused_in_one_line(tmp_path):
+    """A checkpoint without what this version's resume needs (its script, a DPO run's reference, the
+    data order by pairs) says so, and how to go on from its weights, instead of resuming inexactly."""
+    path = str(tmp_path / 'ckpt.pt')
+    checkpoint.write({'model': {}, 'config': {'init_from': 'gpt2'}}, path)  # no 'script'
+    with pytest.raises(UserError, match=f"{path} cannot be resumed: it is a checkpoint of an older version .*"
+                                        f"--init_from={tmp_path}$"):
+        checkpoint.load(path, script='sft')
+    checkpoint.write({'script': 'dpo', 'config': {'init_from': 'gpt2'}}, path)  # no reference recorded
+    with pytest.raises(UserError, match="cannot be resumed: it is a checkpoint of an older version"):
+        checkpoint.load(path, script='dpo')
+    from batches import PairLoader
+    with pytest.raises(UserError, match="the checkpoint's data order is an older version's"):
+        PairLoader(list(range(20)), 4, seed=3).load_state_dict({'epoch': 2, 'batch': 1})

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import runtime
+import checkpoint
 from model import GPT, GPTConfig, save_pretrained
 from conftest import ROOT
 
@@ -24,7 +24,7 @@ def tiny_dirs(tmp_path_factory):
     model = GPT(GPTConfig(**args))
     root = tmp_path_factory.mktemp('sample')
     save_pretrained(model, root / 'hub')
-    runtime.save_checkpoint({'model_args': args, 'model': model.state_dict()}, str(root / 'out' / 'ckpt.pt'))
+    checkpoint.write({'model_args': args, 'model': model.state_dict()}, str(root / 'out' / 'ckpt.pt'))
     (root / 'prompt.txt').write_text('Human: hi\n\nAssistant:')
     return root
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import runtime
+import checkpoint
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
@@ -261,7 +261,7 @@ def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_pa
     if not start:  # the scratch model of seed 1337: under FSDP too rank 0's, not each rank's own seed's
         torch.manual_seed(1337)
         start = str(tmp_path / 'start')
-        runtime.save_checkpoint({'model': GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).state_dict()},
+        checkpoint.write({'model': GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).state_dict()},
                                 os.path.join(start, 'ckpt.pt'))
     assert_same_weights(fsdp, one, start)
     assert loss(fsdp) == pytest.approx(loss(one), abs=1e-5)

@@ -3,7 +3,7 @@ Export a trained model (an SFT or DPO run's out_dir) to a directory in the Huggi
 config.json and model.safetensors, with GPT-2's tokenizer files beside them. transformers then
 loads it as any GPT-2, and `hf upload` (huggingface_hub's CLI) publishes the directory as it is.
 
-    python export.py --init_from=out-demo/dpo-beta0.1 --to=hf-dpo
+    python tools/export.py --init_from=out-demo/dpo-beta0.1 --to=hf-dpo
     python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
                m = AutoModelForCausalLM.from_pretrained('hf-dpo'); t = AutoTokenizer.from_pretrained('hf-dpo')"
     hf upload your-name/your-model hf-dpo
@@ -16,10 +16,13 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+
 from configurator import configure
 from data import gpt2_bpe_files
-from model import EOT_TOKEN, LoadError, save_pretrained
-from runtime import load_model
+from checkpoint import load_model
+from common import UserError, exit_with_error
+from model import EOT_TOKEN, save_pretrained
 
 # -----------------------------------------------------------------------------
 init_from = 'out-dpo'  # a run's out_dir (its ckpt.pt), or any model sample.py takes
@@ -56,5 +59,5 @@ if __name__ == '__main__':
     configure(globals())
     try:
         main()
-    except (LoadError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    except (UserError, ValueError, OSError) as e:
+        exit_with_error(e)

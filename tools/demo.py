@@ -3,9 +3,9 @@ The whole path on the embedded task, offline, on a CPU: a small GPT trained from
 the task's demonstrations, DPO on its preference pairs, then both scored on held-out prompts with
 sampled responses and the task's true reward.
 
-    python demo.py
-    python demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
-    python demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.05,0.1,0.5 --online_judges=true_reward,implicit \
+    python tools/demo.py
+    python tools/demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
+    python tools/demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.05,0.1,0.5 --online_judges=true_reward,implicit \
         --best_of=4 --out_dir=out-family --frontier_png=out-family/family.png   # the whole DPO family
 
 Each stage is the command a user would type (sft.py, dpo.py, evaluate.py with the configs in
@@ -25,7 +25,10 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from configurator import Range, at_least, configure
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: scripts run from there
+sys.path.insert(0, ROOT)
+
+from configurator import Range, configure
 from data import SYNTHETIC
 from synthetic import synthetic_pairs
 
@@ -48,10 +51,9 @@ device = 'auto'
 dtype = 'auto'
 frontier_png = ''  # also draw true reward against KL for the SFT and every DPO policy
 # -----------------------------------------------------------------------------
-RANGES = {'seed': at_least(0), 'sft_iters': at_least(1), 'dpo_iters': at_least(1), 'num_prompts': at_least(1),
-          'samples_per_prompt': at_least(1), 'num_pairs': at_least(0),
-          'eval_iters': Range(lambda v: v == -1 or v >= 1, '-1 (all) or >= 1'),
-          'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'), 'jobs': at_least(1),
+RANGES = {'seed': '>= 0', 'sft_iters': '>= 1', 'dpo_iters': '>= 1', 'num_prompts': '>= 1',
+          'samples_per_prompt': '>= 1', 'num_pairs': '>= 0', 'eval_iters': '-1 (all) or >= 1',
+          'best_of': '0 (off) or >= 2', 'jobs': '>= 1',
           'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit', 'implicit_per_token'},
                                  "'' or a comma-separated list of true_reward, implicit, implicit_per_token")}
 COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
@@ -65,7 +67,7 @@ def stage(name, *command, log=None):
     t0 = time.time()
     env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', str(max(1, os.cpu_count() // jobs)))}
     with open(log, 'a') if log else nullcontext() as out:
-        result = subprocess.run([sys.executable, *command], cwd=os.path.dirname(os.path.abspath(__file__)),
+        result = subprocess.run([sys.executable, *command], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT if log else None, env=env if jobs > 1 else None)
     if result.returncode != 0:
         if log:
@@ -122,7 +124,7 @@ def run_seed(seed, out):
                f'--samples_per_prompt={samples_per_prompt}', f'--num_pairs={num_pairs}', *system]
 
     def scored(name, policy_dir, summary_path, log_name, *extra):  # evaluate.py's summary of a policy, as a row
-        stage(f'evaluate {name}', 'evaluate.py', f'--init_from={policy_dir}', f'--summary_out={summary_path}', *extra,
+        stage(f'evaluate {name}', 'tools/evaluate.py', f'--init_from={policy_dir}', f'--summary_out={summary_path}', *extra,
               *scoring, log=log(log_name))
         with open(summary_path) as f:
             return {'policy': name, 'seed': seed, **json.load(f)}
@@ -168,10 +170,10 @@ def main():
           f"({num_prompts} held-out prompts x {samples_per_prompt}); seed{'s' if len(all_seeds) > 1 else ''} "
           f"{', '.join(map(str, all_seeds))}; {time.time() - t0:.0f} s in all")
     if frontier_png:
-        stage('plot', 'plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
+        stage('plot', 'tools/plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
     sft_dir, dpo_dir = policies[0][1], [d for name, d in policies if name.startswith('DPO')][-1]  # the last seed's
     curves = os.path.join(dpo_dir, 'curves.png')
-    plot_curves = f"python plot.py --metrics={os.path.join(dpo_dir, 'metrics.jsonl')} --png={curves}"
+    plot_curves = f"python tools/plot.py --metrics={os.path.join(dpo_dir, 'metrics.jsonl')} --png={curves}"
     if importlib.util.find_spec('matplotlib'):
         stage('plot', *plot_curves.split()[1:])
         curves_said = f"the DPO run's training curves: {curves}"
@@ -185,8 +187,8 @@ Results: {os.path.join(out_dir, 'demo.json')}. The models: {sft_dir} (SFT), {dpo
 samples with their scores: samples.jsonl in its directory; {curves_said}.
 Next, for example:
   python sample.py --init_from={dpo_dir} --ref_from={sft_dir} --num_samples=8 --max_new_tokens=48 --start=FILE:{prompt_file}
-  python demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
-  python export.py --init_from={dpo_dir} --to=hf-dpo   # for transformers and the hub
+  python tools/demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
+  python tools/export.py --init_from={dpo_dir} --to=hf-dpo   # for transformers and the hub
 (The task's prompts have the form of {prompt_file}, "\\n\\nHuman: ...\\n\\nAssistant:": a plain prompt gives
 run-on or empty samples.)""")
 

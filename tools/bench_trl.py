@@ -4,7 +4,7 @@ the hub layout, loaded by both), the same pairs (HH-like lengths, nothing trunca
 size, learning rate, beta and dtype, with a live reference model. Benchmark-only: needs trl
 (requirements-dev.txt).
 
-    python bench_trl.py --dtype=bfloat16
+    python tools/bench_trl.py --dtype=bfloat16
 
 Each side runs `steps` optimizer steps; the first `warmup_steps` are left out of the timing.
 """
@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 from configurator import configure
 
@@ -85,7 +87,8 @@ def run_trl(weights_dir, pairs_path):
 def run_ours(weights_dir, pairs_path, pack):
     """Seconds per step of dpo.py, padded or packed, from its metrics.jsonl, steps after the warmup."""
     ours_dir = os.path.join(out_dir, 'ours-packed' if pack else 'ours')
-    result = subprocess.run([sys.executable, 'dpo.py', f'--init_from={weights_dir}', '--dataset=jsonl',
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, 'dpo.py'), f'--init_from={weights_dir}', '--dataset=jsonl',
                              f'--data_path={pairs_path}', f'--eval_data_path={pairs_path}', f'--batch_size={batch_size}',
                              '--gradient_accumulation_steps=1', f'--max_iters={steps}', '--log_interval=1',
                              '--eval_interval=100000', '--eval_iters=1', '--learning_rate=1e-6', '--warmup_iters=0',
@@ -100,10 +103,10 @@ def run_ours(weights_dir, pairs_path, pack):
 
 
 def main():
-    from model import GPT, GPT2_SHAPES, GPTConfig, save_pretrained
+    from model import GPT, GPTConfig, save_pretrained
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
-    n_layer, n_head, n_embd = GPT2_SHAPES[model]
+    n_layer, n_head, n_embd = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024)}[model]
     weights_dir = os.path.join(out_dir, f'{model}-random')
     save_pretrained(GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)), weights_dir)
     pairs_path = os.path.join(out_dir, 'pairs.jsonl')

@@ -1,8 +1,8 @@
 """
 Evaluation by sampling: draw responses to held-out prompts from a checkpoint and score them.
 
-    python evaluate.py --init_from=out-dpo-synthetic --ref_from=out-sft-synthetic --baseline_from=out-sft-synthetic
-    python evaluate.py --init_from=out-dpo-hh --ref_from=out-sft-hh --prompts=prompts.jsonl --out=samples.jsonl
+    python tools/evaluate.py --init_from=out-dpo-synthetic --ref_from=out-sft-synthetic --baseline_from=out-sft-synthetic
+    python tools/evaluate.py --init_from=out-dpo-hh --ref_from=out-sft-hh --prompts=prompts.jsonl --out=samples.jsonl
 
 For every sample: log pi(y|x) under the policy, and with a reference log pi_ref(y|x) and the implicit
 reward beta * (log pi - log pi_ref) (the DPO paper's "your language model is secretly a reward
@@ -14,16 +14,20 @@ Samples and scores go to a JSONL file, ready for an external judge.
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
-import runtime
-from configurator import ConfigError, Range, above, at_least, configure, one_of, optional
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+
+import checkpoint
+import parallel
 from batches import dpo_batch
-from data import DataError, EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
+from common import UserError, atomic_open, exit_with_error
+from configurator import configure
+from data import EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
 from losses import chosen_rejected_logps, sequence_logps
-from model import LoadError
 from online import sample_responses
 
 # -----------------------------------------------------------------------------
@@ -54,11 +58,11 @@ dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 RANGES = {  # what each setting may be: configure() checks them all before any work
-    'beta': above(0), 'dataset': one_of('hh', 'jsonl', 'synthetic'), 'max_length': at_least(2),
-    'max_prompt_length': at_least(1), 'num_prompts': at_least(1), 'num_pairs': at_least(0),
-    'samples_per_prompt': at_least(1), 'best_of': Range(lambda v: v == 0 or v >= 2, '0 (off) or >= 2'), 'max_new_tokens': at_least(1), 'temperature': at_least(0),
-    'top_k': optional(at_least(1)), 'top_p': optional(Range(lambda v: 0 < v <= 1, 'in (0, 1]')),
-    'batch_size': at_least(1), 'dtype': one_of('auto', *runtime.DTYPES), 'seed': at_least(0),
+    'beta': '> 0', 'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'max_prompt_length': '>= 1', 'num_prompts': '>= 1', 'num_pairs': '>= 0',
+    'samples_per_prompt': '>= 1', 'best_of': '0 (off) or >= 2', 'max_new_tokens': '>= 1',
+    'temperature': '>= 0', 'top_k': 'None or >= 1', 'top_p': 'None or (0, 1]',
+    'batch_size': '>= 1', 'dtype': ('auto', *parallel.DTYPES), 'seed': '>= 0',
 }
 
 
@@ -87,7 +91,7 @@ def read_prompts(path):
     """The 'prompt' field of each line of a JSONL file."""
     found = [string_fields(row, ('prompt',), f"{path}, line {lineno}")[0] for lineno, row in json_lines(path)]
     if not found:
-        raise DataError(f"{path} holds no prompts")
+        raise UserError(f"{path} holds no prompts")
     return found
 
 
@@ -174,10 +178,10 @@ def ranking_agreement(records):
 
 
 def main():
-    run = runtime.setup(device, dtype, seed)
-    policy = runtime.load_model(init_from, device=run.device).eval()
-    ref = runtime.load_model(ref_from, device=run.device).eval() if ref_from else None
-    baseline = runtime.load_model(baseline_from, device=run.device).eval() if baseline_from else None
+    run = parallel.start(device, dtype, seed)
+    policy = checkpoint.load_model(init_from, device=run.device).eval()
+    ref = checkpoint.load_model(ref_from, device=run.device).eval() if ref_from else None
+    baseline = checkpoint.load_model(baseline_from, device=run.device).eval() if baseline_from else None
     pairs, true_reward = None, None
     if prompts:
         prompt_texts = read_prompts(prompts)[:num_prompts]
@@ -187,7 +191,7 @@ def main():
         if dataset == 'synthetic':
             from synthetic import true_reward
     if best_of and true_reward is None:
-        raise ConfigError("best_of needs a true reward to pick the best sample by: dataset='synthetic', without prompts")
+        raise UserError("best_of needs a true reward to pick the best sample by: dataset='synthetic', without prompts")
     if best_of:
         summary, records = best_of_n(policy, prompt_texts, run, baseline, true_reward)
     else:
@@ -195,10 +199,10 @@ def main():
     if ref is not None and true_reward is not None and not best_of:
         summary.update(ranking_agreement(records))
     path = out or os.path.join(init_from if os.path.isdir(init_from) else '.', 'samples.jsonl')
-    with runtime.atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.writelines(json.dumps(rec) + '\n' for rec in records)
     if summary_out:
-        runtime.write_json(summary_out, summary)
+        checkpoint.write_json(summary_out, summary)
     print(json.dumps(summary, indent=2))
     print(f"{len(records)} samples written to {path}")
 
@@ -207,5 +211,5 @@ if __name__ == '__main__':
     configure(globals(), RANGES)
     try:
         main()
-    except (ConfigError, LoadError, DataError, ValueError) as e:
-        runtime.exit_with_error(e)
+    except (UserError, ValueError) as e:
+        exit_with_error(e)

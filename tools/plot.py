@@ -2,13 +2,15 @@
 Pictures from a run: the training curves of a metrics.jsonl, or a reward-vs-KL frontier of demo.py's
 results (as in the DPO paper's IMDb figure). matplotlib is optional: `pip install matplotlib`.
 
-    python plot.py --metrics=out-dpo-synthetic/metrics.jsonl --png=curves.png
-    python plot.py --frontier=out-demo/demo.json --png=frontier.png
+    python tools/plot.py --metrics=out-dpo-synthetic/metrics.jsonl --png=curves.png
+    python tools/plot.py --frontier=out-demo/demo.json --png=frontier.png
 """
 
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 from configurator import configure
 

@@ -1,14 +1,15 @@
 """
 Benchmark the training and sampling steps, in the nanoGPT tradition: a GPT-2 of a chosen size with
 random weights (no download), pairs of random tokens with fixed or HH-like lengths, and the same
-code the training scripts run (losses.dpo_step, losses.sft_step, runtime.optimizer_step, GPT.generate).
+code the training scripts run (losses.dpo_step, losses.sft_step, their optimizer step, GPT.generate).
 
-    python bench.py                                   # gpt2, HH-like lengths, every step
-    python bench.py --model=gpt2-medium --dtype=bfloat16 --device=cuda --compile=True --batch_size=16
+    python tools/bench.py                                   # gpt2, HH-like lengths, every step
+    python tools/bench.py --padding=True --dataset=hh     # only the padding of each way of batching HH
+    python tools/bench.py --model=gpt2-medium --dtype=bfloat16 --device=cuda --compile=True --batch_size=16
 
 Prints a table and one JSON line: pairs/s, tokens/s, MFU against the device's peak, peak memory and
 the padding fraction. On a CPU the peak is a large matmul measured here, in the same dtype; it is
-cached (runtime.PEAK_CACHE), so that training logs an MFU on this CPU too without measuring anything.
+cached (parallel.PEAK_CACHE), so that training logs an MFU on this CPU too without measuring anything.
 """
 
 import json
@@ -21,13 +22,15 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+
 import parallel
-import runtime
-from configurator import at_least, configure
-from batches import PairLoader, dpo_batch, dpo_padding, sft_batch
-from data import PairData
+from batches import PairLoader, dpo_batch, pack_bins, sft_batch
+from common import atomic_open
+from configurator import configure
+from data import DATA_CACHE_DIR, PairData, load_dataset
 from losses import dpo_step, sft_step
-from model import GPT, GPT2_SHAPES, GPTConfig
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 model = 'gpt2'  # the shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or tiny
@@ -48,21 +51,74 @@ dtype = 'auto'
 compile = False
 profile = False  # also profile three steps of the first of what, and print where the time goes
 fsdp = False  # under torchrun: the policy and the reference sharded as dpo.py's fsdp=True does; the memory columns are this rank's
+padding = False  # only the padding of each way of batching a dataset (dataset=...), no model
+dataset = 'synthetic'  # padding=True: 'hh', 'jsonl' (data_path) or 'synthetic'
+data_path = ''
 memory_plan = False  # also the GB per GPU of a DPO step for every GPT-2 size, DDP and FSDP, from this run's measured bytes
 seed = 1337
 # -----------------------------------------------------------------------------
-RANGES = {'batch_size': at_least(1), 'max_length': at_least(2), 'max_prompt_length': at_least(1), 'steps': at_least(1),
-          'warmup_steps': at_least(0), 'sample_tokens': at_least(1), 'sample_batch': at_least(1),
-          'sample_prompt': at_least(1), 'seed': at_least(0)}
+RANGES = {'batch_size': '>= 1', 'max_length': '>= 2', 'max_prompt_length': '>= 1', 'steps': '>= 1',
+          'warmup_steps': '>= 0', 'sample_tokens': '>= 1', 'sample_batch': '>= 1',
+          'sample_prompt': '>= 1', 'seed': '>= 0'}
 
-SHAPES = {'tiny': (2, 2, 64), **GPT2_SHAPES}  # n_layer, n_head, n_embd
+GPT2_SHAPES = {  # n_layer, n_head, n_embd of each official size
+    'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
+}
+SHAPES = {'tiny': (2, 2, 64), **GPT2_SHAPES}
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """As sft.py's and dpo.py's loops step: unscale (fp16), clip, step, zero the gradients."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return (grad_norm.full_tensor() if parallel.is_sharded(grad_norm) else grad_norm).item()
+
+
+def dpo_cells(data, batches, pack=False):
+    """(real tokens, cells) over the DPO batches, cells being what the forward passes compute:
+    padded, 2B rows as long as the batch's longest sequence; packed, pairs (prompt once, both
+    responses) laid out by pack_bins."""
+    prompt, chosen, rejected = data.lengths('prompt'), data.lengths('chosen'), data.lengths('rejected')
+    real = cells = 0
+    for b in batches:
+        if pack:
+            lengths = prompt[b] - 1 + chosen[b] + rejected[b]  # a pair's unit
+            n_rows = len(pack_bins(lengths))
+        else:
+            lengths = np.concatenate([prompt[b] + chosen[b] - 1, prompt[b] + rejected[b] - 1])
+            n_rows = len(lengths)
+        real, cells = real + lengths.sum(), cells + n_rows * lengths.max()
+    return int(real), int(cells)
+
+
+def dpo_padding(data, batches, pack=False):
+    """The share of padding among all cells of the DPO batches (see dpo_cells)."""
+    real, cells = dpo_cells(data, batches, pack)
+    return 1.0 - real / cells
+
+
+def print_padding():
+    """padding=True: the padding of each way of batching a dataset's training pairs."""
+    data = load_dataset(dataset, 'train', data_path, '', max_length, max_prompt_length)
+    n = min(batch_size, len(data))
+    for grouped in (False, True):
+        batches = PairLoader(data.pair_lengths(), n, group_by_length=grouped).epoch_batches(0)
+        print(f"DPO batches of {n} pairs{', grouped by length' if grouped else ''}:")
+        for pack in (False, True):  # packing saves cells twice: less padding, and each prompt once
+            real, cells = dpo_cells(data, batches, pack)
+            print(f"  {'packed' if pack else 'padded rows'}: {1 - real / cells:.1%} padding, "
+                  f"{cells / len(data):.0f} token cells a pair")
+
 
 
 def measure_cpu_peak(dtype, n=2048, reps=8):
-    """The best rate of a large matmul in dtype on this CPU, FLOP/s, written to runtime.PEAK_CACHE
+    """The best rate of a large matmul in dtype on this CPU, FLOP/s, written to parallel.PEAK_CACHE
     under the CPU's name, core count and dtype (a CPU has no one published peak)."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, dtype=runtime.DTYPES[dtype], generator=generator) for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=parallel.DTYPES[dtype], generator=generator) for _ in range(2))
     a @ b  # warm up
     best = float('inf')
     for _ in range(3):  # the best of three: a peak, not a mean over whatever else the machine was doing
@@ -72,12 +128,13 @@ def measure_cpu_peak(dtype, n=2048, reps=8):
         best = min(best, time.perf_counter() - t0)
     peak = 2 * n ** 3 * reps / best
     try:
-        with open(runtime.PEAK_CACHE) as f:
+        with open(parallel.PEAK_CACHE) as f:
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    cache[f"{runtime.cpu_name()} {os.cpu_count()} cores {dtype}"] = peak
-    runtime.write_json(runtime.PEAK_CACHE, cache)
+    cache[f"{parallel.cpu_name()} {os.cpu_count()} cores {dtype}"] = peak
+    with atomic_open(parallel.PEAK_CACHE) as f:
+        json.dump(cache, f, indent=2)
     return peak
 
 
@@ -137,9 +194,14 @@ def cpu_allocation_peak(fn):
     return result, max(0, int(held.max())) if len(held) else 0
 
 
+def local(t):
+    """This rank's part of a tensor: under FSDP a shard's own, else the tensor."""
+    return t.to_local() if parallel.is_sharded(t) else t
+
+
 def local_bytes(tensors):
     """Bytes of these tensors on this rank: under FSDP a sharded tensor's own shard only."""
-    return sum(parallel.local(t).nbytes for t in tensors)
+    return sum(local(t).nbytes for t in tensors)
 
 
 def memory_accounting(step, indices, policy, ref, optimizer, run):
@@ -155,7 +217,7 @@ def memory_accounting(step, indices, policy, ref, optimizer, run):
     tensors alive before the step plus the most it allocated at once (cpu_allocation_peak)."""
     n_params = sum(p.numel() for p in policy.parameters())  # the whole model's (a DTensor's numel is global)
     weight_shapes = {tuple(p.shape) for p in policy.parameters() if p.dim() == 2}
-    own = {parallel.local(p).untyped_storage().data_ptr() for p in policy.parameters()}
+    own = {local(p).untyped_storage().data_ptr() for p in policy.parameters()}
     saved, grads = {}, []
 
     def pack(t):  # a storage counted once, however many tensors view it
@@ -268,19 +330,18 @@ def profile_step(step, run):
 def main():
     if memory_plan and ('dpo' not in what.split(',') or 'RANK' in os.environ):
         sys.exit("error: memory_plan=True measures the dpo step (what=dpo) of one process (no torchrun)")
-    run = runtime.setup(device, dtype, seed)
-    parallel.check(fsdp, run)
+    run = parallel.start(device, dtype, seed)
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
     ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
     # under torchrun, as dpo.py spreads them (DDP, or FSDP with fsdp=True); compiled with compile=True
-    step_model, step_ref = parallel.wrap(policy, run, fsdp, compile), parallel.wrap(ref, run, fsdp, compile, forward_only=True)
+    step_model, step_ref = parallel.distribute(policy, run, fsdp, compile), parallel.distribute(ref, run, fsdp, compile, forward_only=True)
     optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)  # after wrap: FSDP's shards
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == 'float16')
     data = random_pairs(max(64 * batch_size * run.world_size, 256), np.random.default_rng(seed))
     loader = PairLoader(data.pair_lengths(), batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)
-    peak_flops = runtime.peak_flops(run.device, run.dtype) if run.device_type == 'cuda' else measure_cpu_peak(run.dtype)
+    peak_flops = run.peak_flops if run.device_type == 'cuda' else measure_cpu_peak(run.dtype)
     results = {'model': model, 'params_M': policy.num_params() / 1e6, 'device': run.device, 'dtype': run.dtype,
                'batch_size': batch_size, 'lengths': lengths, 'group_by_length': group_by_length, 'pack': pack,
                'compile': compile, 'peak_tflops': (peak_flops or 0) / 1e12}
@@ -296,7 +357,7 @@ def main():
             batch_ref_logps = torch.from_numpy(ref_logps[indices]).to(run.device) if precomputed else None
             losses, _ = dpo_step(step_model, step_ref, batch, batch_ref_logps, run.autocast, beta=0.1)
             scaler.scale(losses.mean()).backward()
-            runtime.optimizer_step(policy, optimizer, scaler, 1.0)
+            optimizer_step(policy, optimizer, scaler, 1.0)
             n_tokens, n_targets, attended = batch.flops_shape()
             flops = policy.flops(n_tokens, n_targets, attended) + (
                 0 if precomputed else policy.flops(n_tokens, n_targets, attended, backward=False))
@@ -308,7 +369,7 @@ def main():
         batch = sft_batch(data, indices, pack).to(run.device)
         loss, _ = sft_step(step_model, batch, run.autocast)
         scaler.scale(loss).backward()
-        runtime.optimizer_step(policy, optimizer, scaler, 1.0)
+        optimizer_step(policy, optimizer, scaler, 1.0)
         n_tokens, n_targets, attended = batch.flops_shape()
         return policy.flops(n_tokens, n_targets, attended), len(indices), n_tokens, n_targets
 
@@ -327,7 +388,7 @@ def main():
     if profile:
         profile_step(steps_to_run[what.split(',')[0]], run)
     if 'sample' in what and not run.ddp:  # (under torchrun the ranks' models are wrapped, or sharded)
-        policy.eval().to(runtime.DTYPES[run.dtype])  # as sample.py does: the weights themselves cast, no autocast
+        policy.eval().to(parallel.DTYPES[run.dtype])  # as sample.py does: the weights themselves cast, no autocast
         prompt = [list(range(1000, 1000 + sample_prompt))] * sample_batch
         for use_cache in (True, False):
             t0 = time.perf_counter()
@@ -339,7 +400,7 @@ def main():
     results['steps'] = rows
     if run.master:
         report(results, rows, run)
-    runtime.finish(run)
+    run.exit_together()
 
 
 def report(results, rows, run):
@@ -373,4 +434,7 @@ def report(results, rows, run):
 
 if __name__ == '__main__':
     configure(globals(), RANGES)
-    main()
+    if padding:
+        print_padding()
+    else:
+        main()

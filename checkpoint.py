@@ -1,0 +1,277 @@
+"""
+What a run keeps in its out_dir, and how it resumes: ckpt.pt (the weights, the optimizer, the place
+in the data and every rank's random stream; written atomically, whole tensors whatever the layout),
+metrics.jsonl and eval.json; the models a run starts from; the guard that keeps a new run from
+writing over an old one. A reader of the training story can leave this file closed.
+"""
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+
+import torch
+
+import parallel
+from common import UserError, atomic_open, first_line
+from configurator import read_config_file
+from model import GPT, GPTConfig, from_pretrained
+
+
+def write(checkpoint, path):
+    """The dict checkpoint written to path atomically; a failed write (a full disk) leaves the old
+    file and raises UserError naming the file."""
+    try:
+        with atomic_open(path, 'wb') as f:
+            torch.save(checkpoint, f)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write either way
+        cause, full = e, False
+        while cause is not None and not full:
+            full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+            cause = cause.__cause__ or cause.__context__
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 1e6
+        reason = (f"the disk is full ({free:.0f} MB free in {folder})" if full
+                  else f"{type(e).__name__}: {first_line(e, 300)}")
+        raise UserError(f"could not write {path}: {reason}; the checkpoint there before is kept") from None
+
+
+def save(path, run, model, optimizer, loader, **entries):
+    """ckpt.pt for a resume: the model's and the optimizer's state with whole tensors (under FSDP
+    gathered from the shards), every rank's place in the data and random stream, and entries (the
+    iteration, the config, ...). A collective under DDP: every rank calls it; rank 0 writes it."""
+    rng, data = rng_states(run), loader_state(loader, run)
+    model_state, optimizer_state = parallel.full_state(model, optimizer, run.master)
+    if run.master:
+        write(dict(model=model_state, model_args=asdict(model.config), optimizer=optimizer_state,
+                   loader=data, rng=rng, **entries), path)
+
+
+def weights_sha256(model):
+    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load(path, script=None):
+    """A checkpoint dict written by write(); only tensors and plain values are unpickled, and the
+    tensors are memory-mapped (a node's ranks share the pages). script ('sft' or 'dpo'): the script
+    about to resume it, which must be the one that wrote it, with all that a resume needs."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if script is None:
+        return checkpoint
+    older = (f"{path} cannot be resumed: it is a checkpoint of an older version (or not of this "
+             f"project); start a new run from its weights with --init_from={os.path.dirname(path) or '.'}")
+    if 'script' not in checkpoint:
+        raise UserError(older)
+    if checkpoint['script'] != script:
+        written_by = checkpoint['script']
+        hint = (f"; to start DPO from it, pass --init_from={os.path.dirname(path) or '.'}"
+                if (written_by, script) == ('sft', 'dpo') else f"; resume it with {written_by}.py")
+        raise UserError(f"{path} was written by {written_by}.py, so {script}.py cannot resume it{hint}")
+    if script == 'dpo' and not checkpoint.get('config', {}).get('ref_from'):
+        raise UserError(older)
+    return checkpoint
+
+
+def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None,
+               max_length=None):
+    """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
+    already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
+    else goes to model.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory).
+    max_length: the data's longest sequence, which must fit the model's block_size."""
+    if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
+        checkpoint = checkpoint or load(path)  # to the CPU: only the weights go on to the device
+        if 'model_args' not in checkpoint or 'model' not in checkpoint:
+            raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
+                            "this project")
+        try:
+            model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+        try:
+            model.load_state_dict(checkpoint['model'])
+        except RuntimeError as e:
+            raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+    else:
+        try:
+            model = from_pretrained(init_from, dropout=dropout)
+        except UserError as e:
+            raise UserError(f"{e}{missing_run_hint(init_from)}") from None
+    if max_length is not None and max_length > model.config.block_size:
+        raise UserError(f"max_length={max_length} is longer than the model's block_size "
+                        f"{model.config.block_size}")
+    return model.to(device)
+
+
+def load_reference(source, policy, device, resumed=None):
+    """The frozen reference (eval mode, no gradients) and the sha256 of its weights. It must have
+    the policy's shape, and a resumed run must find the very weights it started against."""
+    ref = load_model(source, device=device).eval().requires_grad_(False)
+    if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
+        raise UserError(f"the reference ({source}) has the shape {asdict(ref.config)}, but the policy "
+                        f"has {asdict(policy.config)}")
+    sha256 = weights_sha256(ref)
+    if resumed and resumed.get('ref_sha256', sha256) != sha256:
+        raise UserError(f"the reference {source} is not the model this run trained against: its "
+                        "weights changed since the run started (sha256 differs); resume with the same "
+                        "reference")
+    return ref, sha256
+
+
+def missing_run_hint(name):
+    """For a model source that does not exist: the config in config/ whose out_dir it is, as the
+    command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
+    if os.path.exists(name):
+        return ''
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py')
+    for path in sorted(glob.glob(configs)):
+        try:
+            out = read_config_file(path).get('out_dir')
+        except UserError:
+            continue
+        if out == name.rstrip('/'):
+            script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
+            name = os.path.basename(path)
+            return f"; it is the out_dir of config/{name}: run python {script} config/{name} first"
+    return ''
+
+
+def clear_out_dir_or_refuse(out_dir, run, resuming, overwrite, sources):
+    """Stop before a run destroys work. out_dir must not be a directory the run reads a model from
+    (sources: {config key: source}), whose ckpt.pt the run would overwrite. A new run (not resuming)
+    must not replace a run already in out_dir unless overwrite; then the old run's ckpt.pt and
+    metrics.jsonl are removed first, so that the directory never mixes two runs."""
+    for key, source in sources.items():
+        if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(out_dir):
+            raise UserError(f"out_dir={out_dir!r} is also {key}, a model this run reads: its ckpt.pt "
+                            "would be overwritten; choose another out_dir")
+    old = [name for name in ('ckpt.pt', 'metrics.jsonl') if os.path.exists(os.path.join(out_dir, name))]
+    if resuming or not old:
+        return
+    if not overwrite:
+        raise UserError(f"out_dir={out_dir!r} already holds a run ({' and '.join(old)}): continue it "
+                        "with --init_from=resume, choose another --out_dir, or replace it with "
+                        "--overwrite=True")
+    if run.master:
+        for name in old:
+            os.remove(os.path.join(out_dir, name))
+
+
+def restore(checkpoint, optimizer, scaler, loader, run):
+    """Put a checkpoint's optimizer moments (under FSDP, this rank's shards of them), loss scale,
+    data order and this rank's RNG states back, so the run continues exactly where it stopped, on
+    this layout or another; returns the iteration it stopped at."""
+    parallel.load_optimizer_state(optimizer, checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    loader.load_state_dict(checkpoint['loader'])
+    if run.rank < len(checkpoint['rng']):  # a rank the saved run did not have keeps seed + rank
+        set_rng_states(checkpoint['rng'][run.rank])
+    return checkpoint['iter_num']
+
+
+def rng_states(run):
+    """Every rank's RNG states, rank 0's first, so that each rank of a resumed run continues its own
+    random stream (dropout). Under DDP a collective: every rank calls it."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    mine = {'torch': torch.get_rng_state(), 'cuda': cuda}
+    if not run.ddp:
+        return [mine]
+    flat = torch.cat([mine['torch'], *mine['cuda']])
+    table = run.every_rank(flat, 'the RNG states').to(torch.uint8)
+    sizes = [mine['torch'].numel()] + [t.numel() for t in mine['cuda']]
+    return [{'torch': parts[0].clone(), 'cuda': [p.clone() for p in parts[1:]]} for parts in
+            (row.split(sizes) for row in table)]
+
+
+def loader_state(loader, run):
+    """The PairLoader's state with every rank's own place, [epoch, micro-batches taken] a rank: the
+    same on every rank, but for online DPO, whose ranks draw prompts as their samples need. Under DDP
+    a collective: every rank calls it."""
+    ranks = run.every_rank(torch.tensor([loader.epoch, loader.taken]), 'the data positions')
+    return {**loader.state_dict(), 'ranks': ranks.tolist()}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def write_json(path, obj):
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+class MetricLog:
+    """One line per logged step on stdout, and one JSON object per step in out_dir/metrics.jsonl
+    (and wandb when asked), from the master process only. A resumed run at iteration start_iter
+    first removes the lines its stopped run had logged after start_iter, so that the file reads as
+    one uninterrupted run. eval_only writes eval.json instead (write_eval)."""
+
+    def __init__(self, out_dir, master, start_iter=0, eval_only=False, wandb_log=False,
+                 wandb_project='', wandb_run_name='', config=None):
+        self.out_dir = out_dir
+        self.path, self.master, self.wandb = os.path.join(out_dir, 'metrics.jsonl'), master, None
+        if not master or eval_only:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if start_iter > 0 and os.path.exists(self.path):
+            with atomic_open(self.path) as f:
+                f.writelines(line for line, row in read_metrics(self.path) if row['iter'] <= start_iter)
+        if wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                                    resume='allow')
+
+    def log(self, iter_num, metrics):
+        if not self.master:
+            return
+        print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in metrics.items()), flush=True)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=iter_num)
+
+    def write_eval(self, iter_num, metrics):
+        """eval_only: the held-out metrics printed and written to out_dir/eval.json."""
+        if self.master:
+            print(', '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            write_json(os.path.join(self.out_dir, 'eval.json'), {'iter': iter_num, **metrics})
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path):
+    """(line, row) for each line of a metrics.jsonl. A last line cut short by a crash is dropped
+    with a warning; a broken line before it stops with the file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line.rstrip('\n') + '\n', json.loads(line)))
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise UserError(f"{path}, line {lineno}: not a JSON line; fix or remove it to "
+                                "resume") from None
+            print(f"warning: {path}, line {lineno}: the last line is cut short (the run stopped while "
+                  "writing it); dropped", file=sys.stderr)
+    return rows

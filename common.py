@@ -1,0 +1,86 @@
+"""
+What every module needs once: the one error type for a user's mistakes and the one way a script
+ends on it (one line, no traceback), the one atomic file write, and the one download from the
+Hugging Face hub. A reader of the training story can leave this file closed.
+"""
+
+import os
+import socket
+import sys
+from contextlib import contextmanager
+
+
+class UserError(ValueError):
+    """A mistake a user can make or mend (a setting, a file, a line of data, a model that does not
+    fit) or a run that cannot go on (a NaN loss, a full disk, a rank that stopped answering). The
+    message is one sentence that says which and where; exit_with_error prints it, no traceback."""
+
+
+def exit_with_error(error, prefix='error'):
+    """End the process with one line, 'error: ...', and exit status 1. Under torchrun only rank 0
+    prints it (every rank meets the same mistake), unless the error is this rank's own ('rank N: ...')."""
+    line = f"{prefix}: {error}"
+    if int(os.environ.get('RANK', 0)) == 0 or str(error).startswith('rank '):
+        print(line, file=sys.stderr, flush=True)
+    stop = SystemExit(line)  # its text is the line (what a caller reads), its exit status 1
+    stop.code = 1
+    raise stop
+
+
+@contextmanager
+def one_line_errors():
+    """Around a script's run: a UserError ends the process with its one line (exit_with_error)."""
+    try:
+        yield
+    except UserError as e:
+        exit_with_error(e)
+
+
+def first_line(error, limit=240):
+    """An exception's first line, for a one-line error: cut at a word, never mid-word."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
+
+
+@contextmanager
+def atomic_open(path, mode='w'):
+    """A file to write path through: written under a name of this process's own (host and pid: two
+    nodes may write the same path on shared storage), flushed to disk, then renamed over path, so a
+    crash at any moment leaves the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint=''):
+    """The local path of a file of a hub repo: the hub cache's copy when there is one, with no
+    network call at all (an unreachable hub then costs nothing), else downloaded into the cache.
+    A failure is one UserError that names the file and ends with offline_hint, what to do instead.
+    (A repo updated on the hub after the download keeps its cached files: delete them to refresh.)"""
+    import logging
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir,
+                               local_files_only=True)
+    except Exception:  # not in the cache (yet)
+        pass
+    hub_log = logging.getLogger('huggingface_hub')
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # a warning per retry would bury the one line raised below
+    try:
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
+    except Exception as e:  # offline, an unknown repo or file, ...
+        what = f"the dataset {repo_id}" if repo_type == 'dataset' else repo_id
+        raise UserError(f"could not get {filename} of {what} from the Hugging Face hub or its cache "
+                        f"({type(e).__name__}: {first_line(e)}); without internet, {offline_hint}, "
+                        "or fill the hub cache where there is internet and set HF_HUB_OFFLINE=1") from None
+    finally:
+        hub_log.setLevel(level)
