@@ -12,7 +12,7 @@ models, the data, and the loop. What it calls in model.py, data.py, batches.py a
 story too. The guard rails it calls do what their names and these lines say, so a first read can
 leave their files closed:
     configure(globals(), ...)     the command line's overrides, checked (RANGES, CHECKS)
-    parallel.start() -> run       the device, dtype, seed and rank (run.master: rank 0, which logs)
+    parallel.start() -> run       device, dtype (run.autocast), seed, rank (run.ddp, run.master)
     run.sum, run.node_first, run.stop_unless_finite, run.full_tensor, run.exit_together:
                                   collectives over the ranks (on one process, the plain case)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
@@ -161,15 +161,18 @@ def main(config):
     if not eval_only:  # a new run never writes over a run (unless overwrite) or a model it reads
         checkpoint.clear_out_dir_or_refuse(out_dir, run, resuming, overwrite,
                                            {'init_from': policy_from, 'ref_from': reference_from})
-    config = {**config, 'init_from': policy_from, 'ref_from': reference_from}  # for a resume
+    # what the run started from, which a resume reads back (checkpoint.load insists on ref_from)
+    config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
+    # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)
     policy = checkpoint.load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
     ref, ref_sha256 = checkpoint.load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node
     kto = loss_type == 'kto'
     with run.node_first():
-        train_data, eval_data = (load_dataset(dataset, split, data_path, eval_data_path, max_length,
-                                              max_prompt_length, hh_subsets, rows=kto)
-                                 for split in ('train', 'test'))
+        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,
+                                  max_prompt_length, hh_subsets, rows=kto)
+        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length,
+                                 max_prompt_length, hh_subsets, rows=kto)
     judge_scores = load_judge(judge, run.device, run.autocast) if online else None
     # under torchrun: DDP or FSDP (sharded in place); compiled if asked. raw_policy: stepped, saved
     raw_policy, policy = policy, parallel.distribute(policy, run, fsdp, compile)
@@ -180,8 +183,8 @@ def main(config):
     train_ref_logps = eval_ref_logps = None
     if precompute_ref_logps and ref is not None:  # then trained without the reference in memory
         train_ref_logps, eval_ref_logps = (
-            reference_logps(ref, ref_sha256, split, batch_size * 4, pack, run)
-            for split in (train_data, eval_data))
+            reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)
+            for data in (train_data, eval_data))
         ref = None
     loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
                         gradient_accumulation_steps, group_by_length=group_by_length)
@@ -207,8 +210,9 @@ def main(config):
         return batch_losses(policy, ref, eval_data, indices, eval_ref_logps, run)[1]
 
     while True:
-        # evaluate on the held-out pairs and save ckpt.pt every eval_interval iterations and at the
-        # end, but not at the iteration a resumed run starts from: it was evaluated and saved there
+        # evaluate on the held-out pairs every eval_interval iterations and at the end, then save
+        # ckpt.pt; a resumed run does neither where it starts (its stopped run did both there), a
+        # new run only evaluates at iteration 0 (nothing is trained yet)
         if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                          and (iter_num > start_iter or start_iter == 0)):
             metrics = held_out_means(policy, held_out, names, len(eval_data), batch_size,
@@ -220,9 +224,11 @@ def main(config):
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
             if iter_num > start_iter:
                 path = os.path.join(out_dir, 'ckpt.pt')
+                # ckpt.pt: the model's and the optimizer's state dicts (whole tensors), model_args,
+                # the loader's place and every rank's RNG state (save() gathers these), and:
                 checkpoint.save(path, run, raw_policy, optimizer, loader, script='dpo',
                                 scaler=scaler.state_dict(), iter_num=iter_num, config=config,
-                                ref_sha256=ref_sha256)  # (save() adds the ranks' data and RNG)
+                                ref_sha256=ref_sha256)
         if iter_num >= max_iters:
             break
         lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

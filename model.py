@@ -304,8 +304,9 @@ class GPT(nn.Module):
 
 
 def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
-    """The learning rate of iteration it: a linear warmup from 0 over warmup_iters, then constant
-    (decay_lr=False, the DPO paper's schedule) or a cosine decay to min_lr at lr_decay_iters."""
+    """The learning rate of iteration it: a linear warmup over warmup_iters (iteration 0 takes
+    learning_rate / (warmup_iters + 1)), then constant (decay_lr=False, the DPO paper's schedule) or
+    a cosine decay to min_lr at lr_decay_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if not decay_lr:

@@ -213,7 +213,7 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
     the rest (the embeddings, tied to the output layer, and the LayerNorms), so that its parameters are
     this rank's shards from here on: build the optimizer after distribute(). compile: torch.compile.
     Training under torchrun without fsdp: DDP around it (forward_only, the reference: no DDP)."""
-    if fsdp and run.dtype == 'float16':
+    if fsdp and run.dtype == 'float16':  # (CHECKS refuses it when asked; here 'auto' chose it)
         raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
                         "sharded gradients: use bfloat16 (or float32)")
     if fsdp and run.ddp:

@@ -109,9 +109,10 @@ def main(config):
         model = checkpoint.load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
     # the data: tokenized once into the token cache, by one process a node
     with run.node_first():
-        train_data, eval_data = (load_dataset(dataset, split, data_path, eval_data_path, max_length,
-                                              max_prompt_length, hh_subsets)
-                                 for split in ('train', 'test'))
+        train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,
+                                  max_prompt_length, hh_subsets)
+        eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length,
+                                 max_prompt_length, hh_subsets)
     lengths = train_data.lengths('prompt') + train_data.lengths('chosen')
     loader = PairLoader(lengths, batch_size, seed, run.rank, run.world_size,
                         gradient_accumulation_steps, group_by_length=group_by_length)
@@ -135,8 +136,9 @@ def main(config):
         return sft_step(model, sft_batch(eval_data, indices, pack).to(run.device), run.autocast)[1]
 
     while True:
-        # evaluate on the held-out chosen responses and save ckpt.pt every eval_interval iterations
-        # and at the end, but not at the iteration a resumed run starts from: it was saved there
+        # evaluate on the held-out chosen responses every eval_interval iterations and at the end,
+        # then save ckpt.pt; a resumed run does neither where it starts (its stopped run did both
+        # there), a new run only evaluates at iteration 0 (nothing is trained yet)
         if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                          and (iter_num > start_iter or start_iter == 0)):
             metrics = held_out_means(model, held_out, METRICS['sft'], len(eval_data), batch_size,
@@ -148,6 +150,8 @@ def main(config):
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
             if iter_num > start_iter:
                 path = os.path.join(out_dir, 'ckpt.pt')
+                # ckpt.pt: the model's and the optimizer's state dicts (whole tensors), model_args,
+                # the loader's place and every rank's RNG state (save() gathers these), and:
                 checkpoint.save(path, run, raw_model, optimizer, loader, script='sft',
                                 scaler=scaler.state_dict(), iter_num=iter_num, config=config)
         if iter_num >= max_iters:

@@ -8,6 +8,22 @@ import pytest
 from conftest import ROOT
 
 
+def test_the_padding_report_by_hand(tmp_path):
+    """bench.py --padding=True on a 2-pair file: batches of the 2 pairs there are (not of the
+    batch_size asked for), and the padding of the rows by hand."""
+    lines = [{'prompt': ' a' * 3, 'chosen': ' b', 'rejected': ' c' * 3},
+             {'prompt': ' a', 'chosen': ' b' * 2, 'rejected': ' c'}]
+    path = tmp_path / 'pairs.jsonl'
+    path.write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    result = subprocess.run([sys.executable, 'tools/bench.py', '--padding=True', '--dataset=jsonl',
+                             f'--data_path={path}', '--batch_size=64', f'--cache_dir={tmp_path}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'DPO batches of 2 pairs:' in result.stdout
+    # rows: prompt + response + <|endoftext|>, less the last token: 3+1+1-1, 3+3+1-1, 1+2+1-1, 1+1+1-1
+    rows = [4, 6, 3, 2]
+    assert f"padded rows: {1 - sum(rows) / (4 * max(rows)):.1%} padding" in result.stdout
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize('pack', [False, True])

@@ -4,7 +4,7 @@ random weights (no download), pairs of random tokens with fixed or HH-like lengt
 code the training scripts run (losses.dpo_step, losses.sft_step, their optimizer step, GPT.generate).
 
     python tools/bench.py                                   # gpt2, HH-like lengths, every step
-    python tools/bench.py --padding=True --dataset=hh     # only the padding of each way of batching HH
+    python tools/bench.py --padding=True --batch_size=64 --dataset=hh  # only the padding of ways to batch HH
     python tools/bench.py --model=gpt2-medium --dtype=bfloat16 --device=cuda --compile=True --batch_size=16
 
 Prints a table and one JSON line: pairs/s, tokens/s, MFU against the device's peak, peak memory and
@@ -54,6 +54,7 @@ fsdp = False  # under torchrun: the policy and the reference sharded as dpo.py's
 padding = False  # only the padding of each way of batching a dataset (dataset=...), no model
 dataset = 'synthetic'  # padding=True: 'hh', 'jsonl' (data_path) or 'synthetic'
 data_path = ''
+cache_dir = ''  # padding=True: where the token cache goes ('' is the project's data_cache/)
 memory_plan = False  # also the GB per GPU of a DPO step for every GPT-2 size, DDP and FSDP, from this run's measured bytes
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def dpo_padding(data, batches, pack=False):
 
 def print_padding():
     """padding=True: the padding of each way of batching a dataset's training pairs."""
-    data = load_dataset(dataset, 'train', data_path, '', max_length, max_prompt_length)
+    data = load_dataset(dataset, 'train', data_path, '', max_length, max_prompt_length,
+                        cache_dir=cache_dir or DATA_CACHE_DIR)
     n = min(batch_size, len(data))
     for grouped in (False, True):
         batches = PairLoader(data.pair_lengths(), n, group_by_length=grouped).epoch_batches(0)

@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the projec
 sys.path.insert(0, ROOT)
 
 from configurator import Range, configure
+from parallel import cpu_has_native_bf16, resolve_device, resolve_dtype
 from data import SYNTHETIC
 from synthetic import synthetic_pairs
 
@@ -157,6 +158,13 @@ def main():
     if 'implicit' in online_judges and not betas:
         sys.exit("error: online_judges=implicit ranks samples by the first DPO run's implicit reward: give betas")
     all_seeds = [int(s) for s in seeds.split(',')] if seeds else [seed]
+    # the dtype every stage will run in: the README's demo table has rows for both that a CPU chooses
+    run_device = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, run_device)
+    why = ('' if run_device != 'cpu' or dtype != 'auto' else
+           ' (this CPU has native bf16)' if cpu_has_native_bf16() else ' (this CPU has no native bf16)')
+    print(f"demo: {run_device}, {run_dtype}{why}; compare with the README demo table's {run_dtype} rows",
+          flush=True)
     rows = []
     for s in all_seeds:
         policies, seed_rows = run_seed(s, out_dir if len(all_seeds) == 1 else os.path.join(out_dir, f'seed{s}'))
