@@ -5,12 +5,15 @@ metrics.jsonl and eval.json; the models a run starts from; the guard that keeps 
 writing over an old one. A reader of the training story can leave this file closed.
 """
 
+import atexit
 import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import asdict
 
@@ -59,10 +62,22 @@ def weights_sha256(model):
     return digest.hexdigest()
 
 
-def load(path, script=None):
+# On a resume, the settings not given on the command line come back from ckpt.pt: the run goes on
+# with its own recipe. Given ones must agree with it, but for these: where and how the run goes on
+# (never taken from ckpt.pt) ...
+FRESH_ON_RESUME = ('init_from', 'ref_from', 'out_dir', 'overwrite', 'eval_only', 'device', 'dtype',
+                   'compile', 'fsdp', 'wandb_log', 'wandb_project', 'wandb_run_name')
+# ... and how long, how often and in which layout (the order of the pairs does not depend on it)
+MAY_CHANGE_ON_RESUME = ('max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'batch_size',
+                        'gradient_accumulation_steps')
+
+
+def load(path, script=None, config=None):
     """A checkpoint dict written by write(); only tensors and plain values are unpickled, and the
     tensors are memory-mapped (a node's ranks share the pages). script ('sft' or 'dpo'): the script
-    about to resume it, which must be the one that wrote it, with all that a resume needs."""
+    about to resume it, which must be the one that wrote it, with all that a resume needs. config:
+    the resuming run's Settings; those it gives must keep the saved recipe (above), and the
+    checkpoint's 'recipe' is then the saved settings it does not give, for the script to take."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -82,6 +97,23 @@ def load(path, script=None):
         raise UserError(f"{path} was written by {written_by}.py, so {script}.py cannot resume it{hint}")
     if script == 'dpo' and not checkpoint.get('config', {}).get('ref_from'):
         raise UserError(older)
+    saved, config = checkpoint.get('config', {}), config or {}
+    given = getattr(config, 'given', set(config))
+    changed = [f"{key} {saved[key]!r} -> {config[key]!r}" for key in given
+               if key in saved and key not in FRESH_ON_RESUME + MAY_CHANGE_ON_RESUME
+               and config[key] != saved[key]]
+    if changed:
+        raise UserError(f"a resume keeps the run's recipe, and this one would change "
+                        f"{', '.join(sorted(changed))} (saved in {path} -> asked now): drop these "
+                        "settings to resume, or start a new run from its weights (--init_from=DIR "
+                        "with another --out_dir)")
+    checkpoint['recipe'] = {key: value for key, value in saved.items() if key in config
+                            and key not in given and key not in FRESH_ON_RESUME}
+    max_iters = config['max_iters'] if 'max_iters' in given else saved.get('max_iters', float('inf'))
+    if not config.get('eval_only') and checkpoint.get('iter_num', 0) >= max_iters:
+        raise UserError(f"the run in {os.path.dirname(path) or '.'} is at iteration "
+                        f"{checkpoint.get('iter_num', 0)}, already at max_iters={max_iters}: nothing to "
+                        "resume; give a larger --max_iters")
     return checkpoint
 
 
@@ -147,6 +179,66 @@ def missing_run_hint(name):
             name = os.path.basename(path)
             return f"; it is the out_dir of config/{name}: run python {script} config/{name} first"
     return ''
+
+
+LOCK = '.lock'  # out_dir's lock file: empty, flock'ed by the run that owns out_dir while it lives
+held_locks = {}  # out_dir's real path -> this process's open lock file (closing it would unlock)
+
+
+def claim_out_dir(out_dir, run, resuming, overwrite, sources):
+    """Take out_dir for this run, then clear_out_dir_or_refuse. Rank 0 holds an exclusive lock on
+    out_dir/.lock (flock: the OS drops it when the process ends, however it ends) until it exits,
+    so that a second run into out_dir, or a resume while the run lives, stops here in one line that
+    names the holder, before anything is written. A collective under DDP: every rank calls it."""
+    problem = lock_out_dir(out_dir) if run.master else ''
+    taken = torch.tensor([float(bool(problem))], device=run.device)
+    if run.sum(taken, 'whether out_dir is free').item():
+        raise UserError(problem or f"out_dir={out_dir!r} is in use by another run")
+    clear_out_dir_or_refuse(out_dir, run, resuming, overwrite, sources)
+
+
+def lock_out_dir(out_dir):
+    """'' once this process holds out_dir's lock, else why it cannot (the holder, if it is known)."""
+    if os.path.realpath(out_dir) in held_locks:
+        return ''
+    path = os.path.join(out_dir, LOCK)
+    try:
+        if not os.path.exists(out_dir):  # made here: removed at exit if the run wrote nothing in it
+            os.makedirs(out_dir)
+            atexit.register(remove_if_unused, out_dir)
+        lock = open(path, 'a')
+    except OSError as e:
+        return f"out_dir={out_dir!r} cannot hold a run: {e.strerror} ({path})"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return (f"out_dir={out_dir!r} is in use by another run ({lock_holder(path)}, which holds "
+                f"{path}): wait for it to end, or choose another --out_dir")
+    held_locks[os.path.realpath(out_dir)] = lock
+    return ''
+
+
+def remove_if_unused(out_dir):
+    """At exit: an out_dir this run made and left with nothing but its lock goes (a run that stopped
+    on a mistake before writing anything leaves no trace)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) == [LOCK]:
+        os.remove(os.path.join(out_dir, LOCK))
+        os.rmdir(out_dir)
+
+
+def lock_holder(path):
+    """Who holds the flock on path, from /proc/locks (Linux): 'pid N on HOST', or as much as known."""
+    inode = os.stat(path).st_ino
+    try:
+        with open('/proc/locks') as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == 'FLOCK' and fields[5].endswith(f':{inode}'):
+                    return f"pid {fields[4]} on {socket.gethostname()}"
+    except OSError:
+        pass
+    return "a process this machine does not list: on another host, or its pid hidden"
 
 
 def clear_out_dir_or_refuse(out_dir, run, resuming, overwrite, sources):

@@ -24,6 +24,11 @@ from typing import Callable, NamedTuple
 from common import UserError, exit_with_error
 
 
+class Settings(dict):
+    """A script's settings, {key: value}; given: the keys a config file or --key=value set."""
+    given = frozenset()
+
+
 def config_keys(namespace):
     """The names a script's globals offer as config: plain values in lower case, not modules,
     functions or constants (EOT_TOKEN)."""
@@ -202,7 +207,7 @@ def settings_help(namespace):
 
 def configure(namespace, ranges=None, args=None, checks=()):
     """For a script's __main__: apply_overrides, then check_ranges and check_combinations; prints
-    what changed and returns the settings (config_keys), or prints the one-line error and exits;
+    what changed and returns the Settings, or prints the one-line error and exits;
     --help (or -h) prints settings_help and exits."""
     args = sys.argv[1:] if args is None else args
     if '--help' in args or '-h' in args:
@@ -217,4 +222,6 @@ def configure(namespace, ranges=None, args=None, checks=()):
     if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank speaks for all
         for key, value in applied.items():
             print(f"config: {key} = {value!r}")
-    return config_keys(namespace)
+    settings = Settings(config_keys(namespace))
+    settings.given = frozenset(applied)
+    return settings

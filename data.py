@@ -256,6 +256,15 @@ def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
                      cache_dir=hub_cache_dir, offline_hint=hint) for subset in subsets]
 
 
+def file_sha256(path, chunk=1 << 24):
+    """The sha256 of a file's bytes, read 16 MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all',
                 hub_cache_dir=None):
     """(identity, read) for a split of a source: identity is a JSON-able dict that changes whenever
@@ -279,9 +288,9 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
             raise UserError(f"{key}={path!r} is a directory: give the JSONL file itself")
         if not os.path.isfile(path):
             raise UserError(f"{key}={path!r} does not exist")
-        stat = os.stat(path)
-        return (dict(path=os.path.abspath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns),
-                lambda: read_pairs(path))
+        # the file's content, not its name, size and mtime: a file replaced by another of the same
+        # size with its mtime kept (cp -p, rsync -a) must not be read from the old one's cache
+        return dict(sha256=file_sha256(path)), lambda: read_pairs(path)
     if dataset == 'hh':
         subsets = (HH_SUBSETS if hh_subsets == 'all'
                    else tuple(s.strip() for s in hh_subsets.split(',')))

@@ -16,10 +16,12 @@ leave their files closed:
     run.sum, run.node_first, run.stop_unless_finite, run.full_tensor, run.exit_together:
                                   collectives over the ranks (on one process, the plain case)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
-    checkpoint.load, load_model, load_reference: ckpt.pt; a model by name or path; the reference
-    checkpoint.clear_out_dir_or_refuse: never write over another run, or over a model it reads
+    checkpoint.load, load_model, load_reference: ckpt.pt; a model (a directory holding a ckpt.pt
+                                  is that run's, else a GPT-2 name, hub id or directory); the ref.
+    checkpoint.claim_out_dir      lock out_dir while the run lives; never write over another run
+                                  (overwrite: remove it) or over a model the run reads
     checkpoint.save, restore      ckpt.pt, whole and atomic, with every rank's data position and RNG
-    checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb)
+    checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb); makes out_dir
 """
 
 import os
@@ -154,13 +156,16 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
 def main(config):
     run = parallel.start(device, dtype, seed)  # this process's device, dtype and rank
     # the models: the policy, and the frozen reference it is held close to
-    resuming = init_from == 'resume'
-    resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), script='dpo') if resuming else None
+    resuming, resumed = init_from == 'resume', None
+    if resuming:  # the run goes on with its own recipe: ckpt.pt's settings, but those given now
+        resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), 'dpo', config)
+        globals().update(resumed['recipe'])
+        config = {**config, **resumed['recipe']}
     policy_from = resumed['config']['init_from'] if resumed else init_from
     reference_from = ref_from or (resumed['config']['ref_from'] if resumed else init_from)
-    if not eval_only:  # a new run never writes over a run (unless overwrite) or a model it reads
-        checkpoint.clear_out_dir_or_refuse(out_dir, run, resuming, overwrite,
-                                           {'init_from': policy_from, 'ref_from': reference_from})
+    if not eval_only:  # one run at a time in out_dir, never over another run or a model it reads
+        checkpoint.claim_out_dir(out_dir, run, resuming, overwrite,
+                                 {'init_from': policy_from, 'ref_from': reference_from})
     # what the run started from, which a resume reads back (checkpoint.load insists on ref_from)
     config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
     # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)

@@ -95,12 +95,14 @@ CHECKS = [  # settings that do not go together, and why: configure() stops on th
 def main(config):
     run = parallel.start(device, dtype, seed)  # this process's device, dtype and rank
     # the model
-    resuming = init_from == 'resume'
-    resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), script='sft') if resuming else None
+    resuming, resumed = init_from == 'resume', None
+    if resuming:  # the run goes on with its own recipe: ckpt.pt's settings, but those given now
+        resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), 'sft', config)
+        globals().update(resumed['recipe'])
+        config = {**config, **resumed['recipe']}
     model_from = resumed['config']['init_from'] if resumed else init_from
-    if not eval_only:  # a new run never writes over a run (unless overwrite) or a model it reads
-        checkpoint.clear_out_dir_or_refuse(out_dir, run, resuming, overwrite,
-                                           {'init_from': model_from})
+    if not eval_only:  # one run at a time in out_dir, never over another run or a model it reads
+        checkpoint.claim_out_dir(out_dir, run, resuming, overwrite, {'init_from': model_from})
     config = {**config, 'init_from': model_from}  # what the run started from, for a resume
     if init_from == 'scratch':
         model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,

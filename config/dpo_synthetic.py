@@ -1,6 +1,6 @@
 # DPO on the embedded task, starting from (and against) the SFT model of config/sft_synthetic.py.
 #   python sft.py config/sft_synthetic.py && python dpo.py config/dpo_synthetic.py
-init_from = 'out-sft-synthetic'
+init_from = 'out-sft-synthetic'  # the SFT run above: a 7M-parameter GPT, block_size 64
 dataset = 'synthetic'
 max_length = 64
 max_prompt_length = 32

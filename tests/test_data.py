@@ -202,3 +202,19 @@ def test_hh_reads_the_dataset_repo_layout(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="could not get harmless-base/train.jsonl.gz of the dataset Anthropic/hh-rlhf"):
         load_dataset('hh', 'train', hh_subsets='harmless-base', cache_dir=str(tmp_path / 'cache'),
                      hub_cache_dir=str(tmp_path / 'hub'))
+
+
+def test_the_token_cache_follows_the_files_content_not_its_name_size_and_mtime(tmp_path):
+    """A file replaced by another of the same size with its mtime kept (cp -p, rsync -a) is read
+    anew: the cache is keyed by the content's sha256."""
+    path, cache = tmp_path / 'pairs.jsonl', str(tmp_path / 'cache')
+    write_jsonl(path, [{'prompt': ' Hello', 'chosen': ' AAAA 00.', 'rejected': ' no'}])
+    first = load_dataset('jsonl', 'train', data_path=str(path), cache_dir=cache)
+    stat = os.stat(path)
+    write_jsonl(path, [{'prompt': ' Hello', 'chosen': ' BBBB 00.', 'rejected': ' no'}])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime as before
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    second = load_dataset('jsonl', 'train', data_path=str(path), cache_dir=cache)
+    assert first.get('chosen', 0).tolist() == encode(' AAAA 00.') + [EOT_TOKEN]
+    assert second.get('chosen', 0).tolist() == encode(' BBBB 00.') + [EOT_TOKEN]
+    assert second.stats['cache'].startswith('wrote')

@@ -235,3 +235,50 @@ def test_a_checkpoint_of_an_older_layout_is_refused_in_one_line(tmp_path):
     from batches import PairLoader
     with pytest.raises(UserError, match="the checkpoint's data order is an older version's"):
         PairLoader(list(range(20)), 4, seed=3).load_state_dict({'epoch': 2, 'batch': 1})
+
+
+def test_a_resume_keeps_its_recipe(tmp_path):
+    """Settings given on a resume must agree with the saved run's, but for where, how long, how
+    often and in which layout it goes on; the settings not given come back from ckpt.pt."""
+    from configurator import Settings
+    path = str(tmp_path / 'ckpt.pt')
+    saved = dict(init_from='out-sft', ref_from='out-sft', beta=0.1, loss_type='sigmoid', seed=1337,
+                 max_length=512, max_iters=100, eval_interval=50, batch_size=8, device='auto')
+    checkpoint.write({'script': 'dpo', 'config': saved, 'iter_num': 50}, path)
+
+    def settings(**given):
+        s = Settings({**{k: 0 for k in saved}, **given})  # what is not given: the script's defaults
+        s.given = frozenset(given)
+        return s
+    with pytest.raises(UserError, match=r"^a resume keeps the run's recipe, and this one would change beta 0.1 "
+                                        r"-> 0.5, loss_type 'sigmoid' -> 'ipo', seed 1337 -> 7 \(saved in "
+                                        rf"{path} -> asked now\): drop these settings to resume, or start a new run"):
+        checkpoint.load(path, 'dpo', settings(init_from='resume', beta=0.5, loss_type='ipo', seed=7))
+    resumed = checkpoint.load(path, 'dpo', settings(init_from='resume', beta=0.1, max_iters=200,
+                                                    eval_interval=10, batch_size=4, device='cpu'))
+    assert resumed['recipe'] == dict(loss_type='sigmoid', seed=1337, max_length=512)  # not given: saved
+    with pytest.raises(UserError, match=r"is at iteration 50, already at max_iters=50: nothing to resume; "
+                                        r"give a larger --max_iters"):
+        checkpoint.load(path, 'dpo', settings(init_from='resume', max_iters=50))
+    checkpoint.load(path, 'dpo', settings(init_from='resume', max_iters=50, eval_only=True))  # evaluate it: fine
+
+
+def test_one_run_at_a_time_in_an_out_dir(tmp_path):
+    """A process that holds out_dir's lock (a run alive) keeps a second run, or a resume, out; the
+    OS drops the lock with the process, however it ends."""
+    out = tmp_path / 'out'
+    holder = subprocess.Popen([sys.executable, '-c', "import checkpoint, sys, time; "
+                               f"assert checkpoint.lock_out_dir({str(out)!r}) == ''; print('locked', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        run = parallel.Run()
+        for resuming in (False, True):
+            with pytest.raises(UserError, match=rf"^out_dir='{out}' is in use by another run \(pid {holder.pid} on "
+                                                rf"{socket.gethostname()}, which holds {out}/.lock\): wait for it"):
+                checkpoint.claim_out_dir(str(out), run, resuming, False, {'init_from': 'gpt2'})
+    finally:
+        holder.kill()
+        holder.wait()
+    checkpoint.claim_out_dir(str(out), parallel.Run(), False, False, {'init_from': 'gpt2'})  # its holder gone
+    assert os.listdir(out) == ['.lock']

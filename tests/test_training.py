@@ -7,6 +7,8 @@ import math
 import os
 import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,12 +322,21 @@ def test_fsdp_resume_is_exact_and_a_nan_stops_before_saving(sft_dir, tmp_path):
         assert torch.allclose(t, params(stopped)[name], rtol=0, atol=1e-7), name
     with open(os.path.join(stopped, 'ckpt.pt'), 'rb') as f:
         good = f.read()
+    # a resume keeps its recipe: a learning rate of 1e30 is refused, and ckpt.pt stays as it was
     result = run('dpo.py', *args[1:4], '--fsdp=True', '--init_from=resume', f'--out_dir={stopped}', '--max_iters=8',
                  '--eval_interval=1', '--learning_rate=1e30', '--grad_clip=0.0', launcher=TORCHRUN)
     assert result.returncode != 0
-    assert re.search(r"error: iteration \d+: the (held-out )?loss is (nan|inf); stopped", result.stderr)
+    assert "error: a resume keeps the run's recipe, and this one would change grad_clip 10.0 -> 0.0, " \
+           "learning_rate 0.001 -> 1e+30" in result.stderr
     with open(os.path.join(stopped, 'ckpt.pt'), 'rb') as f:
         assert f.read() == good
+    # a new run with it: the NaN stops it before the optimizer step and before any save
+    nan = str(tmp_path / 'nan')
+    result = run('dpo.py', *args[:4], '--fsdp=True', f'--out_dir={nan}', '--max_iters=8', '--eval_interval=1',
+                 '--learning_rate=1e30', '--grad_clip=0.0', launcher=TORCHRUN)
+    assert result.returncode != 0
+    assert re.search(r"error: iteration \d+: the (held-out )?loss is (nan|inf); stopped", result.stderr)
+    assert not os.path.exists(os.path.join(nan, 'ckpt.pt'))
 
 
 def test_fast_paths_train_like_the_simple_one(sft_dir, tmp_path):
@@ -351,10 +362,13 @@ def test_eval_only_writes_metrics_and_no_checkpoint(sft_dir, tmp_path):
 def test_nan_stops_before_saving(sft_dir, tmp_path):
     out = str(tmp_path / 'nan')
     ok(run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'))
+    # a run whose recipe blows up: a resume takes the learning rate and clipping from ckpt.pt
+    saved = checkpoint.load(os.path.join(out, 'ckpt.pt'))
+    saved['config'].update(learning_rate=1e30, warmup_iters=0, grad_clip=0.0)
+    checkpoint.write(dict(saved), os.path.join(out, 'ckpt.pt'))
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
         good = f.read()
-    result = run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=8', '--eval_interval=1',
-                 '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0.0')
+    result = run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=8', '--eval_interval=1')
     assert result.returncode != 0
     assert re.fullmatch(r"error: iteration \d+: the (held-out )?loss is (nan|inf); stopped, .*", result.stderr.strip())
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
@@ -383,3 +397,31 @@ def test_reference_of_another_shape_is_refused(sft_dir, tmp_path):
     result = run('dpo.py', f'--init_from={sft_dir}', f'--ref_from={other}', f'--out_dir={tmp_path / "never"}')
     assert result.returncode != 0
     assert result.stderr.strip().startswith(f"error: the reference ({other}) has the shape"), result.stderr[-2000:]
+
+
+def test_a_second_run_or_a_resume_while_a_run_lives_is_refused_with_its_holder(sft_dir, tmp_path):
+    """Two runs in one out_dir would interleave metrics.jsonl and leave whichever ckpt.pt saved last:
+    while a run lives (here stopped with SIGSTOP, its lock held), a new run and a resume into its
+    out_dir both stop with one line naming it, and leave its files byte for byte."""
+    out = str(tmp_path / 'alive')
+    cmd = [sys.executable, 'dpo.py', *COMMON, f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=100000',
+           '--eval_interval=2', '--learning_rate=1e-4']
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until it has saved once
+            if os.path.exists(os.path.join(out, 'ckpt.pt')):
+                break
+            time.sleep(0.2)
+        os.kill(first.pid, signal.SIGSTOP)  # alive, its lock held, its files still
+        time.sleep(1)  # a save under way finishes its rename first
+        before = {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)}
+        for extra in (['--overwrite=True'], ['--init_from=resume']):
+            result = run('dpo.py', f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=10', *extra)
+            assert result.returncode == 1
+            assert result.stderr.strip() == (f"error: out_dir='{out}' is in use by another run (pid {first.pid} on "
+                                             f"{socket.gethostname()}, which holds {out}/.lock): wait for it to end, "
+                                             "or choose another --out_dir")
+        assert {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)} == before
+    finally:
+        first.kill()
+        first.wait()
