@@ -36,3 +36,26 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     umask = os.umask(0)
     os.umask(umask)  # every file readable as the user's other files are (safetensors alone writes 0600)
     assert {oct(os.stat(tmp_path / 'hf' / name).st_mode & 0o777) for name in os.listdir(tmp_path / 'hf')} == {oct(0o666 & ~umask)}
+
+
+@pytest.mark.slow
+def test_an_export_never_mixes_with_what_was_there(tmp_path):
+    """Exporting into a directory that holds files (an older export with a tokenizer.json, after
+    which AutoTokenizer fails) is refused; with overwrite=True the new export replaces it whole."""
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    checkpoint.write({'model_args': asdict(ours.config), 'model': ours.state_dict()}, str(tmp_path / 'run' / 'ckpt.pt'))
+    hf = tmp_path / 'hf'
+    hf.mkdir()
+    (hf / 'tokenizer.json').write_text('{"stale": true}')
+    export = [sys.executable, 'tools/export.py', f'--init_from={tmp_path / "run"}', f'--to={hf}']
+    result = subprocess.run(export, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {hf} already exists and is not an empty directory: choose another "
+                                     "--to, or replace it whole with --overwrite=True")
+    assert os.listdir(hf) == ['tokenizer.json']
+    result = subprocess.run(export + ['--overwrite=True'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(hf)) == ['config.json', 'generation_config.json', 'merges.txt', 'model.safetensors',
+                                      'special_tokens_map.json', 'tokenizer_config.json', 'vocab.json']
+    assert sorted(os.listdir(tmp_path)) == ['hf', 'run']  # nothing staged or old left beside it

@@ -27,6 +27,7 @@ from model import EOT_TOKEN, save_pretrained
 # -----------------------------------------------------------------------------
 init_from = 'out-dpo'  # a run's out_dir (its ckpt.pt), or any model sample.py takes
 to = ''  # the directory to write; '' is init_from with '-hf' appended
+overwrite = False  # replace a directory already there, whole: no old file survives beside the new
 # -----------------------------------------------------------------------------
 
 
@@ -48,10 +49,31 @@ def save_tokenizer(save_dir, block_size):
 
 
 def main():
-    save_dir = to or init_from.rstrip('/') + '-hf'
+    save_dir = (to or init_from.rstrip('/') + '-hf').rstrip('/')
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        if not overwrite:
+            raise UserError(f"{save_dir} already exists and is not an empty directory: choose another "
+                            "--to, or replace it whole with --overwrite=True")
+        if os.path.realpath(save_dir) == os.path.realpath(init_from):
+            raise UserError(f"--to={save_dir} is the model being exported: choose another --to")
     model = load_model(init_from)
-    save_pretrained(model, save_dir)
-    save_tokenizer(save_dir, model.config.block_size)
+    # written whole into a directory of its own beside save_dir, then swapped in: a failure leaves the
+    # old export as it was, and no file of the old one survives beside the new
+    staging = f"{save_dir}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_pretrained(model, staging)
+        save_tokenizer(staging, model.config.block_size)
+        old = f"{save_dir}.{os.getpid()}.old"
+        if os.path.lexists(save_dir):
+            os.rename(save_dir, old)
+        os.rename(staging, save_dir)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        elif os.path.lexists(old):  # a file where the directory was to go
+            os.remove(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {save_dir}: {', '.join(sorted(os.listdir(save_dir)))}")
 
 
