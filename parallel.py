@@ -16,7 +16,6 @@ run saved under one layout resumes under another. A reader of the training story
 import json
 import os
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
