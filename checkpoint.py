@@ -1,8 +1,8 @@
 """
-What a run keeps in its out_dir, and how it resumes: ckpt.pt (the weights, the optimizer, the place
-in the data and every rank's random stream; written atomically, whole tensors whatever the layout),
-metrics.jsonl and eval.json; the models a run starts from; the guard that keeps a new run from
-writing over an old one. A reader of the training story can leave this file closed.
+What a run keeps in its out_dir, and how it resumes: ckpt.pt written atomically (the scripts build
+its dict: the weights, the optimizer, the place in the data and every rank's random stream), read
+back with its recipe checked and restored; metrics.jsonl and eval.json; the guard that keeps a new
+run from writing over an old one. A reader of the training story can leave this file closed.
 """
 
 import atexit
@@ -15,14 +15,12 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import asdict
 
 import torch
 
 import parallel
 from common import UserError, atomic_open, first_line
-from configurator import read_config_file
-from model import GPT, GPTConfig, from_pretrained
+from model import read_checkpoint
 
 
 def write(checkpoint, path):
@@ -43,25 +41,6 @@ def write(checkpoint, path):
         raise UserError(f"could not write {path}: {reason}; the checkpoint there before is kept") from None
 
 
-def save(path, run, model, optimizer, loader, **entries):
-    """ckpt.pt for a resume: the model's and the optimizer's state with whole tensors (under FSDP
-    gathered from the shards), every rank's place in the data and random stream, and entries (the
-    iteration, the config, ...). A collective under DDP: every rank calls it; rank 0 writes it."""
-    rng, data = rng_states(run), loader_state(loader, run)
-    model_state, optimizer_state = parallel.full_state(model, optimizer, run.master)
-    if run.master:
-        write(dict(model=model_state, model_args=asdict(model.config), optimizer=optimizer_state,
-                   loader=data, rng=rng, **entries), path)
-
-
-def weights_sha256(model):
-    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
-    digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # On a resume, the settings not given on the command line come back from ckpt.pt: the run goes on
 # with its own recipe. Given ones must agree with it, but for these: where and how the run goes on
 # (never taken from ckpt.pt) ...
@@ -78,12 +57,7 @@ def load(path, script=None, config=None):
     about to resume it, which must be the one that wrote it, with all that a resume needs. config:
     the resuming run's Settings; those it gives must keep the saved recipe (above), and the
     checkpoint's 'recipe' is then the saved settings it does not give, for the script to take."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    checkpoint = read_checkpoint(path)
     if script is None:
         return checkpoint
     older = (f"{path} cannot be resumed: it is a checkpoint of an older version (or not of this "
@@ -115,70 +89,6 @@ def load(path, script=None, config=None):
                         f"{checkpoint.get('iter_num', 0)}, already at max_iters={max_iters}: nothing to "
                         "resume; give a larger --max_iters")
     return checkpoint
-
-
-def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None,
-               max_length=None):
-    """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
-    already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
-    else goes to model.from_pretrained (a GPT-2 name, a hub id or a hub-layout directory).
-    max_length: the data's longest sequence, which must fit the model's block_size."""
-    if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
-        path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
-        checkpoint = checkpoint or load(path)  # to the CPU: only the weights go on to the device
-        if 'model_args' not in checkpoint or 'model' not in checkpoint:
-            raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
-                            "this project")
-        try:
-            model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{path}: its model_args do not make a model: {e}") from None
-        try:
-            model.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
-    else:
-        try:
-            model = from_pretrained(init_from, dropout=dropout)
-        except UserError as e:
-            raise UserError(f"{e}{missing_run_hint(init_from)}") from None
-    if max_length is not None and max_length > model.config.block_size:
-        raise UserError(f"max_length={max_length} is longer than the model's block_size "
-                        f"{model.config.block_size}")
-    return model.to(device)
-
-
-def load_reference(source, policy, device, resumed=None):
-    """The frozen reference (eval mode, no gradients) and the sha256 of its weights. It must have
-    the policy's shape, and a resumed run must find the very weights it started against."""
-    ref = load_model(source, device=device).eval().requires_grad_(False)
-    if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
-        raise UserError(f"the reference ({source}) has the shape {asdict(ref.config)}, but the policy "
-                        f"has {asdict(policy.config)}")
-    sha256 = weights_sha256(ref)
-    if resumed and resumed.get('ref_sha256', sha256) != sha256:
-        raise UserError(f"the reference {source} is not the model this run trained against: its "
-                        "weights changed since the run started (sha256 differs); resume with the same "
-                        "reference")
-    return ref, sha256
-
-
-def missing_run_hint(name):
-    """For a model source that does not exist: the config in config/ whose out_dir it is, as the
-    command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
-    if os.path.exists(name):
-        return ''
-    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py')
-    for path in sorted(glob.glob(configs)):
-        try:
-            out = read_config_file(path).get('out_dir')
-        except UserError:
-            continue
-        if out == name.rstrip('/'):
-            script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
-            name = os.path.basename(path)
-            return f"; it is the out_dir of config/{name}: run python {script} config/{name} first"
-    return ''
 
 
 LOCK = '.lock'  # out_dir's lock file: empty, flock'ed by the run that owns out_dir while it lives
@@ -270,36 +180,8 @@ def restore(checkpoint, optimizer, scaler, loader, run):
     scaler.load_state_dict(checkpoint['scaler'])
     loader.load_state_dict(checkpoint['loader'])
     if run.rank < len(checkpoint['rng']):  # a rank the saved run did not have keeps seed + rank
-        set_rng_states(checkpoint['rng'][run.rank])
+        run.set_rng_states(checkpoint['rng'][run.rank])
     return checkpoint['iter_num']
-
-
-def rng_states(run):
-    """Every rank's RNG states, rank 0's first, so that each rank of a resumed run continues its own
-    random stream (dropout). Under DDP a collective: every rank calls it."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    mine = {'torch': torch.get_rng_state(), 'cuda': cuda}
-    if not run.ddp:
-        return [mine]
-    flat = torch.cat([mine['torch'], *mine['cuda']])
-    table = run.every_rank(flat, 'the RNG states').to(torch.uint8)
-    sizes = [mine['torch'].numel()] + [t.numel() for t in mine['cuda']]
-    return [{'torch': parts[0].clone(), 'cuda': [p.clone() for p in parts[1:]]} for parts in
-            (row.split(sizes) for row in table)]
-
-
-def loader_state(loader, run):
-    """The PairLoader's state with every rank's own place, [epoch, micro-batches taken] a rank: the
-    same on every rank, but for online DPO, whose ranks draw prompts as their samples need. Under DDP
-    a collective: every rank calls it."""
-    ranks = run.every_rank(torch.tensor([loader.epoch, loader.taken]), 'the data positions')
-    return {**loader.state_dict(), 'ranks': ranks.tolist()}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states['torch'])
-    if states['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
 
 
 def write_json(path, obj):

@@ -13,6 +13,7 @@ stops the run with one sentence naming the key or the file and line, before any 
 
 import ast
 import difflib
+import glob
 import inspect
 import io
 import os
@@ -225,3 +226,21 @@ def configure(namespace, ranges=None, args=None, checks=()):
     settings = Settings(config_keys(namespace))
     settings.given = frozenset(applied)
     return settings
+
+
+def missing_run_hint(name):
+    """For a model source that does not exist: the config in config/ whose out_dir it is, as the
+    command that makes it (dpo.py config/hh.py starts from out-sft-hh, which sft.py makes)."""
+    if os.path.exists(name):
+        return ''
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', '*.py')
+    for path in sorted(glob.glob(configs)):
+        try:
+            out = read_config_file(path).get('out_dir')
+        except UserError:
+            continue
+        if out == name.rstrip('/'):
+            script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
+            name = os.path.basename(path)
+            return f"; it is the out_dir of config/{name}: run python {script} config/{name} first"
+    return ''

@@ -1,7 +1,7 @@
 """
 Preference data: the GPT-2 tokenizer, the sources (Anthropic HH-RLHF, a local JSONL file, the
-embedded synthetic task), tokenization with truncation, and the on-disk token cache. The batches
-made from it are in batches.py.
+embedded synthetic task with its true reward), tokenization with truncation, the on-disk token
+cache, and PairLoader: which pairs each step takes. losses.py makes the rows of a batch from them.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
     python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves
@@ -22,6 +22,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
+import re
 import sys
 from collections import Counter
 
@@ -128,6 +130,104 @@ def decode(tokens):
 def response_text(tokens):
     """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
     return decode([t for t in tokens if t != EOT_TOKEN])
+
+
+# -------------------------------------------------------------------- the synthetic task
+# The embedded preference task: short movie reviews with a known true reward, in the spirit of the
+# DPO paper's IMDb experiment (there a sentiment classifier scores samples; here a function does).
+#
+#     Human: Write a positive review of The Silent Harbor that covers the acting and the music.
+#
+#     Assistant: The acting was superb. I found the music dull.
+#
+# A review is a few sentences, each about one aspect with one adjective. true_reward() scores any
+# text, a model's own samples included, in [-1, 1]:
+#
+#     0.5 * coverage        share of the requested aspects that some sentence covers
+#   + 0.5 * sentiment       mean over sentences of +1 (positive adjective), 0 (neutral), -1 (negative)
+#   - 0.25 * off_topic      share of sentences about an aspect that was not requested, or repeated
+#     and -1 for anything that is not such sentences (an empty or malformed response)
+#
+# The demonstrations come from a careless writer who covers the requested aspects only part of the
+# time and picks adjectives of any sentiment. Their mean true reward is about 0.27, that of the chosen
+# responses (what supervised fine-tuning imitates) about 0.49, and only 9% of those reach the best
+# score, 1.0: SFT learns the format, and the preference is left for DPO to learn. Each pair is two such
+# responses to one prompt, labelled by the true reward, as the paper labels its IMDb pairs.
+
+TASK_VERSION = 1  # change when the data or the reward changes: it is part of the token cache key
+
+ASPECTS = ['acting', 'plot', 'music', 'camera work', 'ending', 'dialogue', 'pacing', 'set design']
+POSITIVE = ['superb', 'moving', 'brilliant', 'clever', 'gripping', 'charming', 'stunning', 'delightful']
+NEUTRAL = ['long', 'loud', 'quiet', 'simple', 'familiar', 'unusual', 'short', 'modern']
+NEGATIVE = ['dull', 'clumsy', 'boring', 'weak', 'messy', 'bland', 'tedious', 'awful']
+SENTIMENT = {**{w: 1 for w in POSITIVE}, **{w: 0 for w in NEUTRAL}, **{w: -1 for w in NEGATIVE}}
+TITLE_ADJECTIVES = ['Silent', 'Last', 'Golden', 'Broken', 'Hidden', 'Burning', 'Distant', 'Frozen',
+                    'Crimson', 'Endless', 'Hollow', 'Wandering']
+TITLE_NOUNS = ['Harbor', 'Garden', 'Kingdom', 'Letter', 'River', 'Summer', 'Mirror', 'Station',
+               'Lantern', 'Orchard', 'Voyage', 'Tower']
+
+SENTENCE_TEMPLATES = ['The {aspect} was {adj}.', 'I found the {aspect} {adj}.']
+SENTENCE = re.compile(r'(?:The (?P<a1>[a-z ]+?) was|I found the (?P<a2>[a-z ]+?)) (?P<adj>[a-z]+)\.')
+REQUEST = re.compile(r'covers the ([a-z ]+?) and the ([a-z ]+?)\.|covers the ([a-z ]+?)\.')
+
+
+def make_prompt(rng):
+    title = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
+    aspects = rng.sample(ASPECTS, rng.choice([1, 2]))
+    covers = ' and the '.join(aspects)
+    return f"\n\nHuman: Write a positive review of {title} that covers the {covers}.\n\nAssistant:"
+
+
+def requested_aspects(prompt):
+    match = REQUEST.search(prompt)
+    return {a for a in match.groups() if a} if match else set()
+
+
+def demonstration(prompt, rng):
+    """A careless writer's response: requested aspects 70% of the time, any sentiment."""
+    requested = sorted(requested_aspects(prompt))
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        aspect = rng.choice(requested) if rng.random() < 0.7 else rng.choice(ASPECTS)
+        adjective = rng.choice([POSITIVE, NEUTRAL, NEGATIVE][rng.randrange(3)])
+        sentences.append(rng.choice(SENTENCE_TEMPLATES).format(aspect=aspect, adj=adjective))
+    return ' ' + ' '.join(sentences)  # responses start with a space, as HH's do after "Assistant:"
+
+
+def true_reward(prompt, response):
+    """The task's ground truth for any response text (no <|endoftext|>): a float in [-1, 1]."""
+    requested = requested_aspects(prompt)
+    sentences = list(SENTENCE.finditer(response))
+    leftover = SENTENCE.sub('', response)
+    if not sentences or leftover.strip() or not requested:
+        return -1.0  # empty, or not made of the task's sentences
+    covered, off_topic, sentiment = set(), 0, 0
+    for s in sentences:
+        aspect, adjective = s['a1'] or s['a2'], s['adj']
+        if adjective not in SENTIMENT:
+            return -1.0
+        sentiment += SENTIMENT[adjective]
+        if aspect in requested and aspect not in covered:
+            covered.add(aspect)
+        else:
+            off_topic += 1
+    n = len(sentences)
+    return 0.5 * len(covered) / len(requested) + 0.5 * sentiment / n - 0.25 * off_topic / n
+
+
+def synthetic_pairs(n_pairs, seed):
+    """n_pairs of {'prompt', 'chosen', 'rejected'}, the same for the same seed: two demonstrations
+    for one prompt, the one with the higher true reward chosen (ties are drawn again)."""
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n_pairs:
+        prompt = make_prompt(rng)
+        a, b = demonstration(prompt, rng), demonstration(prompt, rng)
+        ra, rb = true_reward(prompt, a), true_reward(prompt, b)
+        if ra != rb:
+            chosen, rejected = (a, b) if ra > rb else (b, a)
+            pairs.append({'prompt': prompt, 'chosen': chosen, 'rejected': rejected})
+    return pairs
 
 
 # -------------------------------------------------------------------- sources
@@ -270,7 +370,6 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
     """(identity, read) for a split of a source: identity is a JSON-able dict that changes whenever
     the data does (it keys the token cache); read() returns (pairs, dropped)."""
     if dataset == 'synthetic':
-        from synthetic import TASK_VERSION, synthetic_pairs
         n_pairs, seed = SYNTHETIC[split]
         def read():
             pairs = synthetic_pairs(n_pairs, seed)
@@ -506,6 +605,87 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
                         "(prompt/completion/label): only loss_type='kto' trains on them; "
                         "this needs pairs (prompt/chosen/rejected)")
     return data
+
+
+# -------------------------------------------------------------------- the order of the pairs
+
+class PairLoader:
+    """The pairs of this rank's next micro-batch, micro-batch after micro-batch, epoch after epoch.
+
+    An epoch's order depends only on (seed, epoch), batch_size and the pairs a step takes, never on
+    how a step is split between ranks and micro-steps, so a run resumes on another layout. The order
+    is padded (its first pairs repeated) to whole steps, so that every micro-batch is full; even=False
+    leaves the repeats out (evaluation). group_by_length: micro-batches of pairs of similar length
+    (less padding), shuffled, so a step holds any. state_dict() continues at the next micro-batch.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, accumulation=1,
+                 shuffle=True, group_by_length=False, even=True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.accumulation, self.shuffle, self.even = accumulation, shuffle, even
+        self.group_by_length = group_by_length
+        self.pairs_per_step = batch_size * world_size * accumulation
+        self.epoch, self.taken, self._batches = 0, 0, None  # taken: this rank's, this epoch
+
+    def epoch_batches(self, epoch):
+        """This rank's micro-batches of one epoch: a list of arrays of pair indices."""
+        n, S = len(self.lengths), self.pairs_per_step
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.even:
+            order = np.resize(order, n + (-n) % S)  # the first pairs repeated up to whole steps
+        if self.group_by_length:
+            window = S * 64
+            order = np.concatenate([w[np.argsort(-self.lengths[w], kind='stable')]
+                                    for w in np.split(order, range(window, len(order), window))])
+        slots = np.split(order, range(self.batch_size, len(order), self.batch_size))
+        if self.group_by_length and self.shuffle:
+            slots = [slots[i] for i in rng.permutation(len(slots))]
+        return slots[self.rank::self.world_size]  # slot t * world_size + rank: its micro-step t
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = self.epoch_batches(self.epoch)
+        if self.taken == len(self._batches):
+            self.epoch, self.taken = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        self.taken += 1
+        return self._batches[self.taken - 1]
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'pairs': self.taken * self.batch_size * self.world_size,
+                'pairs_per_step': self.pairs_per_step, 'batch_size': self.batch_size}
+
+    def position(self):
+        """This rank's own place, [epoch, micro-batches taken]: the same on every rank, but for
+        online DPO, whose ranks draw prompts as their samples need (saved as state 'ranks')."""
+        return [self.epoch, self.taken]
+
+    def load_state_dict(self, state):
+        if 'pairs' not in state:
+            raise UserError("the checkpoint's data order is an older version's, which this one cannot "
+                            "continue exactly: start a new run from its weights instead")
+        if (state['pairs_per_step'], state['batch_size']) != (self.pairs_per_step, self.batch_size):
+            accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * self.world_size)
+            here = ('' if rest or not accumulation else
+                    f" (here: --batch_size={state['batch_size']} "
+                    f"--gradient_accumulation_steps={accumulation})")
+            raise UserError(
+                f"the run took {state['pairs_per_step']} pairs a step in micro-batches of "
+                f"{state['batch_size']}, this one would take {self.pairs_per_step} in micro-batches "
+                f"of {self.batch_size} (batch_size x gradient_accumulation_steps {self.accumulation} "
+                f"x {self.world_size} rank(s)): the order of the pairs depends on both, so keep them "
+                f"when you resume{here}")
+        self.epoch, self._batches = state['epoch'], None
+        self.taken = state['pairs'] // (self.batch_size * self.world_size)
+        # on the same layout each rank goes on where it stopped (its position()): online
+        # DPO's ranks draw as many batches as their samples need
+        if len(state.get('ranks', [])) == self.world_size:
+            self.epoch, self.taken = state['ranks'][self.rank]
 
 
 # -------------------------------------------------------------------- python data.py

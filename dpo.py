@@ -8,36 +8,36 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/online_synthetic.py  # online DPO: pairs sampled from the policy, judged
 
 Read it top to bottom: the settings, what they may be, the losses of a batch, then main(): the
-models, the data, and the loop. What it calls in model.py, data.py, batches.py and losses.py is the
-story too. The guard rails it calls do what their names and these lines say, so a first read can
-leave their files closed:
+models, the data, and the loop. What it calls in model.py, data.py and losses.py is the story too.
+The guard rails it calls do what their names and these lines say, so a first read can leave their
+files (parallel.py, checkpoint.py, common.py) closed:
     configure(globals(), ...)     the command line's overrides, checked (RANGES, CHECKS)
     parallel.start() -> run       device, dtype (run.autocast), seed, rank (run.ddp, run.master)
-    run.sum, run.node_first, run.stop_unless_finite, run.full_tensor, run.exit_together:
-                                  collectives over the ranks (on one process, the plain case)
+    run.sum, run.node_first, run.stop_unless_finite, run.full_tensor, run.full_state, run.gather,
+    run.rng_states, run.exit_together: collectives over the ranks (one process: the plain case)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
-    checkpoint.load, load_model, load_reference: ckpt.pt; a model (a directory holding a ckpt.pt
-                                  is that run's, else a GPT-2 name, hub id or directory); the ref.
     checkpoint.claim_out_dir      lock out_dir while the run lives; never write over another run
                                   (overwrite: remove it) or over a model the run reads
-    checkpoint.save, restore      ckpt.pt, whole and atomic, with every rank's data position and RNG
+    checkpoint.load, restore      a resume: ckpt.pt read (its recipe checked), and put back
+    checkpoint.write              ckpt.pt written atomically: a failed write keeps the old file
     checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb); makes out_dir
 """
 
 import os
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 import checkpoint
 import parallel
-from batches import PairLoader, dpo_batch, kto_batch
 from common import one_line_errors
 from configurator import configure
-from data import load_dataset
-from losses import METRICS, dpo_step, held_out_means, kto_step, means, reference_logps
-from model import get_lr
+from data import PairLoader, load_dataset
+from losses import (METRICS, dpo_batch, dpo_step, held_out_means, kto_batch, kto_step, means,
+                    reference_logps)
+from model import get_lr, load_model, load_reference
 from online import load_judge, sample_pairs  # (not `import online`: a setting has that name)
 
 # -----------------------------------------------------------------------------
@@ -169,15 +169,18 @@ def main(config):
     # what the run started from, which a resume reads back (checkpoint.load insists on ref_from)
     config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
     # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)
-    policy = checkpoint.load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
-    ref, ref_sha256 = checkpoint.load_reference(reference_from, policy, run.device, resumed)
-    # the data: tokenized once into the token cache, by one process a node
+    policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
+    ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
+    # the data: tokenized once into the token cache, by one process a node; the loader gives this
+    # rank's pairs (kto: rows) of each micro-step, in an order that depends only on the seed
     kto = loss_type == 'kto'
     with run.node_first():
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,
                                   max_prompt_length, hh_subsets, rows=kto)
         eval_data = load_dataset(dataset, 'test', data_path, eval_data_path, max_length,
                                  max_prompt_length, hh_subsets, rows=kto)
+    loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
+                        gradient_accumulation_steps, group_by_length=group_by_length)
     judge_scores = load_judge(judge, run.device, run.autocast) if online else None
     # under torchrun: DDP or FSDP (sharded in place); compiled if asked. raw_policy: stepped, saved
     raw_policy, policy = policy, parallel.distribute(policy, run, fsdp, compile)
@@ -191,8 +194,6 @@ def main(config):
             reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)
             for data in (train_data, eval_data))
         ref = None
-    loader = PairLoader(train_data.pair_lengths(), batch_size, seed, run.rank, run.world_size,
-                        gradient_accumulation_steps, group_by_length=group_by_length)
     # after distribute: under FSDP the optimizer holds this rank's shards of the weights and moments
     optimizer = raw_policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2),
                                                 run.device_type)
@@ -227,13 +228,18 @@ def main(config):
                 break
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
-            if iter_num > start_iter:
-                path = os.path.join(out_dir, 'ckpt.pt')
-                # ckpt.pt: the model's and the optimizer's state dicts (whole tensors), model_args,
-                # the loader's place and every rank's RNG state (save() gathers these), and:
-                checkpoint.save(path, run, raw_policy, optimizer, loader, script='dpo',
-                                scaler=scaler.state_dict(), iter_num=iter_num, config=config,
-                                ref_sha256=ref_sha256)
+            if iter_num > start_iter:  # ckpt.pt: all that a resume needs to go on exactly
+                # whole tensors (under FSDP gathered from the shards), and every rank's place in
+                # the data and its random stream: collectives, so every rank builds it
+                model_state, optimizer_state = run.full_state(raw_policy, optimizer)
+                ckpt = {'script': 'dpo', 'model': model_state,
+                        'model_args': asdict(raw_policy.config), 'optimizer': optimizer_state,
+                        'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
+                        'ref_sha256': ref_sha256,  # a resume must find the same reference
+                        'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
+                        'rng': run.rng_states()}
+                if run.master:  # written whole or not at all: a failed write keeps the old file
+                    checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
         lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

@@ -5,28 +5,33 @@ helpers (AdamW's groups, FLOPs, the learning-rate schedule get_lr). A reader who
 of that first section has all of GPT-2's math. Three calls in it lead to a later section, each
 doing what its plain form beside it does, only faster or leaner (and tested against it); the
 sections, after the first:
+- the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
+  frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
   draw).
 
 Datasets, losses and distributed training are in other files; of the project's own modules this
-one imports only common.py (UserError, atomic_open, hub_file).
+one imports only common.py (UserError, atomic_open, hub_file) and, for the hint on a run that does
+not exist yet, configurator.py.
 References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.
 """
 
+import hashlib
 import json
 import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from common import UserError, atomic_open, hub_file
+from configurator import missing_run_hint
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every document, and every response here
 
@@ -376,6 +381,73 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = logits.softmax(dim=-1)  # (B, V)
     # torch.multinomial(probs, 1)'s draw, faster (last section)
     return inverse_cdf_draw(probs, generator)
+
+
+# ---------------------------------------------------------------- the models a script starts from
+
+def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None,
+               max_length=None):
+    """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
+    already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
+    else goes to from_pretrained, below (a GPT-2 name, a hub id or a hub-layout directory).
+    max_length: the data's longest sequence, which must fit the model's block_size."""
+    if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
+        checkpoint = checkpoint or read_checkpoint(path)  # on the CPU: the weights go to device
+        if 'model_args' not in checkpoint or 'model' not in checkpoint:
+            raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
+                            "this project")
+        try:
+            model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+        try:
+            model.load_state_dict(checkpoint['model'])
+        except RuntimeError as e:
+            raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+    else:
+        try:
+            model = from_pretrained(init_from, dropout=dropout)
+        except UserError as e:
+            raise UserError(f"{e}{missing_run_hint(init_from)}") from None
+    if max_length is not None and max_length > model.config.block_size:
+        raise UserError(f"max_length={max_length} is longer than the model's block_size "
+                        f"{model.config.block_size}")
+    return model.to(device)
+
+
+def load_reference(source, policy, device, resumed=None):
+    """The frozen reference (eval mode, no gradients) and the sha256 of its weights. It must have
+    the policy's shape, and a resumed run must find the very weights it started against."""
+    ref = load_model(source, device=device).eval().requires_grad_(False)
+    if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
+        raise UserError(f"the reference ({source}) has the shape {asdict(ref.config)}, but the policy "
+                        f"has {asdict(policy.config)}")
+    sha256 = weights_sha256(ref)
+    if resumed and resumed.get('ref_sha256', sha256) != sha256:
+        raise UserError(f"the reference {source} is not the model this run trained against: its "
+                        "weights changed since the run started (sha256 differs); resume with the same "
+                        "reference")
+    return ref, sha256
+
+
+def read_checkpoint(path):
+    """A ckpt.pt's dict, as torch.save wrote it: only tensors and plain values are unpickled, and
+    the tensors are memory-mapped (a node's ranks share the pages)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+
+
+def weights_sha256(model):
+    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- loading and saving the hub layout

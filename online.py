@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
 from common import UserError
-from data import PairData, decode, response_text
+from data import PairData, decode, response_text, true_reward
 from losses import sequence_logps, totals
+from model import load_model, read_checkpoint
 
 
 @torch.no_grad()
@@ -54,7 +54,6 @@ def sample_responses(model, prompt_ids, n, generator=None, ctx=nullcontext(), ro
 # -------------------------------------------------------------------- judges
 
 def true_reward_judge(prompt_texts, response_texts, prompt_ids, response_ids):
-    from synthetic import true_reward
     return np.array([true_reward(p, r) for p, r in zip(prompt_texts, response_texts)])
 
 
@@ -89,14 +88,14 @@ def implicit_reward_judge(run_dir, device, autocast=nullcontext(), per_token=Fal
     path = os.path.join(run_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         raise UserError(f"judge={spec!r}: no DPO run there (no {path})")
-    run = checkpoint.load(path)
+    run = read_checkpoint(path)
     config = run.get('config', {})
     if run.get('script') != 'dpo' or config.get('loss_type') == 'simpo' or not config.get('ref_from'):
         raise UserError(f"judge={spec!r}: {path} is not a DPO run with a reference (written by "
                          f"{run.get('script', 'an older version')}.py, loss_type {config.get('loss_type')}); "
                          "the implicit reward is the log-ratio of a DPO policy to its reference")
-    policy = checkpoint.load_model(run_dir, device=device, checkpoint=run).eval()
-    ref = checkpoint.load_model(config['ref_from'], device=device).eval()
+    policy = load_model(run_dir, device=device, checkpoint=run).eval()
+    ref = load_model(config['ref_from'], device=device).eval()
     beta = config['beta']
 
     def judge(prompt_texts, response_texts, prompt_ids, response_ids):

@@ -189,6 +189,35 @@ class Run:
         table[self.rank] = flat.to(self.device, torch.int32)
         return self.sum(table, what).cpu()
 
+    def rng_states(self):
+        """Every rank's RNG states, rank 0's first, so that each rank of a resumed run continues its
+        own random stream (dropout). Under DDP a collective: every rank calls it."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        mine = {'torch': torch.get_rng_state(), 'cuda': cuda}
+        if not self.ddp:
+            return [mine]
+        flat = torch.cat([mine['torch'], *mine['cuda']])
+        table = self.every_rank(flat, 'the RNG states').to(torch.uint8)
+        sizes = [mine['torch'].numel()] + [t.numel() for t in mine['cuda']]
+        return [{'torch': parts[0].clone(), 'cuda': [p.clone() for p in parts[1:]]} for parts in
+                (row.split(sizes) for row in table)]
+
+    def set_rng_states(self, states):
+        """This rank's RNG states back, as rng_states() saved them."""
+        torch.set_rng_state(states['torch'])
+        if states['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states['cuda'])
+
+    def gather(self, values, what='the data positions'):
+        """Every rank's list of integers values (the same length on every rank), rank 0's first.
+        Under DDP a collective: every rank calls it."""
+        return self.every_rank(torch.tensor(values), what).tolist()
+
+    def full_state(self, model, optimizer):
+        """The model's and the optimizer's state dicts with whole tensors (under FSDP gathered from
+        the shards: a collective) on the master, which saves them; (None, None) on the others."""
+        return full_state(model, optimizer, self.master)
+
     def full_tensor(self, t):
         """t as a whole: under FSDP a shard (DTensor) gathered from every rank (a collective)."""
         return t.full_tensor() if isinstance(t, DTensor) else t

@@ -12,12 +12,11 @@ import time
 
 import torch
 
-from checkpoint import load_model
 from common import UserError, one_line_errors
 from configurator import configure
 from data import encode, response_text
 from losses import sequence_logps
-from model import EOT_TOKEN
+from model import EOT_TOKEN, load_model
 from parallel import DTYPES, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------

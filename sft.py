@@ -11,17 +11,17 @@ parallel.py are the guard rails beside it.
 
 import os
 import time
+from dataclasses import asdict
 
 import torch
 
 import checkpoint
 import parallel
-from batches import PairLoader, sft_batch
 from common import one_line_errors
 from configurator import configure
-from data import load_dataset
-from losses import METRICS, held_out_means, means, sft_step
-from model import GPT, GPTConfig, get_lr
+from data import PairLoader, load_dataset
+from losses import METRICS, held_out_means, means, sft_batch, sft_step
+from model import GPT, GPTConfig, get_lr, load_model
 
 # -----------------------------------------------------------------------------
 # the model
@@ -108,7 +108,7 @@ def main(config):
         model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                               dropout=dropout)).to(run.device)
     else:  # a wrong init_from stops here, before any data is read
-        model = checkpoint.load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
+        model = load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
     # the data: tokenized once into the token cache, by one process a node
     with run.node_first():
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,
@@ -150,12 +150,17 @@ def main(config):
                 break
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
-            if iter_num > start_iter:
-                path = os.path.join(out_dir, 'ckpt.pt')
-                # ckpt.pt: the model's and the optimizer's state dicts (whole tensors), model_args,
-                # the loader's place and every rank's RNG state (save() gathers these), and:
-                checkpoint.save(path, run, raw_model, optimizer, loader, script='sft',
-                                scaler=scaler.state_dict(), iter_num=iter_num, config=config)
+            if iter_num > start_iter:  # ckpt.pt: all that a resume needs to go on exactly
+                # whole tensors (under FSDP gathered from the shards), and every rank's place in
+                # the data and its random stream: collectives, so every rank builds it
+                model_state, optimizer_state = run.full_state(raw_model, optimizer)
+                ckpt = {'script': 'sft', 'model': model_state,
+                        'model_args': asdict(raw_model.config), 'optimizer': optimizer_state,
+                        'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
+                        'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
+                        'rng': run.rng_states()}
+                if run.master:  # written whole or not at all: a failed write keeps the old file
+                    checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
         if iter_num >= max_iters:
             break
         lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

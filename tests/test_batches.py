@@ -1,4 +1,4 @@
-"""batches.py: rows by hand (padded, packed, a pair sharing its prompt), log-prob sums against a
+"""The rows of a batch (losses.py) and the order of the pairs (data.py): rows by hand (padded, packed, a pair sharing its prompt), log-prob sums against a
 token-by-token loop, padding fractions, and the loader's order, shards and exact resume."""
 
 import json
@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from common import UserError
-import batches
+import losses
 import bench
-from batches import PairLoader
+from data import PairLoader
 from data import EOT_TOKEN, PairData, encode, load_dataset, tokenize_pairs
 from test_data import write_jsonl
 
 
 def test_rows_and_targets_by_hand():
     p = np.array([5, 6, 7])
-    batch = batches.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
+    batch = losses.pad_rows([(p, np.array([8, 9, EOT_TOKEN])), (p[:1], np.array([4, EOT_TOKEN]))])
     assert batch.idx.tolist() == [[5, 6, 7, 8, 9], [5, 4, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, -1, 8, 9, EOT_TOKEN], [4, EOT_TOKEN, -1, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 0, 0], [1, 1, -1, -1, -1]]
@@ -29,8 +29,8 @@ def test_packed_rows_by_hand():
     """Sequences of 4, 2, 3 and 1 tokens in rows of 4 (the longest), first-fit decreasing: [0], [2, 3], [1]."""
     rows = [(np.array([1, 2]), np.array([3, 4, 5])), (np.array([6]), np.array([7, 8])),
             (np.array([9, 10]), np.array([11, 12])), (np.array([13]), np.array([14]))]
-    assert batches.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
-    batch = batches.pack_sequences(rows)
+    assert losses.pack_bins([4, 2, 3, 1]) == [[0], [2, 3], [1]]
+    batch = losses.pack_sequences(rows)
     assert batch.idx.tolist() == [[1, 2, 3, 4], [9, 10, 11, 13], [6, 7, EOT_TOKEN, EOT_TOKEN]]
     assert batch.targets.tolist() == [[-1, 3, 4, 5], [-1, 11, 12, 14], [7, 8, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 0], [2, 2, 2, 3], [1, 1, -1, -1]]
@@ -47,7 +47,7 @@ def test_packed_pair_shares_its_prompt_by_hand():
     pairs = PairData({'prompt_tokens': np.array([1, 2, 3]), 'prompt_offsets': np.array([0, 3]),
                            'chosen_tokens': np.array([4, 5]), 'chosen_offsets': np.array([0, 2]),
                            'rejected_tokens': np.array([6, 7, 8]), 'rejected_offsets': np.array([0, 3])}, {})
-    batch = batches.dpo_batch(pairs, [0], pack=True)
+    batch = losses.dpo_batch(pairs, [0], pack=True)
     assert batch.idx.tolist() == [[1, 2, 3, 4, 3, 6, 7]]
     assert batch.targets.tolist() == [[-1, -1, 4, 5, 6, 7, 8]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4]]
@@ -59,7 +59,7 @@ def test_packed_pair_shares_its_prompt_by_hand():
                                                     [1, 1, 0, 0, 1, 0, 0],
                                                     [1, 1, 0, 0, 1, 1, 0],
                                                     [1, 1, 0, 0, 1, 1, 1]]
-    padded = batches.dpo_batch(pairs, [0])  # the same pair as two padded rows: 2 + 3 = 5 prompt tokens more
+    padded = losses.dpo_batch(pairs, [0])  # the same pair as two padded rows: 2 + 3 = 5 prompt tokens more
     assert padded.idx.shape == (2, 5) and padded.flops_shape()[0] == 4 + 5
 
 
@@ -68,7 +68,7 @@ def test_padding_fraction_of_packed_batches():
                                  {'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}], 64, 32)
     batch = [np.array([0, 1])]
     for pack in (False, True):
-        b = batches.dpo_batch(pairs, batch[0], pack)
+        b = losses.dpo_batch(pairs, batch[0], pack)
         assert bench.dpo_padding(pairs, batch, pack) == pytest.approx(1 - b.lengths.sum() / b.idx.numel())
     assert bench.dpo_padding(pairs, batch, True) < bench.dpo_padding(pairs, batch, False)
 
@@ -83,7 +83,7 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
     pairs = load_dataset('jsonl', 'train', data_path=path, cache_dir=str(tmp_path / 'cache'))
     assert pairs.get('chosen', 1).tolist() == encode(' Blue.') + [EOT_TOKEN]
     assert pairs.get('prompt', 1).tolist() == encode('Name a colour of the sky on a clear day.')
-    idx, targets = batches.dpo_batch(pairs, [0, 1])[:2]
+    idx, targets = losses.dpo_batch(pairs, [0, 1])[:2]
     rows = [(0, 'chosen'), (1, 'chosen'), (0, 'rejected'), (1, 'rejected')]
     assert idx.shape == targets.shape == (4, max(len(pairs.get('prompt', i)) + len(pairs.get(f, i)) for i, f in rows) - 1)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_dpo_batch_layout_and_logprob_sums(tmp_path):
 
 def test_sft_batch_is_prompt_plus_chosen():
     pairs = tokenize_pairs([{'prompt': 'a', 'chosen': ' b c', 'rejected': ' d', 'where': 'x'}], 64, 32)
-    idx, targets = batches.sft_batch(pairs, [0])[:2]
+    idx, targets = losses.sft_batch(pairs, [0])[:2]
     assert idx[0].tolist() == encode('a') + encode(' b c')
     assert targets[0].tolist() == [-1] * (len(encode('a')) - 1) + encode(' b c') + [EOT_TOKEN]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import losses
-from batches import dpo_batch
+from losses import dpo_batch
 from model import GPT, GPTConfig
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU'))]

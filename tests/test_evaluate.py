@@ -14,7 +14,7 @@ import evaluate
 import parallel
 from data import tokenize_pairs
 from model import GPT, GPTConfig
-from synthetic import synthetic_pairs, true_reward
+from data import synthetic_pairs, true_reward
 from conftest import ROOT
 
 PNG = b'\x89PNG\r\n\x1a\n'

@@ -13,7 +13,7 @@ import torch
 
 from common import UserError
 import losses
-from batches import eval_batches, kto_batch
+from losses import eval_batches, kto_batch
 from conftest import ROOT
 from data import EOT_TOKEN, encode, load_dataset, tokenize_pairs, unpair
 from model import GPT, GPTConfig, save_pretrained

@@ -11,10 +11,10 @@ import torch
 import losses
 import checkpoint
 import parallel
-from batches import dpo_batch, sft_batch
+from losses import dpo_batch, sft_batch
 from data import tokenize_pairs
-from model import GPT, GPTConfig
-from synthetic import synthetic_pairs
+from model import GPT, GPTConfig, weights_sha256
+from data import synthetic_pairs
 
 B = dict(policy_chosen_logps=torch.tensor([-1.0]), policy_rejected_logps=torch.tensor([-2.0]),
          ref_chosen_logps=torch.tensor([-1.5]), ref_rejected_logps=torch.tensor([-1.5]),
@@ -108,10 +108,10 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
     run = parallel.start('cpu', 'float32', 0)
     pairs = copy.copy(pairs)
     pairs.path = str(tmp_path / 'pairs.npz')
-    precomputed = losses.reference_logps(model, checkpoint.weights_sha256(model), pairs, 8, False, run)
+    precomputed = losses.reference_logps(model, weights_sha256(model), pairs, 8, False, run)
     cached = [p.name for p in tmp_path.iterdir()]
     assert len(cached) == 1 and cached[0].startswith('pairs-ref-') and cached[0].endswith('-float32.npy')
-    again = losses.reference_logps(model, checkpoint.weights_sha256(model), pairs, 8, False, run)  # read back from the file
+    again = losses.reference_logps(model, weights_sha256(model), pairs, 8, False, run)  # read back from the file
     assert (precomputed == again).all()
     with torch.no_grad():
         live = torch.stack(losses.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)

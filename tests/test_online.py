@@ -15,7 +15,7 @@ import common
 import parallel
 from data import EOT_TOKEN, decode, tokenize_pairs
 from model import GPT, GPTConfig
-from synthetic import synthetic_pairs
+from data import synthetic_pairs
 
 
 @pytest.fixture(scope='module')
@@ -114,7 +114,7 @@ def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
 
 def test_the_true_reward_judge_scores_texts():
     pair = synthetic_pairs(1, seed=4)[0]
-    from synthetic import true_reward
+    from data import true_reward
     scores = online.load_judge('true_reward')([pair['prompt']] * 2, [pair['chosen'], pair['rejected']], None, [[0], [0]])
     assert scores.tolist() == [true_reward(pair['prompt'], pair['chosen']), true_reward(pair['prompt'], pair['rejected'])]
 

@@ -16,7 +16,7 @@ import checkpoint
 import common
 import parallel
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_model
 from conftest import ROOT
 
 
@@ -53,15 +53,15 @@ def test_load_model_resume_and_errors(tmp_path):
     args = dict(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=8)
     model = GPT(GPTConfig(**args))
     checkpoint.write({'model_args': args, 'model': model.state_dict()}, str(tmp_path / 'ckpt.pt'))
-    loaded = checkpoint.load_model('resume', str(tmp_path))
+    loaded = load_model('resume', str(tmp_path))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path / 'empty' / 'ckpt.pt'}"):
-        checkpoint.load_model('resume', str(tmp_path / 'empty'))
+        load_model('resume', str(tmp_path / 'empty'))
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'ckpt.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match='is not a readable checkpoint'):
-        checkpoint.load_model('resume', str(tmp_path / 'junk'))
+        load_model('resume', str(tmp_path / 'junk'))
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
@@ -99,7 +99,7 @@ def test_each_rank_resumes_its_own_random_stream():
     states = []
     for rank in range(2):  # what two ranks saved
         torch.manual_seed(100 + rank)
-        states.append(checkpoint.rng_states(SimpleNamespace(ddp=False))[0])
+        states.append(parallel.Run().rng_states()[0])
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=4))
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), 'cpu')
     scaler, loader = torch.amp.GradScaler('cpu', enabled=False), SimpleNamespace(load_state_dict=lambda s: None)
@@ -107,7 +107,7 @@ def test_each_rank_resumes_its_own_random_stream():
     draws = []
     for rank in range(2):
         torch.manual_seed(0)
-        assert checkpoint.restore(saved, optimizer, scaler, loader, SimpleNamespace(rank=rank)) == 7
+        assert checkpoint.restore(saved, optimizer, scaler, loader, parallel.Run(rank=rank)) == 7
         draws.append(torch.rand(3))
     for rank in range(2):
         torch.manual_seed(100 + rank)
@@ -232,7 +232,7 @@ def test_a_checkpoint_of_an_older_layout_is_refused_in_one_line(tmp_path):
     checkpoint.write({'script': 'dpo', 'config': {'init_from': 'gpt2'}}, path)  # no reference recorded
     with pytest.raises(UserError, match="cannot be resumed: it is a checkpoint of an older version"):
         checkpoint.load(path, script='dpo')
-    from batches import PairLoader
+    from data import PairLoader
     with pytest.raises(UserError, match="the checkpoint's data order is an older version's"):
         PairLoader(list(range(20)), 4, seed=3).load_state_dict({'epoch': 2, 'batch': 1})
 

@@ -1,6 +1,6 @@
 """The embedded task: deterministic, labelled by its true reward, and the reward by hand."""
 
-from synthetic import synthetic_pairs, true_reward
+from data import synthetic_pairs, true_reward
 
 PROMPT = "\n\nHuman: Write a positive review of The Last Garden that covers the acting and the music.\n\nAssistant:"
 

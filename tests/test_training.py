@@ -105,8 +105,8 @@ def test_online_steps_raise_the_judges_score(sft_dir, tmp_path):
     the share of a response's words that are the task's words, a score dense enough for the tiny SFT
     model here, whose samples are not yet well-formed reviews (the true reward gives them all -1)."""
     (tmp_path / 'judges.py').write_text(
-        "import synthetic\n"
-        "WORDS = {'the', 'was', 'i', 'found'} | {w for a in synthetic.ASPECTS for w in a.split()} | set(synthetic.SENTIMENT)\n"
+        "import data\n"
+        "WORDS = {'the', 'was', 'i', 'found'} | {w for a in data.ASPECTS for w in a.split()} | set(data.SENTIMENT)\n"
         "def task_words(prompts, responses):\n"
         "    return [sum(w.strip('.').lower() in WORDS for w in r.split()) / max(1, len(r.split())) for r in responses]\n")
     out = str(tmp_path / 'online')

@@ -25,11 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 import parallel
-from batches import PairLoader, dpo_batch, pack_bins, sft_batch
 from common import atomic_open
 from configurator import configure
-from data import DATA_CACHE_DIR, PairData, load_dataset
-from losses import dpo_step, sft_step
+from data import DATA_CACHE_DIR, PairData, PairLoader, load_dataset
+from losses import dpo_batch, dpo_step, pack_bins, sft_batch, sft_step
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------

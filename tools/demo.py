@@ -30,8 +30,7 @@ sys.path.insert(0, ROOT)
 
 from configurator import Range, configure
 from parallel import cpu_has_native_bf16, resolve_device, resolve_dtype
-from data import SYNTHETIC
-from synthetic import synthetic_pairs
+from data import SYNTHETIC, synthetic_pairs
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-demo'

@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import checkpoint
 import parallel
-from batches import dpo_batch
 from common import UserError, atomic_open, exit_with_error
 from configurator import configure
 from data import EOT_TOKEN, decode, encode, json_lines, load_dataset, response_text, string_fields
-from losses import chosen_rejected_logps, sequence_logps
+from data import true_reward as task_true_reward  # (evaluate()'s true_reward: None but here)
+from losses import chosen_rejected_logps, dpo_batch, sequence_logps
+from model import load_model
 from online import sample_responses
 
 # -----------------------------------------------------------------------------
@@ -179,9 +180,9 @@ def ranking_agreement(records):
 
 def main():
     run = parallel.start(device, dtype, seed)
-    policy = checkpoint.load_model(init_from, device=run.device).eval()
-    ref = checkpoint.load_model(ref_from, device=run.device).eval() if ref_from else None
-    baseline = checkpoint.load_model(baseline_from, device=run.device).eval() if baseline_from else None
+    policy = load_model(init_from, device=run.device).eval()
+    ref = load_model(ref_from, device=run.device).eval() if ref_from else None
+    baseline = load_model(baseline_from, device=run.device).eval() if baseline_from else None
     pairs, true_reward = None, None
     if prompts:
         prompt_texts = read_prompts(prompts)[:num_prompts]
@@ -189,7 +190,7 @@ def main():
         pairs = load_dataset(dataset, 'test', data_path, eval_data_path, max_length, max_prompt_length, hh_subsets)
         prompt_texts = list(dict.fromkeys(decode(pairs.get('prompt', i).tolist()) for i in range(len(pairs))))[:num_prompts]
         if dataset == 'synthetic':
-            from synthetic import true_reward
+            true_reward = task_true_reward
     if best_of and true_reward is None:
         raise UserError("best_of needs a true reward to pick the best sample by: dataset='synthetic', without prompts")
     if best_of:

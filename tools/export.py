@@ -20,9 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from configurator import configure
 from data import gpt2_bpe_files
-from checkpoint import load_model
 from common import UserError, exit_with_error
-from model import EOT_TOKEN, save_pretrained
+from model import EOT_TOKEN, load_model, save_pretrained
 
 # -----------------------------------------------------------------------------
 init_from = 'out-dpo'  # a run's out_dir (its ckpt.pt), or any model sample.py takes
