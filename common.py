@@ -16,24 +16,28 @@ class UserError(ValueError):
     message is one sentence that says which and where; exit_with_error prints it, no traceback."""
 
 
-def exit_with_error(error, prefix='error'):
-    """End the process with one line, 'error: ...', and exit status 1. Under torchrun only rank 0
+def exit_with_error(error, prefix='error', code=1):
+    """End the process with one line, 'error: ...', and exit status code. Under torchrun only rank 0
     prints it (every rank meets the same mistake), unless the error is this rank's own ('rank N: ...')."""
     line = f"{prefix}: {error}"
     if int(os.environ.get('RANK', 0)) == 0 or str(error).startswith('rank '):
         print(line, file=sys.stderr, flush=True)
-    stop = SystemExit(line)  # its text is the line (what a caller reads), its exit status 1
-    stop.code = 1
+    stop = SystemExit(line)  # its text is the line (what a caller reads), its exit status code
+    stop.code = code
     raise stop
 
 
 @contextmanager
 def one_line_errors():
-    """Around a script's run: a UserError ends the process with its one line (exit_with_error)."""
+    """Around a script's run: a UserError ends the process with its one line (exit_with_error), and
+    so does ^C where nothing catches it (exit status 130, as SIGINT's own)."""
     try:
         yield
     except UserError as e:
         exit_with_error(e)
+    except KeyboardInterrupt:
+        exit_with_error("SIGINT (^C); nothing was saved",
+                        prefix='stopped', code=130)
 
 
 def first_line(error, limit=240):

@@ -215,12 +215,16 @@ def main(config):
     def held_out(indices):  # the totals of a held-out batch's metrics
         return batch_losses(policy, ref, eval_data, indices, eval_ref_logps, run)[1]
 
+    if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
+        run.save_on_signals()
     while True:
-        # evaluate on the held-out pairs every eval_interval iterations and at the end, then save
-        # ckpt.pt; a resumed run does neither where it starts (its stopped run did both there), a
-        # new run only evaluates at iteration 0 (nothing is trained yet)
-        if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
-                         and (iter_num > start_iter or start_iter == 0)):
+        stop = run.stop_signal()  # a signal any rank was sent, else 0
+        # evaluate on the held-out pairs every eval_interval iterations and at the end, then
+        # save ckpt.pt; a resumed run does neither where it starts (its stopped run did both there),
+        # a new run only evaluates at iteration 0 (nothing is trained yet)
+        evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
+                                 and (iter_num > start_iter or start_iter == 0))
+        if evaluate:
             metrics = held_out_means(policy, held_out, names, len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
             if eval_only:
@@ -228,18 +232,21 @@ def main(config):
                 break
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
-            if iter_num > start_iter:  # ckpt.pt: all that a resume needs to go on exactly
-                # whole tensors (under FSDP gathered from the shards), and every rank's place in
-                # the data and its random stream: collectives, so every rank builds it
-                model_state, optimizer_state = run.full_state(raw_policy, optimizer)
-                ckpt = {'script': 'dpo', 'model': model_state,
-                        'model_args': asdict(raw_policy.config), 'optimizer': optimizer_state,
-                        'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
-                        'ref_sha256': ref_sha256,  # a resume must find the same reference
-                        'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
-                        'rng': run.rng_states()}
-                if run.master:  # written whole or not at all: a failed write keeps the old file
-                    checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        if (evaluate or stop) and iter_num > start_iter:  # ckpt.pt: all a resume needs to go on
+            # exactly: whole tensors (under FSDP gathered from the shards), and every rank's place
+            # in the data and its random stream: collectives, so every rank builds it
+            model_state, optimizer_state = run.full_state(raw_policy, optimizer)
+            ckpt = {'script': 'dpo', 'model': model_state,
+                    'model_args': asdict(raw_policy.config), 'optimizer': optimizer_state,
+                    'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
+                    'ref_sha256': ref_sha256,  # a resume must find the same reference
+                    'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
+                    'rng': run.rng_states()}
+            if run.master:  # written whole or not at all: a failed write keeps the old file
+                checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        if stop:  # after SIGTERM or SIGINT: ckpt.pt holds this iteration; say how to go on
+            log.close()
+            run.exit_stopped(stop, iter_num, out_dir, 'dpo.py')
         if iter_num >= max_iters:
             break
         lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

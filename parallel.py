@@ -15,6 +15,7 @@ run saved under one layout resumes under another. A reader of the training story
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -222,15 +223,62 @@ class Run:
         """t as a whole: under FSDP a shard (DTensor) gathered from every rank (a collective)."""
         return t.full_tensor() if isinstance(t, DTensor) else t
 
-    def exit_together(self):
+    def exit_together(self, code=0):
         """The end of a run under DDP: every rank waits here for the others (the master's last save
-        done), then the process ends at once with os._exit(0), skipping an interpreter teardown that
-        can deadlock in gloo (seen in about one run of ten on 2 CPU ranks). Without DDP: nothing."""
+        done), then the process ends at once with os._exit(code), skipping an interpreter teardown
+        that can deadlock in gloo (seen in about one run of ten on 2 CPU ranks). Without DDP:
+        nothing, or SystemExit(code) for a code other than 0."""
         if self.ddp:
             self.barrier("at the end, waiting for the master's last save")
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(code)
+        if code:
+            raise SystemExit(code)
+
+    # ---------------------------------------------------------------- a graceful stop on a signal
+
+    def save_on_signals(self):
+        """From here on SIGTERM (a cluster's notice before it kills a job; torchrun passes it on to
+        its ranks) and SIGINT (^C) are noted instead of ending the process: stop_signal() reports
+        them after the step under way, where the script saves ckpt.pt and ends (exit_stopped). The
+        same signal again ends the process at once, without a save."""
+        def note(signum, frame):
+            name = signal.Signals(signum).name
+            if signum in self.signals:
+                print(f"{'' if self.master else f'rank {self.rank}: '}{name} again: stopped at once, "
+                      "without a save", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self.signals.append(signum)
+            if self.master:
+                print(f"{name}: saving ckpt.pt after this step, then stopping (send {name} again to "
+                      "stop at once, without a save)", file=sys.stderr, flush=True)
+        self.signals = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, note)
+
+    def stop_signal(self):
+        """The signal any rank was sent since save_on_signals (its number), else 0. Under DDP a
+        collective: every rank learns of it after the same step, so that all of them stop there."""
+        got = torch.tensor([self.signals[0] if getattr(self, 'signals', None) else 0],
+                           dtype=torch.int32, device=self.device)
+        if self.ddp:
+            with self.collective("the all-reduce of the stop signal"):
+                dist.all_reduce(got, op=dist.ReduceOp.MAX)
+        return int(got.item())
+
+    def exit_stopped(self, signum, iter_num, out_dir, script):
+        """The end of a run that a signal stopped, its ckpt.pt saved: one line on the master that
+        says how to go on, and the exit status the signal itself gives (128 + its number)."""
+        name = signal.Signals(signum).name
+        saved = (f"{out_dir}/ckpt.pt holds iteration {iter_num}" if iter_num > 0 else
+                 "before the first step, so nothing was saved")
+        how = ((f"the same torchrun command with {script}" if self.ddp else f"python {script}")
+               + f" --init_from=resume --out_dir={out_dir}")
+        if self.master:
+            print(f"stopped: {name} at iteration {iter_num}; {saved}" +
+                  (f"; to go on: {how}" if iter_num > 0 else ""), file=sys.stderr, flush=True)
+        self.exit_together(128 + signum)
 
 
 # -------------------------------------------------------------------- the model over the ranks

@@ -137,12 +137,16 @@ def main(config):
     def held_out(indices):  # the totals of a held-out batch of sequences
         return sft_step(model, sft_batch(eval_data, indices, pack).to(run.device), run.autocast)[1]
 
+    if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
+        run.save_on_signals()
     while True:
+        stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out chosen responses every eval_interval iterations and at the end,
         # then save ckpt.pt; a resumed run does neither where it starts (its stopped run did both
         # there), a new run only evaluates at iteration 0 (nothing is trained yet)
-        if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
-                         and (iter_num > start_iter or start_iter == 0)):
+        evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
+                                 and (iter_num > start_iter or start_iter == 0))
+        if evaluate:
             metrics = held_out_means(model, held_out, METRICS['sft'], len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
             if eval_only:
@@ -150,17 +154,20 @@ def main(config):
                 break
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
-            if iter_num > start_iter:  # ckpt.pt: all that a resume needs to go on exactly
-                # whole tensors (under FSDP gathered from the shards), and every rank's place in
-                # the data and its random stream: collectives, so every rank builds it
-                model_state, optimizer_state = run.full_state(raw_model, optimizer)
-                ckpt = {'script': 'sft', 'model': model_state,
-                        'model_args': asdict(raw_model.config), 'optimizer': optimizer_state,
-                        'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
-                        'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
-                        'rng': run.rng_states()}
-                if run.master:  # written whole or not at all: a failed write keeps the old file
-                    checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        if (evaluate or stop) and iter_num > start_iter:  # ckpt.pt: all a resume needs to go on
+            # exactly: whole tensors (under FSDP gathered from the shards), and every rank's place
+            # in the data and its random stream: collectives, so every rank builds it
+            model_state, optimizer_state = run.full_state(raw_model, optimizer)
+            ckpt = {'script': 'sft', 'model': model_state,
+                    'model_args': asdict(raw_model.config), 'optimizer': optimizer_state,
+                    'scaler': scaler.state_dict(), 'iter_num': iter_num, 'config': config,
+                    'loader': {**loader.state_dict(), 'ranks': run.gather(loader.position())},
+                    'rng': run.rng_states()}
+            if run.master:  # written whole or not at all: a failed write keeps the old file
+                checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        if stop:  # after SIGTERM or SIGINT: ckpt.pt holds this iteration; say how to go on
+            log.close()
+            run.exit_stopped(stop, iter_num, out_dir, 'sft.py')
         if iter_num >= max_iters:
             break
         lr = get_lr(iter_num, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr)

@@ -282,3 +282,32 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path):
         holder.wait()
     checkpoint.claim_out_dir(str(out), parallel.Run(), False, False, {'init_from': 'gpt2'})  # its holder gone
     assert os.listdir(out) == ['.lock']
+
+
+def test_a_signal_is_noted_and_the_same_signal_again_stops_at_once():
+    """After save_on_signals, SIGTERM is noted for stop_signal() to report after the step; SIGINT too
+    (torchrun passes a ^C on as SIGTERM, so one of each is not 'again'); SIGTERM again ends the process
+    at once with SIGTERM's exit status."""
+    code = ("import os, signal, parallel\n"
+            "run = parallel.Run()\n"
+            "print(run.stop_signal(), flush=True)\n"
+            "run.save_on_signals()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "print(run.stop_signal(), flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('not reached', flush=True)\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and result.stdout.split() == ['0', '15']
+    assert result.stderr.splitlines() == [
+        "SIGTERM: saving ckpt.pt after this step, then stopping (send SIGTERM again to stop at once, without a save)",
+        "SIGINT: saving ckpt.pt after this step, then stopping (send SIGINT again to stop at once, without a save)",
+        "SIGTERM again: stopped at once, without a save"]
+
+
+def test_ctrl_c_before_the_loop_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        with common.one_line_errors():
+            raise KeyboardInterrupt
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "stopped: SIGINT (^C); nothing was saved\n"

@@ -133,6 +133,44 @@ def test_resumed_twice_equals_uninterrupted(sft_dir, tmp_path):
     assert config['init_from'] == config['ref_from'] == sft_dir
 
 
+def interrupt_at(cmd, iteration, signum):
+    """Run cmd, send it signum once it has logged iteration, and return (exit status, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"iter {iteration}:"):
+            proc.send_signal(signum)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=300), proc.stderr.read()
+
+
+@pytest.mark.parametrize('script, signum', [('dpo.py', signal.SIGTERM), ('sft.py', signal.SIGINT)])
+def test_a_signal_saves_where_the_run_is_and_a_resume_equals_uninterrupted(script, signum, sft_dir, tmp_path):
+    """SIGTERM (a cluster's notice) or SIGINT (^C) at a random step: the run finishes that step, saves
+    ckpt.pt there, says how to go on in one line and exits 128 + the signal; resumed, it equals a run
+    never stopped, metrics.jsonl and weights alike."""
+    start = ([f'--init_from={sft_dir}'] if script == 'dpo.py' else
+             ['--init_from=scratch', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=64'])
+    args = ['--learning_rate=1e-3', '--warmup_iters=2', '--eval_interval=5', '--dropout=0.1', '--max_iters=12']
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    ok(run(script, *start, *args, f'--out_dir={whole}'))
+    at = random.Random(str(signum)).randint(1, 9)  # the logged iteration the signal follows
+    cmd = [sys.executable, script, *COMMON, *start, *args, f'--out_dir={parts}']
+    status, stderr = interrupt_at(cmd, at, signum)
+    saved = torch.load(os.path.join(parts, 'ckpt.pt'), weights_only=True)['iter_num']
+    assert saved >= at  # the step under way when the signal came (or the next, if it came between)
+    name = signal.Signals(signum).name
+    assert status == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped: {name} at iteration {saved}; {parts}/ckpt.pt holds iteration {saved}; "
+        f"to go on: python {script} --init_from=resume --out_dir={parts}")
+    assert 'Traceback' not in stderr
+    ok(run(script, '--init_from=resume', f'--out_dir={parts}'))  # the recipe comes from ckpt.pt
+    for (key, a), b in zip(params(whole).items(), params(parts).values()):
+        assert torch.equal(a, b), key
+    assert metrics(whole) == metrics(parts)
+
+
 def test_logged_means_are_over_the_pairs_the_step_had(sft_dir, tmp_path):
     """3 pairs and batch_size 3: each step has the 3 pairs. Trained metrics at step 0 are those of the
     policy that is its reference, so the loss is ln 2 and every margin a tie; the SFT metrics of the
@@ -272,6 +310,21 @@ def test_fsdp_ranks_equal_one_rank_and_checkpoints_cross_layouts(sft_dir, tmp_pa
     ok(run(script, *resume, f'--out_dir={one}', '--fsdp=True', launcher=TORCHRUN))  # one process -> FSDP
     assert_same_weights(fsdp, one, start)
     assert loss(fsdp) == pytest.approx(loss(one), abs=1e-5) and len(loss(one)) == 5
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resumes(sft_dir, tmp_path):
+    """SIGTERM to torchrun reaches both ranks, which agree on the step to stop after (a collective),
+    save it and say how to go on; the resume under torchrun reaches max_iters."""
+    out = str(tmp_path / 'ddp')
+    cmd = TORCHRUN + ['dpo.py', *COMMON, f'--init_from={sft_dir}', f'--out_dir={out}', '--max_iters=40',
+                      '--eval_interval=20']
+    status, stderr = interrupt_at(cmd, 3, signal.SIGTERM)
+    saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert status != 0 and saved['iter_num'] >= 3 and len(saved['loader']['ranks']) == 2
+    assert (f"stopped: SIGTERM at iteration {saved['iter_num']}; {out}/ckpt.pt holds iteration {saved['iter_num']}; "
+            f"to go on: the same torchrun command with dpo.py --init_from=resume --out_dir={out}") in stderr
+    ok(run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=12', launcher=TORCHRUN))
+    assert [r['iter'] for r in metrics(out)][-2:] == [12, 12]  # the last step's line, then its evaluation
 
 
 def test_kto_and_online_dpo_on_two_ddp_ranks(sft_dir, tmp_path):
