@@ -6,20 +6,18 @@ run from writing over an old one. A reader of the training story can leave this 
 """
 
 import atexit
-import errno
 import fcntl
 import glob
 import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
 
 import torch
 
 import parallel
-from common import UserError, atomic_open, first_line
+from common import UserError, atomic_open, write_failure
 from model import read_checkpoint
 
 
@@ -30,15 +28,7 @@ def write(checkpoint, path):
         with atomic_open(path, 'wb') as f:
             torch.save(checkpoint, f)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write either way
-        cause, full = e, False
-        while cause is not None and not full:
-            full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
-            cause = cause.__cause__ or cause.__context__
-        folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free / 1e6
-        reason = (f"the disk is full ({free:.0f} MB free in {folder})" if full
-                  else f"{type(e).__name__}: {first_line(e, 300)}")
-        raise UserError(f"could not write {path}: {reason}; the checkpoint there before is kept") from None
+        raise write_failure(path, e, "the checkpoint there before is kept") from None
 
 
 # On a resume, the settings not given on the command line come back from ckpt.pt: the run goes on
@@ -126,7 +116,37 @@ def lock_out_dir(out_dir):
         return (f"out_dir={out_dir!r} is in use by another run ({lock_holder(path)}, which holds "
                 f"{path}): wait for it to end, or choose another --out_dir")
     held_locks[os.path.realpath(out_dir)] = lock
+    remove_orphans(out_dir)
     return ''
+
+
+def remove_orphans(out_dir):
+    """Remove the temporary files (atomic_open's NAME.HOST.PID.tmp, up to a checkpoint's size) that
+    runs killed mid-write left in out_dir. With out_dir's lock held no other run writes there, so
+    each is an orphan, but for one of a live process on this host (eval_only writes eval.json
+    without taking the lock)."""
+    host, removed = socket.gethostname(), []
+    for path in glob.glob(os.path.join(glob.escape(out_dir), '*.tmp')):
+        pid = path[:-len('.tmp')].rsplit('.', 1)[-1]
+        if not pid.isdigit():
+            continue  # not atomic_open's
+        if path.endswith(f".{host}.{pid}.tmp") and pid_alive(int(pid)):
+            continue
+        removed.append((os.path.basename(path), os.path.getsize(path)))
+        os.remove(path)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that a stopped run left in {out_dir} "
+              f"({sum(size for _, size in removed) / 1e6:.1f} MB: {', '.join(n for n, _ in removed)})")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def remove_if_unused(out_dir):
@@ -185,8 +205,12 @@ def restore(checkpoint, optimizer, scaler, loader, run):
 
 
 def write_json(path, obj):
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=2)
+    """obj as a JSON file, written atomically: a failed write keeps the file there before."""
+    try:
+        with atomic_open(path) as f:
+            json.dump(obj, f, indent=2)
+    except OSError as e:
+        raise write_failure(path, e, "the file there before is kept") from None
 
 
 class MetricLog:
@@ -202,9 +226,13 @@ class MetricLog:
         if not master or eval_only:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if start_iter > 0 and os.path.exists(self.path):
-            with atomic_open(self.path) as f:
-                f.writelines(line for line, row in read_metrics(self.path) if row['iter'] <= start_iter)
+        if start_iter > 0 and os.path.exists(self.path):  # a new file, swapped in whole
+            kept = [line for line, row in read_metrics(self.path) if row['iter'] <= start_iter]
+            try:
+                with atomic_open(self.path) as f:
+                    f.writelines(kept)
+            except OSError as e:
+                raise write_failure(self.path, e, "the log is kept as it was") from None
         if wandb_log:
             import wandb
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
@@ -215,8 +243,14 @@ class MetricLog:
             return
         print(f"iter {iter_num}: " + ', '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items()), flush=True)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
+        end = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps({'iter': iter_num, **metrics}) + '\n')
+        except OSError as e:  # (a full disk) a line cut short goes; the lines before stay
+            if os.path.exists(self.path):
+                os.truncate(self.path, end)
+            raise write_failure(self.path, e, "its lines before this one are kept") from None
         if self.wandb is not None:
             self.wandb.log(metrics, step=iter_num)
 

@@ -4,7 +4,9 @@ ends on it (one line, no traceback), the one atomic file write, and the one down
 Hugging Face hub. A reader of the training story can leave this file closed.
 """
 
+import errno
 import os
+import shutil
 import socket
 import sys
 from contextlib import contextmanager
@@ -62,6 +64,19 @@ def atomic_open(path, mode='w'):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_failure(path, error, kept):
+    """The UserError for a write of path that failed with error: a full disk says so, with the space
+    left there; anything else gives the OS's reason. kept: what the failed write left as it was."""
+    cause, full = error, False
+    while cause is not None and not full:  # torch.save wraps the OSError in a RuntimeError
+        full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        cause = cause.__cause__ or cause.__context__
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = (f"the disk is full ({shutil.disk_usage(folder).free / 1e6:.0f} MB free in {folder})"
+              if full else f"{type(error).__name__}: {first_line(error, 300)}")
+    return UserError(f"could not write {path}: {reason}; {kept}")
 
 
 def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint=''):

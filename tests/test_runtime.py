@@ -1,6 +1,7 @@
 """parallel.py and checkpoint.py: dtype and device choice, atomic checkpoints (a full disk included), loading a model
 from a checkpoint, guarding out_dir, the metric log's resume, and DDP's timeout and ordering."""
 
+import errno
 import json
 import os
 import socket
@@ -143,6 +144,41 @@ def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path, capsys):
     path.write_text('{"iter": 1}\n{"it\n{"iter": 2}\n')  # a broken line before the last: not a crash's doing
     with pytest.raises(UserError, match="metrics.jsonl, line 2: not a JSON line"):
         checkpoint.MetricLog(str(tmp_path), True, start_iter=2)
+
+
+
+class FullDisk:
+    """A file whose writes stop after n bytes of the text with ENOSPC, as a disk that fills up."""
+    def __init__(self, path, mode='r', n=5):
+        self.f, self.n = open(path, mode), n
+
+    def write(self, text):
+        self.f.write(text[:self.n])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_keeps_the_metric_log_as_it_was_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"iter": 1, "loss": 0.5}\n{"iter": 2, "loss": 0.4}\n{"iter": 3, "loss": 0.3}\n')
+    before = path.read_bytes()
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    os.symlink('/dev/full', tmp)  # a resume's new file, written through /dev/full: ENOSPC
+    with pytest.raises(UserError, match=f"could not write {path}: the disk is full .*; the log is kept as it was"):
+        checkpoint.MetricLog(str(tmp_path), True, start_iter=2)
+    assert path.read_bytes() == before
+    log = checkpoint.MetricLog(str(tmp_path), True, start_iter=3)
+    monkeypatch.setattr(checkpoint, 'open', FullDisk, raising=False)  # the disk fills mid-line
+    with pytest.raises(UserError, match=f"could not write {path}: the disk is full .*; its lines before this one "
+                                        "are kept"):
+        log.log(4, {'loss': 0.2})
+    assert path.read_bytes() == before  # the cut line is gone, nothing else
 
 
 RANK_CODE = """
@@ -311,3 +347,25 @@ def test_ctrl_c_before_the_loop_is_one_line(capsys):
             raise KeyboardInterrupt
     assert stop.value.code == 130
     assert capsys.readouterr().err == "stopped: SIGINT (^C); nothing was saved\n"
+
+
+def test_a_run_removes_the_temporary_files_that_killed_runs_left(tmp_path, capsys):
+    """kill -9 mid-save leaves ckpt.pt.HOST.PID.tmp; the next run to take out_dir removes those of
+    processes that are gone (here: of another host, and of a pid that has ended) and keeps a live one's."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    host = socket.gethostname()
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        names = {'dead': f"ckpt.pt.{host}.{ended.pid}.tmp", 'other': "ckpt.pt.node-7.example.org.123.tmp",
+                 'live': f"eval.json.{host}.{live.pid}.tmp", 'user': "notes.tmp"}
+        for name in names.values():
+            (out / name).write_bytes(b'x' * 1000)
+        assert checkpoint.lock_out_dir(str(out)) == ''
+        assert sorted(os.listdir(out)) == sorted([checkpoint.LOCK, names['live'], names['user']])
+        assert f"removed 2 temporary file(s) that a stopped run left in {out} (0.0 MB: " in capsys.readouterr().out
+    finally:
+        live.kill()
+        checkpoint.held_locks.pop(os.path.realpath(out)).close()
