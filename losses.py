@@ -341,9 +341,10 @@ def reference_logps(ref, ref_sha256, data, batch_size, pack, run):
     computed once (each rank its share) and cached next to the token cache on every node, keyed by
     the reference's weights (ref_sha256) and the dtype; a rank without the file joins the others."""
     path = f"{data.path[:-len('.npz')]}-ref-{ref_sha256[:12]}-{run.dtype}.npy"
-    cached = torch.tensor([float(os.path.exists(path))], device=run.device)
+    out = cached_logps(path, len(data))
+    cached = torch.tensor([float(out is not None)], device=run.device)
     if run.sum(cached, 'whether the reference log-probs are cached').item() == run.world_size:
-        return np.load(path)
+        return out
     shares = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
                         shuffle=False).epoch_batches(0)
     indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
@@ -368,6 +369,16 @@ def reference_logps(ref, ref_sha256, data, batch_size, pack, run):
             np.save(f, out)
     return out
 
+
+
+def cached_logps(path, n):
+    """The (n, 2) float32 log-probs cached at path; None where there is no such file, or one cut
+    short or of another shape (then rebuilt, as the token cache is)."""
+    try:
+        values = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    return values if values.shape == (n, 2) and values.dtype == np.float32 else None
 
 # -------------------------------------------------------------------- packing (pack=True)
 # Several sequences share a row, each seeing only itself under a block-diagonal causal mask, with

@@ -5,6 +5,7 @@ against live ones."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,24 @@ def test_precomputed_reference_equals_live(pairs, model, tmp_path, monkeypatch):
         live = torch.stack(losses.chosen_rejected_logps(model, dpo_batch(pairs, list(range(len(pairs))))), dim=1)
     torch.testing.assert_close(torch.from_numpy(precomputed), live, atol=1e-5, rtol=0)
 
+
+
+def test_a_broken_reference_cache_is_rebuilt(pairs, model, tmp_path):
+    """The cached reference log-probs cut short (a crash, a full disk) or of another shape (another
+    dataset's file under the name) are computed again, not read as they are."""
+    run = parallel.start('cpu', 'float32', 0)
+    pairs = copy.copy(pairs)
+    pairs.path = str(tmp_path / 'pairs.npz')
+    good = losses.reference_logps(model, weights_sha256(model), pairs, 8, False, run)
+    cache = next(tmp_path.iterdir())
+    whole = cache.read_bytes()
+    for broken in (whole[:len(whole) // 2], b'', None):
+        if broken is None:
+            np.save(cache, np.zeros((len(pairs) - 1, 2), dtype=np.float32))  # one pair short
+        else:
+            cache.write_bytes(broken)
+        assert (losses.reference_logps(model, weights_sha256(model), pairs, 8, False, run) == good).all()
+        assert cache.read_bytes() == whole
 
 def test_simpo_step_runs_no_reference(pairs, model):
     """SimPO is reference-free: dpo_step without a reference (as dpo.py runs it) equals dpo_step with one."""
