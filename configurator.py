@@ -16,6 +16,7 @@ import difflib
 import glob
 import inspect
 import io
+import math
 import os
 import sys
 import tokenize
@@ -40,6 +41,10 @@ def config_keys(namespace):
 def check_value(key, value, default, source):
     """value as the type of default (an int is accepted for a float key, as 1e-5 and 0 are both
     numbers to a user); a mismatch names the key, the type and the value given."""
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 reads as inf
+        raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+        raise UserError(f"{source}: {key} must fit in 64 bits (-2**63 <= {key} < 2**63), got {value}")
     if default is None:  # a key that defaults to None (off) takes any value
         return value
     if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to users
@@ -134,20 +139,35 @@ def read_config_file(path):
     """The top-level assignments of a Python config file, as a dict."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
-    with open(path) as f:
-        source = f.read()
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        source = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config "
+                        "file is Python source, saved as UTF-8") from None
     namespace = {}
     try:
         exec(compile(source, path, 'exec'), namespace)
     except SyntaxError as e:
         raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
-    except Exception as e:
+    except BaseException as e:  # sys.exit() too: a config file cannot end the run
+        if isinstance(e, KeyboardInterrupt):
+            raise
         line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
-        raise UserError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
-    # every top-level name but modules, functions and classes is an override: a value of a type
-    # no setting has (a list, a dict) is refused by check_value, never dropped without a word
-    return {k: v for k, v in namespace.items() if not k.startswith('_')
-            and not (inspect.ismodule(v) or inspect.isroutine(v) or inspect.isclass(v))}
+        what = "calls sys.exit(): a config file sets values" if isinstance(e, SystemExit) else \
+            f"{type(e).__name__}: {e}"
+        raise UserError(f"{path}, line {line}: {what}") from None
+    # every top-level name but modules is an override: a value of a type no setting has (a list, a
+    # dict) is refused by check_value, a function or class here, never dropped without a word
+    overrides = {k: v for k, v in namespace.items() if not k.startswith('_') and not inspect.ismodule(v)}
+    for key, value in overrides.items():
+        if inspect.isroutine(value) or inspect.isclass(value):
+            kind = 'class' if inspect.isclass(value) else 'function'
+            raise UserError(f"config file {path}: {key} is a {kind}, and a setting is a value (a "
+                            "number, a string, True/False or None); compute it in the file instead")
+    return overrides
 
 
 def apply_overrides(namespace, args):

@@ -55,6 +55,12 @@ def resolve_device(device):
     except RuntimeError:
         raise UserError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or "
                         "'cuda:N'") from None
+    if kind.type not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f"device={device!r} cannot train or sample: use 'auto', 'cpu', 'cuda' or "
+                        "'cuda:N' (or 'mps' on a Mac)")
+    if kind.type == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f"device={device!r}, but this torch build or machine has no MPS (Apple "
+                        "GPU) support: use device='cpu', or 'auto'")
     if kind.type == 'cuda':
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

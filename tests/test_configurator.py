@@ -33,6 +33,9 @@ def test_overrides_parse_as_typed(tmp_path):
     (['--max_iters'], r"argument --max_iters: expected --key=value"),
     (['--zzz=1'], r"unknown config key 'zzz'$"),
     (['no_such_file.py'], r"config file no_such_file.py does not exist"),
+    (['--learning_rate=1e999'], r"argument --learning_rate=1e999: learning_rate must be a finite number, got inf"),
+    (['--max_iters=99999999999999999999999'], r"max_iters must fit in 64 bits \(-2\*\*63 <= max_iters < 2\*\*63\), "
+                                               "got 99999999999999999999999"),
 ])
 def test_mistakes_are_named(args, message):
     with pytest.raises(UserError, match=message):
@@ -44,6 +47,10 @@ def test_mistakes_are_named(args, message):
     ("max_iters = 10\n\nlearning_rate = base_lr * 2\n", "{path}, line 3: NameError: name 'base_lr' is not defined"),
     ("max_iter = 10\n", "config file {path}: unknown config key 'max_iter' (did you mean 'max_iters'?)"),
     ("compile = 'yes'\n", "config file {path}: compile must be a bool (default False), got 'yes'"),
+    ("import sys\nmax_iters = 10\nsys.exit(0)\n", "{path}, line 3: calls sys.exit(): a config file sets values"),
+    ("learning_rate = lambda: 0.5\n", "config file {path}: learning_rate is a function, and a setting is a value"),
+    ("def schedule():\n    return 1\n", "config file {path}: schedule is a function, and a setting is a value"),
+    ("learning_rate = float('inf')\n", "config file {path}: learning_rate must be a finite number, got inf"),
 ])
 def test_broken_config_files_name_file_and_line(text, message, tmp_path):
     path = tmp_path / 'exp.py'
@@ -51,3 +58,10 @@ def test_broken_config_files_name_file_and_line(text, message, tmp_path):
     with pytest.raises(UserError) as error:
         apply_overrides(script_globals(), [str(path)])
     assert str(error.value).startswith(message.format(path=path))
+
+
+def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / 'exp.py'
+    path.write_bytes(b"max_iters = 10\ninit_from = 'caf\xe9'\n")  # Latin-1
+    with pytest.raises(UserError, match=rf"^{path}, line 2: not UTF-8 text \(byte 0xe9\)"):
+        apply_overrides(script_globals(), [str(path)])

@@ -85,6 +85,11 @@ def test_cuda_without_a_gpu_says_there_is_no_gpu():
         parallel.resolve_device('cuda')
     with pytest.raises(UserError, match=r"device='gpu' is not a device"):
         parallel.resolve_device('gpu')
+    with pytest.raises(UserError, match=r"^device='meta' cannot train or sample: use 'auto', 'cpu'"):
+        parallel.resolve_device('meta')
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match=r"^device='mps', but this torch build or machine has no MPS"):
+            parallel.resolve_device('mps')
 
 
 def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
