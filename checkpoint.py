@@ -61,6 +61,12 @@ def load(path, script=None, config=None):
         raise UserError(f"{path} was written by {written_by}.py, so {script}.py cannot resume it{hint}")
     if script == 'dpo' and not checkpoint.get('config', {}).get('ref_from'):
         raise UserError(older)
+    missing = [key for key in ('model', 'model_args', 'optimizer', 'scaler', 'loader', 'rng',
+                               'iter_num', 'config') if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} cannot be resumed: it has no {', '.join(map(repr, missing))} "
+                        f"(cut down to its weights?); start a new run from its weights with "
+                        f"--init_from={os.path.dirname(path) or '.'}")
     saved, config = checkpoint.get('config', {}), config or {}
     given = getattr(config, 'given', set(config))
     changed = [f"{key} {saved[key]!r} -> {config[key]!r}" for key in given

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import UserError, atomic_open, hub_file
+from common import UserError, atomic_open, first_line, hub_file
 from configurator import missing_run_hint
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every document, and every response here
@@ -410,6 +411,11 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
             model = from_pretrained(init_from, dropout=dropout)
         except UserError as e:
             raise UserError(f"{e}{missing_run_hint(init_from)}") from None
+    for name, t in model.state_dict().items():  # a NaN here would only show as a NaN loss later
+        if not torch.isfinite(t).all():
+            raise UserError(f"the model {init_from} is broken: its weight {name} holds "
+                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start from "
+                            "another checkpoint")
     if max_length is not None and max_length > model.config.block_size:
         raise UserError(f"max_length={max_length} is longer than the model's block_size "
                         f"{model.config.block_size}")
@@ -436,10 +442,18 @@ def read_checkpoint(path):
     the tensors are memory-mapped (a node's ranks share the pages)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        size = os.path.getsize(path)
+        raise UserError(f"{path} is not a readable checkpoint: " + ("the file is empty" if size == 0
+                        else f"its {size} bytes are not the zip archive that torch.save writes"))
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: "
+                        f"{first_line(e)}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    return checkpoint
 
 
 def weights_sha256(model):

@@ -61,8 +61,25 @@ def test_load_model_resume_and_errors(tmp_path):
         load_model('resume', str(tmp_path / 'empty'))
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(UserError, match='is not a readable checkpoint'):
+    with pytest.raises(UserError, match="is not a readable checkpoint: its 16 bytes are not the zip archive that "
+                                        "torch.save writes$"):
         load_model('resume', str(tmp_path / 'junk'))
+    (tmp_path / 'junk' / 'ckpt.pt').write_bytes(b'')
+    with pytest.raises(UserError, match="ckpt.pt is not a readable checkpoint: the file is empty$"):
+        load_model('resume', str(tmp_path / 'junk'))
+    torch.save([1, 2], tmp_path / 'junk' / 'ckpt.pt')
+    with pytest.raises(UserError, match="ckpt.pt holds a list, not a checkpoint's dict$"):
+        load_model('resume', str(tmp_path / 'junk'))
+    checkpoint.write({'script': 'sft', 'model_args': args, 'model': model.state_dict()}, str(tmp_path / 'ckpt.pt'))
+    with pytest.raises(UserError, match=f"{tmp_path}/ckpt.pt cannot be resumed: it has no 'optimizer', 'scaler', "
+                                        "'loader', 'rng', 'iter_num', 'config' .*--init_from="):
+        checkpoint.load(str(tmp_path / 'ckpt.pt'), script='sft')
+    broken = model.state_dict()
+    broken['transformer.h.0.mlp.c_fc.weight'][0, :3] = float('nan')
+    checkpoint.write({'model_args': args, 'model': broken}, str(tmp_path / 'junk' / 'ckpt.pt'))
+    with pytest.raises(UserError, match=f"the model {tmp_path / 'junk'} is broken: its weight "
+                                        r"transformer.h.0.mlp.c_fc.weight holds 3 NaN or infinite values"):
+        load_model(str(tmp_path / 'junk'))
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path):
