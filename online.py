@@ -20,13 +20,14 @@ Sampling (sample_responses) is also what tools/evaluate.py scores policies with.
 import importlib
 import importlib.util
 import os
+import traceback
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError
+from common import UserError, first_line
 from data import PairData, decode, response_text, true_reward
 from losses import sequence_logps, totals
 from model import load_model, read_checkpoint
@@ -120,14 +121,23 @@ def load_judge(spec, device='cpu', autocast=nullcontext()):
 
     def checked(prompt_texts, response_texts, prompt_ids, response_ids):
         try:
-            scores = np.asarray(judge(prompt_texts, response_texts, prompt_ids, response_ids), dtype=np.float64)
+            scores = judge(prompt_texts, response_texts, prompt_ids, response_ids)
         except UserError:
             raise
+        except Exception as e:  # the user's code failed: where, in one line
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise UserError(f"judge={spec!r} raised {type(e).__name__}: {first_line(e)} (at "
+                            f"{frame.filename}, line {frame.lineno})") from None
+        try:
+            scores = np.asarray(scores, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise UserError(f"judge={spec!r} did not return numbers ({type(e).__name__}: {e})") from None
-        if scores.shape != (len(response_texts),):
-            raise UserError(f"judge={spec!r} returned {scores.shape[0] if scores.ndim else 'a scalar'} scores "
-                             f"for {len(response_texts)} responses: it must return one score a response")
+        n = len(response_texts)
+        if scores.shape != (n,):
+            got = (f"scores of shape {scores.shape}" if scores.ndim > 1 else
+                   f"{scores.shape[0]} scores" if scores.ndim else "a single number")
+            raise UserError(f"judge={spec!r} returned {got} for {n} responses: it must return one "
+                            f"score a response, a list or 1-D array of {n} numbers")
         if not np.all(np.isfinite(scores)):
             raise UserError(f"judge={spec!r} returned a score that is NaN or infinite")
         return scores

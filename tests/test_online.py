@@ -91,6 +91,8 @@ def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
         "def too_few(prompts, responses):\n    return [1.0]\n"
         "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
         "def words(prompts, responses):\n    return ['high'] * len(responses)\n"
+        "def column(prompts, responses):\n    return [[1.0] for r in responses]\n"
+        "def fails(prompts, responses):\n    return {}['score']\n"
         "not_a_function = 3\n")
     (tmp_path / 'broken.py').write_text("import no_such_module_here\n")
     path = str(tmp_path / 'judges.py')
@@ -99,6 +101,9 @@ def test_a_user_judge_from_a_file_and_its_errors(tmp_path):
     call = lambda spec: online.load_judge(spec)(['p', 'p'], ['a', 'b'], [[1], [1]], [[2], [3]])
     for spec, message in [
         (f'{path}:too_few', r"returned 1 scores for 2 responses: it must return one score a response"),
+        (f'{path}:column', r"returned scores of shape \(2, 1\) for 2 responses: it must return one score a response, "
+                           r"a list or 1-D array of 2 numbers$"),
+        (f'{path}:fails', rf"^judge='{path}:fails' raised KeyError: 'score' \(at {path}, line 12\)$"),
         (f'{path}:nan', r"returned a score that is NaN or infinite"),
         (f'{path}:words', r"did not return numbers"),
         (f'{path}:not_a_function', r"has no function 'not_a_function'"),
