@@ -658,7 +658,8 @@ class PairLoader:
 
     def state_dict(self):
         return {'epoch': self.epoch, 'pairs': self.taken * self.batch_size * self.world_size,
-                'pairs_per_step': self.pairs_per_step, 'batch_size': self.batch_size}
+                'pairs_per_step': self.pairs_per_step, 'batch_size': self.batch_size,
+                'dataset_pairs': len(self.lengths)}
 
     def position(self):
         """This rank's own place, [epoch, micro-batches taken]: the same on every rank, but for
@@ -669,6 +670,11 @@ class PairLoader:
         if 'pairs' not in state:
             raise UserError("the checkpoint's data order is an older version's, which this one cannot "
                             "continue exactly: start a new run from its weights instead")
+        if state.get('dataset_pairs', len(self.lengths)) != len(self.lengths):
+            raise UserError(f"the run trained on {state['dataset_pairs']} examples and this data has "
+                            f"{len(self.lengths)}: the data changed since the run started, so its "
+                            "place in them means nothing here; resume on the same data, or start a "
+                            "new run from its weights")
         if (state['pairs_per_step'], state['batch_size']) != (self.pairs_per_step, self.batch_size):
             accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * self.world_size)
             here = ('' if rest or not accumulation else

@@ -173,6 +173,8 @@ def test_a_run_resumes_on_another_layout_where_it_stopped():
         PairLoader(lengths, 2, world_size=2).load_state_dict(state)
     with pytest.raises(UserError, match=r"in micro-batches of 2, this one would take 8 in micro-batches of 4"):
         PairLoader(lengths, 4, world_size=2).load_state_dict(state)  # the same pairs a step, other micro-batches
+    with pytest.raises(UserError, match=r"^the run trained on 40 examples and this data has 30: the data changed"):
+        PairLoader(lengths[:30], 2, seed=5, world_size=4).load_state_dict(state)  # a smaller file at the same path
 
 
 @pytest.mark.parametrize('world_size,n', [(1, 7), (2, 13), (3, 13), (4, 9), (5, 3)])
