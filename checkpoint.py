@@ -105,6 +105,10 @@ def claim_out_dir(out_dir, run, resuming, overwrite, sources):
 
 def lock_out_dir(out_dir):
     """'' once this process holds out_dir's lock, else why it cannot (the holder, if it is known)."""
+    if not out_dir:
+        return "out_dir is empty: give the directory the run writes to, --out_dir=DIR"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"out_dir={out_dir!r} is a file, not a directory: choose another --out_dir"
     if os.path.realpath(out_dir) in held_locks:
         return ''
     path = os.path.join(out_dir, LOCK)

@@ -12,6 +12,11 @@ import sys
 from contextlib import contextmanager
 
 
+# the token cache, the reference log-prob cache and the CPU's measured peak: the repository's
+# data_cache/, or the directory NANODPO_DATA_CACHE names (where the repository is read-only)
+DATA_CACHE_DIR = (os.environ.get('NANODPO_DATA_CACHE') or
+                  os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache'))
+
 class UserError(ValueError):
     """A mistake a user can make or mend (a setting, a file, a line of data, a model that does not
     fit) or a run that cannot go on (a NaN loss, a full disk, a rank that stopped answering). The

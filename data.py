@@ -30,7 +30,7 @@ from collections import Counter
 import numpy as np
 import tiktoken
 
-from common import UserError, atomic_open, hub_file
+from common import DATA_CACHE_DIR, UserError, atomic_open, hub_file, write_failure
 from model import EOT_TOKEN  # <|endoftext|>
 
 # the hashes tiktoken_ext/openai_public.py expects for GPT-2's files: any other bytes are refused
@@ -236,8 +236,8 @@ HH_REPO = 'Anthropic/hh-rlhf'
 HH_SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
 ASSISTANT = '\n\nAssistant:'
 SYNTHETIC = {'train': (20_000, 0), 'test': (1_000, 1)}  # split: (pairs, seed)
-DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
 CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+CACHE_ELSEWHERE = "nothing was cached; NANODPO_DATA_CACHE=DIR puts the caches in DIR instead"
 
 
 def response_problem(chosen, rejected):
@@ -513,8 +513,11 @@ class PairData:
     def save(self, path):
         """Written whole or not at all: two nodes writing it on shared storage leave one whole
         copy."""
-        with atomic_open(path, 'wb') as f:
-            np.savez(f, stats=np.array(json.dumps(self.stats)), **self.arrays)
+        try:
+            with atomic_open(path, 'wb') as f:
+                np.savez(f, stats=np.array(json.dumps(self.stats)), **self.arrays)
+        except OSError as e:
+            raise write_failure(path, e, CACHE_ELSEWHERE) from None
 
     @classmethod
     def load(cls, path):

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import atomic_open
-from data import PairLoader
+from common import atomic_open, write_failure
+from data import CACHE_ELSEWHERE, PairLoader
 from model import EOT_TOKEN
 
 LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
@@ -365,8 +365,11 @@ def reference_logps(ref, ref_sha256, data, batch_size, pack, run):
     out = np.zeros((len(data), 2), dtype=np.float32)
     out[indices.cpu().numpy()] = values.cpu().numpy()
     if run.local_rank == 0:  # one copy a node
-        with atomic_open(path, 'wb') as f:
-            np.save(f, out)
+        try:
+            with atomic_open(path, 'wb') as f:
+                np.save(f, out)
+        except OSError as e:
+            raise write_failure(path, e, CACHE_ELSEWHERE) from None
     return out
 
 

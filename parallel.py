@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, first_line
+from common import DATA_CACHE_DIR, UserError, first_line
 
 
 # -------------------------------------------------------------------- the device and dtype
@@ -374,7 +374,7 @@ PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs a
 }
 
 
-PEAK_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache', 'peak_flops.json')
+PEAK_CACHE = os.path.join(DATA_CACHE_DIR, 'peak_flops.json')
 
 
 def cpu_name():

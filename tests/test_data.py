@@ -4,6 +4,7 @@ input, and the hub code path on a local copy of the dataset repo's layout."""
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -218,3 +219,16 @@ def test_the_token_cache_follows_the_files_content_not_its_name_size_and_mtime(t
     assert first.get('chosen', 0).tolist() == encode(' AAAA 00.') + [EOT_TOKEN]
     assert second.get('chosen', 0).tolist() == encode(' BBBB 00.') + [EOT_TOKEN]
     assert second.stats['cache'].startswith('wrote')
+
+
+def test_the_token_cache_goes_where_nanodpo_data_cache_says_and_a_failed_write_says_so(tmp_path):
+    env = {**os.environ, 'NANODPO_DATA_CACHE': str(tmp_path / 'elsewhere')}
+    result = subprocess.run([sys.executable, 'data.py', '--dataset=synthetic', '--max_length=64',
+                             '--max_prompt_length=32'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / 'elsewhere')) == sorted(
+        re.findall(r"(synthetic-(?:train|test)-\w+\.npz)", result.stdout))
+    (tmp_path / 'a_file').write_text('')  # a cache directory that cannot be made (as on a read-only disk)
+    with pytest.raises(UserError, match=r"^could not write .*a_file/synthetic-test-\w+\.npz: FileExistsError: .*; "
+                                        r"nothing was cached; NANODPO_DATA_CACHE=DIR puts the caches in DIR instead$"):
+        load_dataset('synthetic', 'test', max_length=64, max_prompt_length=32, cache_dir=str(tmp_path / 'a_file'))

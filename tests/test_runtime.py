@@ -391,3 +391,12 @@ def test_a_run_removes_the_temporary_files_that_killed_runs_left(tmp_path, capsy
     finally:
         live.kill()
         checkpoint.held_locks.pop(os.path.realpath(out)).close()
+
+
+def test_an_out_dir_that_cannot_hold_a_run_says_why(tmp_path):
+    (tmp_path / 'file').write_text('')
+    assert checkpoint.lock_out_dir('') == "out_dir is empty: give the directory the run writes to, --out_dir=DIR"
+    assert checkpoint.lock_out_dir(str(tmp_path / 'file')) == (f"out_dir='{tmp_path / 'file'}' is a file, not a "
+                                                               "directory: choose another --out_dir")
+    assert checkpoint.lock_out_dir('/proc/no_run_here') == ("out_dir='/proc/no_run_here' cannot hold a run: No such "
+                                                            "file or directory (/proc/no_run_here/.lock)")
