@@ -111,7 +111,8 @@ def test_cuda_without_a_gpu_says_there_is_no_gpu():
 
 def test_a_checkpoint_resumes_only_with_the_script_that_wrote_it(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
-    checkpoint.write({'script': 'sft', 'config': {'init_from': 'gpt2'}}, path)
+    resumable = dict.fromkeys(['model', 'model_args', 'optimizer', 'scaler', 'loader', 'rng'], {})
+    checkpoint.write({**resumable, 'script': 'sft', 'iter_num': 1, 'config': {'init_from': 'gpt2'}}, path)
     assert checkpoint.load(path, script='sft')['script'] == 'sft'
     with pytest.raises(UserError, match=f"{path} was written by sft.py, so dpo.py cannot resume it; to start "
                                         f"DPO from it, pass --init_from={tmp_path}"):
@@ -302,7 +303,8 @@ def test_a_resume_keeps_its_recipe(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
     saved = dict(init_from='out-sft', ref_from='out-sft', beta=0.1, loss_type='sigmoid', seed=1337,
                  max_length=512, max_iters=100, eval_interval=50, batch_size=8, device='auto')
-    checkpoint.write({'script': 'dpo', 'config': saved, 'iter_num': 50}, path)
+    resumable = dict.fromkeys(['model', 'model_args', 'optimizer', 'scaler', 'loader', 'rng'], {})
+    checkpoint.write({**resumable, 'script': 'dpo', 'config': saved, 'iter_num': 50}, path)
 
     def settings(**given):
         s = Settings({**{k: 0 for k in saved}, **given})  # what is not given: the script's defaults
