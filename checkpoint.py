@@ -36,7 +36,9 @@ def write(checkpoint, path):
 # (never taken from ckpt.pt) ...
 FRESH_ON_RESUME = ('init_from', 'ref_from', 'out_dir', 'overwrite', 'eval_only', 'device', 'dtype',
                    'compile', 'fsdp', 'wandb_log', 'wandb_project', 'wandb_run_name')
-# ... and how long, how often and in which layout (the order of the pairs does not depend on it)
+# ... and how long, how often and in which layout: the order of the pairs depends only on the pairs
+# a step takes and the micro-batch, so more ranks and less accumulation may go on (the loader
+# checks those two, and says which settings keep them)
 MAY_CHANGE_ON_RESUME = ('max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'batch_size',
                         'gradient_accumulation_steps')
 
@@ -193,6 +195,10 @@ def clear_out_dir_or_refuse(out_dir, run, resuming, overwrite, sources):
     old = [name for name in ('ckpt.pt', 'metrics.jsonl') if os.path.exists(os.path.join(out_dir, name))]
     if resuming or not old:
         return
+    if not overwrite and old == ['metrics.jsonl']:  # a run that stopped before its first save
+        raise UserError(f"out_dir={out_dir!r} holds the metrics.jsonl of a run that never saved a "
+                        "ckpt.pt (it stopped before its first evaluation): replace it with "
+                        "--overwrite=True, or choose another --out_dir")
     if not overwrite:
         raise UserError(f"out_dir={out_dir!r} already holds a run ({' and '.join(old)}): continue it "
                         "with --init_from=resume, choose another --out_dir, or replace it with "

@@ -20,7 +20,7 @@ files (parallel.py, checkpoint.py, common.py) closed:
                                   (overwrite: remove it) or over a model the run reads
     checkpoint.load, restore      a resume: ckpt.pt read (its recipe checked), and put back
     checkpoint.write              ckpt.pt written atomically: a failed write keeps the old file
-    checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb); makes out_dir
+    checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb)
 """
 
 import os
@@ -140,7 +140,7 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
         losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
                                   desirable_weight=desirable_weight,
                                   undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha)
-        no_graph = [kl_batch, batch, kl_batch]  # the policy's mismatched rows, the reference's both
+        forward_only = [kl_batch, batch, kl_batch]  # the policy's mismatched rows, the reference's both
     else:  # the chosen and rejected sequences of B pairs in one batch, one forward of each model
         batch = dpo_batch(data, indices, pack).to(run.device)
         ref_rows = None  # the reference's log-probs of these pairs, where precomputed: (B, 2)
@@ -149,8 +149,8 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
         losses, totals = dpo_step(model, ref, batch, ref_rows, run.autocast, beta=beta,
                                   loss_type=loss_type, label_smoothing=label_smoothing,
                                   rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma)
-        no_graph = [batch] if ref is not None else []
-    return losses, totals, batch, no_graph
+        forward_only = [batch] if ref is not None else []
+    return losses, totals, batch, forward_only
 
 
 def main(config):
@@ -212,7 +212,7 @@ def main(config):
               f"{examples}; {examples_per_step} per step; loss {loss_type}, beta {beta}"
               + (f"; online, judge {judge}" if online else ""))
 
-    def held_out(indices):  # the totals of a held-out batch's metrics
+    def held_out_totals(indices):  # the totals of a held-out batch's metrics
         return batch_losses(policy, ref, eval_data, indices, eval_ref_logps, run)[1]
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
@@ -225,7 +225,7 @@ def main(config):
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
         if evaluate:
-            metrics = held_out_means(policy, held_out, names, len(eval_data), batch_size,
+            metrics = held_out_means(policy, held_out_totals, names, len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
             if eval_only:
                 log.write_eval(iter_num, metrics)
@@ -267,14 +267,14 @@ def main(config):
                 indices, online_totals = np.arange(len(data)), online_totals + sampled_totals
             else:
                 data, indices = train_data, next(loader)
-            losses, batch_totals, batch, no_graph = batch_losses(policy, ref, data, indices,
-                                                                 train_ref_logps, run)
+            losses, batch_totals, batch, forward_only = batch_losses(policy, ref, data, indices,
+                                                                     train_ref_logps, run)
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals = totals + batch_totals
             shape = batch.flops_shape()  # (tokens, with a target, attended length): no padding
             tokens += shape[0]
             flops += raw_policy.flops(*shape) + sum(  # and the forwards without a graph
-                raw_policy.flops(*b.flops_shape(), backward=False) for b in no_graph)
+                raw_policy.flops(*b.flops_shape(), backward=False) for b in forward_only)
         run.stop_unless_finite(totals[0, 0], iter_num)  # the loss's sum: no NaN reaches the weights
         # clip the gradient norm (float16: unscaled first), step (skipped on an overflow), zero
         scaler.unscale_(optimizer)

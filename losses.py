@@ -303,7 +303,6 @@ def sft_step(model, batch, autocast=nullcontext()):
 
 # ------------------------------------------------------------ held out, and the reference once
 
-@torch.no_grad()
 def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
     """Evaluation's batches on this rank, as (indices, counted): each of n held-out examples once
     over all ranks, in order (PairLoader's even=False), the first limit batches of each rank (-1:
@@ -320,6 +319,7 @@ def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False
     return mine + [(most[0], False)] * (len(most) - len(mine))
 
 
+@torch.no_grad()
 def held_out_means(model, totals_of, names, n, batch_size, eval_iters, run, same_count=False):
     """{'eval/' + name: mean} over the first eval_iters batches (-1: all) of the n held-out
     examples on each rank, summed over the ranks; totals_of(indices) gives a batch's (M, 2) totals.

@@ -134,7 +134,7 @@ def main(config):
               f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
               f"sequences; {batch_size * gradient_accumulation_steps * run.world_size} a step")
 
-    def held_out(indices):  # the totals of a held-out batch of sequences
+    def held_out_totals(indices):  # the totals of a held-out batch of sequences
         return sft_step(model, sft_batch(eval_data, indices, pack).to(run.device), run.autocast)[1]
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
@@ -147,7 +147,7 @@ def main(config):
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
         if evaluate:
-            metrics = held_out_means(model, held_out, METRICS['sft'], len(eval_data), batch_size,
+            metrics = held_out_means(model, held_out_totals, METRICS['sft'], len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
             if eval_only:
                 log.write_eval(iter_num, metrics)

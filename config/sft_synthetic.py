@@ -1,4 +1,4 @@
-# SFT of a small GPT from scratch on the embedded task (synthetic.py): it learns the review format
+# SFT of a small GPT from scratch on the embedded task (in data.py): it learns the review format
 # and the demonstrators' mixed quality. Runs on a laptop CPU in a few minutes.
 #   python sft.py config/sft_synthetic.py
 init_from = 'scratch'

@@ -178,3 +178,17 @@ def test_packed_sft_step_equals_padded(model, varied_pairs):
     torch.testing.assert_close(packed[0], padded[0], atol=1e-6, rtol=1e-6)  # the loss
     torch.testing.assert_close(packed[1], padded[1], atol=1e-4, rtol=1e-6)  # NLL, log-prob, target sums
     assert packed_batch.flops_shape() == padded_batch.flops_shape()  # padding is not counted either way
+
+
+def test_held_out_means_run_without_autograd_in_eval_mode(model):
+    """The held-out forwards build no graph (no_grad) and see no dropout (eval), and training
+    goes on in train mode; the means are over every example once."""
+    run = parallel.start('cpu', 'float32', 0)
+    seen = []
+
+    def totals_of(indices):
+        seen.append((torch.is_grad_enabled(), model.training, len(indices)))
+        return torch.tensor([[float(sum(indices)), float(len(indices))]])
+    means = losses.held_out_means(model, totals_of, ('loss',), 10, 4, -1, run)
+    assert seen == [(False, False, 4), (False, False, 4), (False, False, 2)]
+    assert means == {'eval/loss': 4.5} and model.training and torch.is_grad_enabled()

@@ -155,6 +155,10 @@ def test_out_dir_holding_a_run_or_a_model_it_reads_is_refused(tmp_path):
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'metrics.jsonl'] and (out / 'ckpt.pt').read_bytes() == b'weights'
     checkpoint.clear_out_dir_or_refuse(str(out), run, False, True, {'init_from': 'gpt2'})  # asked to overwrite
     assert os.listdir(out) == []
+    (out / 'metrics.jsonl').write_text('{"iter": 0}\n')  # a run that stopped before it saved: nothing to resume
+    with pytest.raises(UserError, match=f"^out_dir='{out}' holds the metrics.jsonl of a run that never saved a ckpt.pt "
+                                        r"\(it stopped before its first evaluation\): replace it with --overwrite=True"):
+        checkpoint.clear_out_dir_or_refuse(str(out), run, False, False, {'init_from': 'gpt2'})
 
 
 def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path, capsys):
