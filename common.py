@@ -42,6 +42,13 @@ def one_line_errors():
         yield
     except UserError as e:
         exit_with_error(e)
+    except RuntimeError as e:  # a collective's timeout that no Run.collective named: DDP's backward
+        if 'timed out' not in str(e).lower() and 'timeout' not in str(e).lower():
+            raise
+        exit_with_error(f"rank {os.environ.get('RANK', 0)}: a collective (DDP's all-reduce of the "
+                        "gradients in backward, or FSDP's gathers) waited past the timeout for the "
+                        "other ranks, one of which stopped, crashed or is stuck: see its output "
+                        f"({first_line(e, 160)})")
     except KeyboardInterrupt:
         exit_with_error("SIGINT (^C); nothing was saved",
                         prefix='stopped', code=130)

@@ -224,6 +224,16 @@ if {test!r} == 'stall':
         run.sum(torch.ones(1), 'the loss')
     except UserError as e:
         print(f"{{time.time() - t0:.1f}} {{e}}")
+elif {test!r} == 'backward':  # a rank that stops answering while the other's backward all-reduces
+    model = parallel.distribute(torch.nn.Linear(4, 1), run)
+    if run.rank == 1:
+        time.sleep(8)
+        sys.exit(0)
+    try:
+        with common.one_line_errors():
+            model(torch.ones(2, 4)).sum().backward()
+    except SystemExit as e:
+        print(e)
 else:  # node_first, 2 nodes of 2 ranks: a node's first rank's block ends before its other ranks' start
     node = run.rank // 2
     with run.node_first():
@@ -252,6 +262,14 @@ def test_a_stalled_rank_ends_the_others_with_an_error_naming_the_collective(tmp_
     (out0, err0), _ = ranks('stall', tmp_path, 29611)
     assert "rank 0: the all-reduce of the loss waited more than 2 s for the other ranks" in out0, err0[-2000:]
     assert float(out0.split()[0]) < 7  # not the 8 s the stuck rank sleeps
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_in_ddps_backward_ends_the_other_in_one_line(tmp_path):
+    (out0, err0), _ = ranks('backward', tmp_path, 29612)
+    assert out0.startswith("error: rank 0: a collective (DDP's all-reduce of the gradients in backward, or FSDP's "
+                           "gathers) waited past the timeout for the other ranks, one of which stopped"), err0[-2000:]
+    assert 'Traceback' not in err0
 
 
 @pytest.mark.slow
