@@ -4,7 +4,7 @@ name, hub id or hub-layout directory:
 
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=3 --top_p=0.9
 
-All samples are drawn together as one batch, with the KV cache.
+The samples are drawn batch_size at a time, each batch with the KV cache.
 """
 
 import os
@@ -24,6 +24,7 @@ init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2
 out_dir = 'out'
 start = ''  # the prompt, or 'FILE:path' to read it from a file; '' starts from <|endoftext|> (unconditional)
 num_samples = 3
+batch_size = 64  # samples drawn together: the KV cache and logits of this many must fit in memory
 max_new_tokens = 256
 temperature = 1.0  # 0 is greedy; below 1 sharper, above 1 more random
 top_k = None  # e.g. 50: sample only among the 50 likeliest tokens
@@ -37,7 +38,7 @@ ref_from = ''  # a reference model: order the samples by the implicit reward bet
 beta = 0.1
 # -----------------------------------------------------------------------------
 RANGES = {  # what each setting may be: configure() checks them all before any work
-    'num_samples': '>= 1', 'max_new_tokens': '>= 1', 'temperature': '>= 0',
+    'num_samples': '>= 1', 'batch_size': '>= 1', 'max_new_tokens': '>= 1', 'temperature': '>= 0',
     'top_k': 'None or >= 1', 'top_p': 'None or (0, 1]', 'seed': '>= 0',
     'dtype': ('auto', *DTYPES), 'beta': '> 0',
 }
@@ -49,10 +50,30 @@ def read_prompt(start):
         return start
     path = start[len('FILE:'):]
     try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
+        with open(path, 'rb') as f:
+            raw = f.read()
     except OSError as e:
         raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at "
+                        f"offset {e.start})") from None
+
+
+def check_memory(config, rows, length, dtype_bytes, device):
+    """Refuse, before any work, a batch whose generation would not fit in the device's free memory:
+    about the KV cache (keys and values of every layer, every position) and the float32 logits over
+    the vocabulary three times (logits, probabilities, the draw)."""
+    need = 2 * config.n_layer * rows * length * config.n_embd * dtype_bytes + 3 * rows * config.vocab_size * 4
+    if device.startswith('cuda'):
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
+    if need > free:
+        raise UserError(f"batch_size={rows} samples of up to {length} tokens at a time need about "
+                        f"{need / 1e9:.1f} GB (KV cache and logits), and {device} has {free / 1e9:.1f} GB "
+                        f"free: lower --batch_size (about {max(1, int(rows * free / need / 2))} fits)")
 
 
 def main():
@@ -73,9 +94,15 @@ def main():
     prompt = read_prompt(start)
     prompt_ids = encode(prompt) or [EOT_TOKEN]  # GPT-2's unconditional samples start after <|endoftext|>
     generator = torch.Generator(device=run_device).manual_seed(seed)
+    rows = min(batch_size, num_samples)
+    check_memory(model.config, rows, min(len(prompt_ids) + max_new_tokens, model.config.block_size),
+                 DTYPES[run_dtype].itemsize, run_device)
     t0 = time.perf_counter()
-    samples = model.generate([prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
+    samples = []
+    for i in range(0, num_samples, rows):
+        samples += model.generate([prompt_ids] * min(rows, num_samples - i), max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator, use_cache=use_cache)
     seconds = time.perf_counter() - t0
     rewards = [None] * num_samples
     if ref_from:  # "your language model is secretly a reward model": rank by beta * log(pi / pi_ref)
@@ -90,7 +117,7 @@ def main():
         print(prompt + response_text(tokens))
     n_tokens = sum(len(s) for s in samples)
     print(f"\n{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
-          f"({num_samples} samples as one batch, {'with' if use_cache else 'without'} KV cache)")
+          f"({num_samples} samples, {rows} a batch, {'with' if use_cache else 'without'} KV cache)")
 
 if __name__ == '__main__':
     configure(globals(), RANGES)
