@@ -270,6 +270,9 @@ def split_transcripts(chosen, rejected):
 def json_lines(path):
     """(line number, object) for each non-blank line of a JSONL file, gzip-compressed or not
     (told by its first bytes, not its name)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist" if not os.path.exists(path) else
+                        f"{path} is not a regular file (a directory, device or pipe): give a JSONL file")
     with open(path, 'rb') as f:
         compressed = f.read(2) == b'\x1f\x8b'  # gzip's magic number
     with (gzip.open if compressed else open)(path, 'rb') as f:
@@ -385,8 +388,11 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
                             "a JSONL file of prompt/chosen/rejected pairs")
         if os.path.isdir(path):
             raise UserError(f"{key}={path!r} is a directory: give the JSONL file itself")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UserError(f"{key}={path!r} does not exist")
+        if not os.path.isfile(path):
+            raise UserError(f"{key}={path!r} is not a regular file (a device or a pipe): give the "
+                            "JSONL file itself")
         # the file's content, not its name, size and mtime: a file replaced by another of the same
         # size with its mtime kept (cp -p, rsync -a) must not be read from the old one's cache
         return dict(sha256=file_sha256(path)), lambda: read_pairs(path)

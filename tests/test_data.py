@@ -149,6 +149,8 @@ def test_gzip_is_read_whatever_the_name(tmp_path):
 def test_a_directory_as_data_path_is_called_a_directory(tmp_path):
     with pytest.raises(UserError, match=f"data_path='{tmp_path}' is a directory: give the JSONL file itself"):
         load_dataset('jsonl', 'train', data_path=str(tmp_path), cache_dir=str(tmp_path / 'cache'))
+    with pytest.raises(UserError, match=r"^data_path='/dev/null' is not a regular file \(a device or a pipe\)"):
+        load_dataset('jsonl', 'train', data_path='/dev/null', cache_dir=str(tmp_path / 'cache'))
 
 
 @pytest.mark.parametrize('damage', ['cut', 'garbage'])

@@ -65,6 +65,8 @@ def test_bad_prompt_file_names_the_line(tmp_path):
     path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(evaluate.UserError, match=r"p\.jsonl, line 2: missing field 'prompt'"):
         evaluate.read_prompts(str(path))
+    with pytest.raises(evaluate.UserError, match=r"^prompts='/nonexistent.jsonl' does not exist: give a JSONL file"):
+        evaluate.read_prompts('/nonexistent.jsonl')
 
 
 def test_plots_write_pngs(tmp_path):

@@ -90,6 +90,8 @@ def preference_accuracy(model, ref, pairs, run, n=None):
 
 def read_prompts(path):
     """The 'prompt' field of each line of a JSONL file."""
+    if not os.path.exists(path):
+        raise UserError(f"prompts={path!r} does not exist: give a JSONL file with a 'prompt' field a line")
     found = [string_fields(row, ('prompt',), f"{path}, line {lineno}")[0] for lineno, row in json_lines(path)]
     if not found:
         raise UserError(f"{path} holds no prompts")
