@@ -85,7 +85,7 @@ beta2 = 0.999
 grad_clip = 10.0  # clip the gradient norm to this; 0 turns clipping off
 # evaluation, logging, saving
 eval_interval = 100  # evaluate on the held-out pairs and save ckpt.pt every this many iterations
-eval_iters = 20  # batches per evaluation; -1 for the whole held-out set
+eval_iters = 20  # held-out batches per evaluation, all ranks together; -1: all of them
 eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
 log_interval = 10
 wandb_log = False

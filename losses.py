@@ -304,25 +304,24 @@ def sft_step(model, batch, autocast=nullcontext()):
 # ------------------------------------------------------------ held out, and the reference once
 
 def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
-    """Evaluation's batches on this rank, as (indices, counted): each of n held-out examples once
-    over all ranks, in order (PairLoader's even=False), the first limit batches of each rank (-1:
-    all). same_count, for FSDP, where each forward gathers the weights with every rank: as many
-    batches as rank 0 has (it has the most), the missing ones rank 0's first, run but not counted."""
-    def batches(r):
-        loader = PairLoader(np.zeros(n), batch_size, rank=r, world_size=world_size, shuffle=False,
-                            even=False)
-        return loader.epoch_batches(0)[:limit if limit > 0 else None]
-    mine = [(indices, True) for indices in batches(rank)]
+    """Evaluation's batches on this rank, as (indices, counted): the n held-out examples in order,
+    in batches of batch_size (PairLoader's even=False), the first limit of them (-1: all) shared
+    out over the ranks, batch t to rank t % world_size. So every layout evaluates the same examples
+    in the same batches. same_count, for FSDP, where each forward gathers the weights with every
+    rank: as many batches as rank 0 has (it has the most), the missing ones rank 0's first, run but
+    not counted."""
+    in_order = PairLoader(np.zeros(n), batch_size, shuffle=False, even=False).epoch_batches(0)
+    evaluated = in_order[:limit if limit > 0 else None]
+    mine = [(indices, True) for indices in evaluated[rank::world_size]]
     if not same_count:
         return mine
-    most = batches(0)
-    return mine + [(most[0], False)] * (len(most) - len(mine))
+    return mine + [(evaluated[0], False)] * (len(evaluated[0::world_size]) - len(mine))
 
 
 @torch.no_grad()
 def held_out_means(model, totals_of, names, n, batch_size, eval_iters, run, same_count=False):
     """{'eval/' + name: mean} over the first eval_iters batches (-1: all) of the n held-out
-    examples on each rank, summed over the ranks; totals_of(indices) gives a batch's (M, 2) totals.
+    examples, shared out over the ranks (the same on any layout), summed over them; totals_of(indices) gives a batch's (M, 2) totals.
     same_count (FSDP, whose every forward all ranks join): a rank short of batches runs more,
     not counted."""
     model.eval()

@@ -11,6 +11,7 @@ from common import UserError
 import losses
 import bench
 from data import PairLoader
+from losses import eval_batches
 from data import EOT_TOKEN, PairData, encode, load_dataset, tokenize_pairs
 from test_data import write_jsonl
 
@@ -217,3 +218,17 @@ def test_grouping_by_length_cuts_padding():
     one_batch = bench.dpo_padding(pairs, [np.array([0, 1])])  # by hand from the rows' lengths
     rows = [len(pairs.get('prompt', i)) + len(pairs.get(f, i)) - 1 for f in ('chosen', 'rejected') for i in (0, 1)]
     assert one_batch == pytest.approx(1 - sum(rows) / (4 * max(rows)))
+
+
+@pytest.mark.parametrize('limit', [-1, 3, 5])
+def test_held_out_batches_are_the_same_on_any_layout(limit):
+    """eval_iters counts batches over all ranks: 1, 2 or 3 ranks evaluate exactly the batches one
+    process does (here 23 examples, batches of 4: the last holds 3), each once; FSDP's same_count
+    tops a short rank up with uncounted batches to rank 0's number."""
+    one = [b.tolist() for b, _ in eval_batches(23, 4, limit=limit)]
+    assert len(one) == (6 if limit == -1 else limit) and one[0] == [0, 1, 2, 3]
+    for world_size in (2, 3):
+        shares = [eval_batches(23, 4, r, world_size, limit, same_count=True) for r in range(world_size)]
+        counted = sorted(b.tolist() for share in shares for b, c in share if c)
+        assert counted == sorted(one)
+        assert len({len(share) for share in shares}) == 1  # every rank runs as many forwards

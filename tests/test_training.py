@@ -274,6 +274,9 @@ def test_two_ddp_ranks_equal_one_rank_accumulating_and_resume_on_it(sft_dir, tmp
     ok(run('dpo.py', *args, '--max_iters=3', '--eval_interval=3', f'--out_dir={one}', '--gradient_accumulation_steps=2'))
     assert_same_weights(two, one, sft_dir)
     assert loss(two) == pytest.approx(loss(one), abs=1e-5)
+    held_out = lambda out: [r for r in metrics(out) if 'eval/loss' in r]  # eval_iters=4 batches on any layout
+    for a, b in zip(held_out(two), held_out(one), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
     for out in (two, one):  # the 2-rank run goes on as one process
         ok(run('dpo.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=5', '--eval_interval=5',
                '--gradient_accumulation_steps=2', *args[1:]))
