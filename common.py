@@ -5,7 +5,10 @@ Hugging Face hub. A reader of the training story can leave this file closed.
 """
 
 import errno
+import hashlib
+import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -99,15 +102,17 @@ def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint='')
     import logging
     from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir,
-                               local_files_only=True)
+        return check_hub_blob(hf_hub_download(repo_id, filename, repo_type=repo_type,
+                                              cache_dir=cache_dir, local_files_only=True))
+    except UserError:
+        raise
     except Exception:  # not in the cache (yet)
         pass
     hub_log = logging.getLogger('huggingface_hub')
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # a warning per retry would bury the one line raised below
     try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
+        path = hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
     except Exception as e:  # offline, an unknown repo or file, ...
         what = f"the dataset {repo_id}" if repo_type == 'dataset' else repo_id
         raise UserError(f"could not get {filename} of {what} from the Hugging Face hub or its cache "
@@ -115,3 +120,45 @@ def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint='')
                         "or fill the hub cache where there is internet and set HF_HUB_OFFLINE=1") from None
     finally:
         hub_log.setLevel(level)
+    return check_hub_blob(path)
+
+
+def check_hub_blob(path):
+    """path, once its bytes are known whole: a hub cache keeps a large (LFS) file, the weights or a
+    dataset's shard, as blobs/SHA256, named by the sha256 of its bytes. The first time a blob is read
+    (recorded in DATA_CACHE_DIR/verified_blobs.json with its size and mtime) its bytes are checked
+    against that name, so a download cut short or a disk's damage stops here in one line, not as
+    broken weights later. Small files (named by a git sha1) and local directories have no such name."""
+    blob = os.path.realpath(path)
+    name = os.path.basename(blob)
+    if os.path.basename(os.path.dirname(blob)) != 'blobs' or not re.fullmatch(r'[0-9a-f]{64}', name):
+        return path
+    stat = os.stat(blob)
+    record_path, record = os.path.join(DATA_CACHE_DIR, 'verified_blobs.json'), {}
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if record.get(name) == [stat.st_size, stat.st_mtime_ns]:
+        return path
+    if file_sha256(blob) != name:
+        raise UserError(f"{path} is damaged in the hub cache: the sha256 of its bytes is not "
+                        f"{name[:16]}..., which the hub names it by (a download cut short?); delete "
+                        f"{blob} and {path}, and it is downloaded again")
+    record[name] = [stat.st_size, stat.st_mtime_ns]
+    try:
+        with atomic_open(record_path) as f:
+            json.dump(record, f)
+    except OSError:  # a read-only cache: checked again next time, nothing worse
+        pass
+    return path
+
+
+def file_sha256(path, chunk=1 << 24):
+    """The sha256 of a file's bytes, read 16 MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()

@@ -30,7 +30,7 @@ from collections import Counter
 import numpy as np
 import tiktoken
 
-from common import DATA_CACHE_DIR, UserError, atomic_open, hub_file, write_failure
+from common import DATA_CACHE_DIR, UserError, atomic_open, file_sha256, hub_file, write_failure
 from model import EOT_TOKEN  # <|endoftext|>
 
 # the hashes tiktoken_ext/openai_public.py expects for GPT-2's files: any other bytes are refused
@@ -357,15 +357,6 @@ def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
     hint = "use dataset='jsonl' with data_path for your own pairs"
     return [hub_file(HH_REPO, f'{subset}/{split}.jsonl.gz', repo_type='dataset',
                      cache_dir=hub_cache_dir, offline_hint=hint) for subset in subsets]
-
-
-def file_sha256(path, chunk=1 << 24):
-    """The sha256 of a file's bytes, read 16 MB at a time."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all',

@@ -1,6 +1,7 @@
 """model.py against transformers' GPT2LMHeadModel, against itself by a second code path, and
 against hand-computed values."""
 
+import json
 import os
 import shutil
 
@@ -87,6 +88,36 @@ def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
     for a, b in zip(from_pretrained('gpt2', cache_dir=str(tmp_path)).state_dict().values(), from_dir.state_dict().values()):
         assert torch.equal(a, b)
 
+
+
+def test_weights_from_the_hub_cache_are_checked_against_their_blob_name(hf_dir, tmp_path, monkeypatch):
+    """The hub cache names a large file's blob by the sha256 of its bytes: the first read checks them
+    (and records it, so later reads cost nothing); a damaged blob stops in one line that says what to delete."""
+    import hashlib
+    import huggingface_hub.constants
+    import common
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(common, 'DATA_CACHE_DIR', str(tmp_path / 'data_cache'))
+    repo = tmp_path / 'hub' / 'models--openai-community--gpt2'
+    snapshot, blobs = repo / 'snapshots' / ('0' * 40), repo / 'blobs'
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    shutil.copy(os.path.join(hf_dir, 'config.json'), snapshot)  # small files: named by git's sha1, not checked
+    weights = open(os.path.join(hf_dir, 'model.safetensors'), 'rb').read()
+    blob = blobs / hashlib.sha256(weights).hexdigest()
+    blob.write_bytes(weights)
+    os.symlink(os.path.relpath(blob, snapshot), snapshot / 'model.safetensors')
+    from_pretrained('gpt2', cache_dir=str(tmp_path / 'hub'))
+    record = json.loads((tmp_path / 'data_cache' / 'verified_blobs.json').read_text())
+    assert list(record) == [blob.name]
+    damaged = bytearray(weights)
+    damaged[-1] ^= 1  # one bit of the last weight: still a readable safetensors file
+    blob.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=rf"model.safetensors is damaged in the hub cache: the sha256 of its bytes is "
+                                        rf"not {blob.name[:16]}\.\.\., which the hub names it by .*; delete {blob} and"):
+        from_pretrained('gpt2', cache_dir=str(tmp_path / 'hub'))
 
 # ---------------------------------------------------------------- loading errors
 
