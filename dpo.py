@@ -10,17 +10,24 @@ preference pairs against a frozen reference, usually both the SFT model.
 Read it top to bottom: the settings, what they may be, the losses of a batch, then main(): the
 models, the data, and the loop. What it calls in model.py, data.py and losses.py is the story too.
 The guard rails it calls do what their names and these lines say, so a first read can leave their
-files (parallel.py, checkpoint.py, common.py) closed:
-    configure(globals(), ...)     the command line's overrides, checked (RANGES, CHECKS)
-    parallel.start() -> run       device, dtype (run.autocast), seed, rank (run.ddp, run.master)
-    run.sum, run.node_first, run.stop_unless_finite, run.full_tensor, run.full_state, run.gather,
-    run.rng_states, run.exit_together: collectives over the ranks (one process: the plain case)
+files (parallel.py, checkpoint.py, common.py) closed. On one process each is the plain thing:
+    configure(globals(), ...)     the command line's overrides applied, checked (RANGES, CHECKS)
+    parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
+                                  with seed + rank; run.ddp, run.rank, run.master (rank 0)
+    run.sum(t)                    t summed over the ranks (t itself on one process)
+    run.node_first()              the block on one rank of each node first (it writes the cache)
+    run.stop_unless_finite(x)     UserError on every rank if x is NaN or infinite
+    run.full_tensor, full_state   whole tensors: state dicts as torch.save wants them (FSDP gathers)
+    run.gather(values), rng_states  every rank's list of ints, and RNG states: [rank 0's, ...]
+    run.save_on_signals, stop_signal, exit_stopped: SIGTERM/SIGINT noted, then saved, and the end
+    run.exit_together()           all ranks end together (nothing on one process)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
     checkpoint.claim_out_dir      lock out_dir while the run lives; never write over another run
                                   (overwrite: remove it) or over a model the run reads
     checkpoint.load, restore      a resume: ckpt.pt read (its recipe checked), and put back
-    checkpoint.write              ckpt.pt written atomically: a failed write keeps the old file
-    checkpoint.MetricLog          stdout and out_dir/metrics.jsonl (and wandb)
+    checkpoint.write(ckpt, path)  torch.save to a temporary file, fsync, rename over path: a failed
+                                  write (a full disk) keeps the old file and says so
+    checkpoint.MetricLog          log(): a line on stdout, one in out_dir/metrics.jsonl (and wandb)
 """
 
 import os
@@ -140,7 +147,7 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
         losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
                                   desirable_weight=desirable_weight,
                                   undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha)
-        forward_only = [kl_batch, batch, kl_batch]  # the policy's mismatched rows, the reference's both
+        forward_only = [kl_batch, batch, kl_batch]  # the policy's mismatched rows; the ref's both
     else:  # the chosen and rejected sequences of B pairs in one batch, one forward of each model
         batch = dpo_batch(data, indices, pack).to(run.device)
         ref_rows = None  # the reference's log-probs of these pairs, where precomputed: (B, 2)
