@@ -52,6 +52,11 @@ from online import load_judge, sample_pairs  # (not `import online`: a setting h
 init_from = 'out-sft'  # the policy: an SFT out_dir, a GPT-2 name, hub id or directory, or 'resume'
 ref_from = ''  # the frozen reference, as init_from; '' is the same as init_from (the usual choice)
 dropout = 0.0  # the policy's while training (never the reference's); the paper's code has it off
+# LoRA: low-rank adapters trained on the frozen model (dpo.py: the reference is it, adapters off)
+lora_rank = 0  # the adapters' rank; 0: no LoRA, every weight trains
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # the layers adapted (model.LORA_TARGETS): all, as here
 # the data
 dataset = 'synthetic'  # 'hh', 'jsonl' or 'synthetic'
 data_path = ''  # dataset='jsonl': the training pairs
@@ -107,7 +112,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 RANGES = {  # what each setting may be: configure() checks them all before any work
-    'dropout': '[0, 1)', 'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
+    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
     'max_prompt_length': '>= 1', 'beta': '> 0',
     'loss_type': ('sigmoid', 'ipo', 'hinge', 'simpo', 'kto'),
     'label_smoothing': '[0, 0.5)', 'rpo_alpha': '>= 0', 'simpo_gamma': '>= 0',
@@ -119,6 +125,9 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
     'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
 }
 CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
+    (lambda c: c['lora_rank'] and c['ref_from'] not in ('', c['init_from']),
+     "lora_rank={lora_rank} does not go with ref_from={ref_from!r}: under LoRA the reference is "
+     "the policy's own base with the adapters off; leave ref_from='' (the policy's init_from)"),
     (lambda c: c['loss_type'] == 'kto' and c['precompute_ref_logps'],
      "precompute_ref_logps=True does not go with loss_type='kto': its KL reference point pairs "
      "each row with another row of its batch, which changes every epoch; keep the live reference"),
@@ -176,7 +185,10 @@ def main(config):
     # what the run started from, which a resume reads back (checkpoint.load insists on ref_from)
     config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
     # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)
-    policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
+    # with lora_rank > 0 the policy is the model, frozen, with new adapters (LoRA), and the
+    # reference that same model with its adapters off: one copy of the weights in memory
+    lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)
+    policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
     ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node; the loader gives this
     # rank's pairs (kto: rows) of each micro-step, in an order that depends only on the seed

@@ -387,25 +387,34 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # ---------------------------------------------------------------- the models a script starts from
 
 def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None,
-               max_length=None):
+               max_length=None, lora=None):
     """The model a script starts from: 'resume' is out_dir/ckpt.pt (or the checkpoint dict given,
     already read); a directory holding a ckpt.pt (an SFT run's out_dir) is that checkpoint; anything
-    else goes to from_pretrained, below (a GPT-2 name, a hub id or a hub-layout directory).
-    max_length: the data's longest sequence, which must fit the model's block_size."""
-    if init_from == 'resume' or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
-        path = os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt')
+    else goes to from_pretrained, below (a GPT-2 name, a hub id or a hub-layout directory). A LoRA
+    run's checkpoint holds only its adapters: its base is loaded from where the run started, and
+    the adapters are merged into it (kept apart for 'resume'). lora: (rank, alpha, dropout,
+    targets) to add new adapters on top (add_lora). max_length: the data's longest sequence, which
+    must fit the model's block_size."""
+    resuming = init_from == 'resume'
+    if resuming or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        path = os.path.join(out_dir if resuming else init_from, 'ckpt.pt')
         checkpoint = checkpoint or read_checkpoint(path)  # on the CPU: the weights go to device
         if 'model_args' not in checkpoint or 'model' not in checkpoint:
             raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
                             "this project")
-        try:
-            model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{path}: its model_args do not make a model: {e}") from None
-        try:
-            model.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+        if 'lora_base_sha256' in checkpoint['model']:
+            model = load_adapted(path, checkpoint, dropout)
+            if not resuming:
+                merge_lora(model)
+        else:
+            try:
+                model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+            except (TypeError, ValueError) as e:
+                raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+            try:
+                model.load_state_dict(checkpoint['model'])
+            except RuntimeError as e:
+                raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
     else:
         try:
             model = from_pretrained(init_from, dropout=dropout)
@@ -414,22 +423,48 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     for name, t in model.state_dict().items():  # a NaN here would only show as a NaN loss later
         if not torch.isfinite(t).all():
             raise UserError(f"the model {init_from} is broken: its weight {name} holds "
-                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start from "
-                            "another checkpoint")
+                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
+                            "from another checkpoint")
     if max_length is not None and max_length > model.config.block_size:
         raise UserError(f"max_length={max_length} is longer than the model's block_size "
                         f"{model.config.block_size}")
+    if lora and lora[0] and not lora_layers(model):
+        add_lora(model, *lora)
     return model.to(device)
+
+
+def load_adapted(path, checkpoint, dropout):
+    """A LoRA run's model from its checkpoint: the base it started from (its config's init_from,
+    which must still have the weights it had then), with the run's adapters loaded onto it."""
+    config = checkpoint.get('config', {})
+    base = load_model(config['init_from'], dropout=dropout)
+    add_lora(base, config['lora_rank'], config['lora_alpha'], config['lora_dropout'],
+             config['lora_targets'])
+    saved_sha256 = bytes(checkpoint['model']['lora_base_sha256'].tolist()).hex()
+    if lora_base_sha256(base) != saved_sha256:
+        raise UserError(f"{path} holds LoRA adapters for the base {config['init_from']}, whose "
+                        "weights changed since the run started (sha256 differs): the adapters mean "
+                        "nothing on other weights")
+    missing, unexpected = base.load_state_dict(checkpoint['model'], strict=False)
+    trained = {name for name, p in base.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings "
+                        f"({(unexpected or sorted(trained & set(missing)))[0]} ...)")
+    return base
 
 
 def load_reference(source, policy, device, resumed=None):
     """The frozen reference (eval mode, no gradients) and the sha256 of its weights. It must have
-    the policy's shape, and a resumed run must find the very weights it started against."""
-    ref = load_model(source, device=device).eval().requires_grad_(False)
-    if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
-        raise UserError(f"the reference ({source}) has the shape {asdict(ref.config)}, but the policy "
-                        f"has {asdict(policy.config)}")
-    sha256 = weights_sha256(ref)
+    the policy's shape, and a resumed run must find the very weights it started against. A policy
+    with LoRA adapters has its reference in itself: its base, the adapters off (BaseOf)."""
+    if lora_layers(policy):
+        ref, sha256 = BaseOf(policy), lora_base_sha256(policy)
+    else:
+        ref = load_model(source, device=device).eval().requires_grad_(False)
+        if {**asdict(ref.config), 'dropout': 0} != {**asdict(policy.config), 'dropout': 0}:
+            raise UserError(f"the reference ({source}) has the shape {asdict(ref.config)}, but the "
+                            f"policy has {asdict(policy.config)}")
+        sha256 = weights_sha256(ref)
     if resumed and resumed.get('ref_sha256', sha256) != sha256:
         raise UserError(f"the reference {source} is not the model this run trained against: its "
                         "weights changed since the run started (sha256 differs); resume with the same "
@@ -703,3 +738,101 @@ def inverse_cdf_draw(probs, generator=None):
     # right=True: the first i with cdf[i] > u >= cdf[i-1], so probs[i] > 0; a filtered token is
     # never drawn
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
+
+
+# ---------------------------------------------------------------- LoRA: adapters on a frozen GPT
+# LoRA (Hu et al., 2021) trains a low-rank update of chosen linear layers and freezes everything
+# else: layer(x) + dropout(x) @ A.T @ B.T * (alpha / rank), A (rank, in) random, B (out, rank) zero,
+# so that the adapted model starts as the base exactly. With the adapters off (adapters_off) the
+# model is its base: DPO's reference, with no second copy of the weights. The base's weights keep
+# their names; the adapters are each layer's submodule 'lora' (transformer.h.0.attn.c_attn.lora.A),
+# added to the layer's output by a forward hook.
+
+LORA_TARGETS = ('c_attn', 'c_proj', 'attn.c_proj', 'c_fc', 'mlp.c_proj')  # 'c_proj': both, as peft
+
+
+class LoRA(nn.Module):
+
+    def __init__(self, linear, rank, alpha, dropout):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, linear.in_features))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise it
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+        self.scale, self.dropout, self.enabled = alpha / rank, nn.Dropout(dropout), True
+
+    def forward(self, x):  # x (..., in) -> the update (..., out)
+        return self.dropout(x) @ self.A.t() @ self.B.t() * self.scale
+
+
+def add_update(linear, args, output):  # the forward hook of an adapted layer
+    return output + linear.lora(args[0]) if linear.lora.enabled else output
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, 'lora')]
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets='c_attn,c_proj,c_fc'):
+    """model with rank-`rank` adapters on each linear layer that targets names (comma-separated,
+    LORA_TARGETS), every other weight frozen; its buffer lora_base_sha256 is the fingerprint of the
+    frozen base (weights_sha256), saved with the adapters and checked when they are loaded."""
+    names = [t.strip() for t in targets.split(',') if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise UserError(f"lora_targets={targets!r}: {', '.join(unknown) or 'no layer'} is not a layer "
+                        f"LoRA adapts here; choose among {', '.join(LORA_TARGETS)}")
+    if lora_layers(model):
+        raise UserError("this model has adapters already: merge them first (merge_lora)")
+    base_sha256 = weights_sha256(model)
+    model.requires_grad_(False)
+    for name, module in model.transformer.h.named_modules():
+        if isinstance(module, nn.Linear) and any(name.endswith(t) for t in names):
+            module.lora = LoRA(module, rank, alpha, dropout).to(module.weight.device)
+            module.lora_hook = module.register_forward_hook(add_update)
+    model.register_buffer('lora_base_sha256', torch.tensor(list(bytes.fromhex(base_sha256)),
+                                                           dtype=torch.uint8, device=model.lm_head.weight.device))
+    return model
+
+
+def lora_base_sha256(model):
+    """The fingerprint of an adapted model's frozen base, or None for a model without adapters."""
+    buffer = getattr(model, 'lora_base_sha256', None)
+    return None if buffer is None else bytes(buffer.cpu().tolist()).hex()
+
+
+@contextmanager
+def adapters_off(model):
+    """Within the block the model is its base: every adapter is switched off, then back on."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.lora.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.lora.enabled = True
+
+
+class BaseOf:
+    """An adapted model's frozen base as a model of its own: called, it runs the model with its
+    adapters off. The DPO reference under LoRA: the same weights in memory, not a copy."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.model):
+            return self.model(*args, **kwargs)
+
+
+def merge_lora(model):
+    """model with each adapter folded into its layer's weight (W + scale * B @ A) and removed: a
+    plain GPT that computes what the adapted one did, for sampling, evaluation and export."""
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.weight += (layer.lora.B @ layer.lora.A * layer.lora.scale).to(layer.weight.dtype)
+            del layer.lora
+            layer.lora_hook.remove()
+    if hasattr(model, 'lora_base_sha256'):
+        del model.lora_base_sha256
+    return model.requires_grad_(True)

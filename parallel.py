@@ -295,6 +295,8 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
     the rest (the embeddings, tied to the output layer, and the LayerNorms), so that its parameters are
     this rank's shards from here on: build the optimizer after distribute(). compile: torch.compile.
     Training under torchrun without fsdp: DDP around it (forward_only, the reference: no DDP)."""
+    if not isinstance(model, torch.nn.Module):  # a LoRA policy's base (BaseOf): where the policy is
+        return model
     if fsdp and run.dtype == 'float16':  # (CHECKS refuses it when asked; here 'auto' chose it)
         raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
                         "sharded gradients: use bfloat16 (or float32)")
@@ -333,7 +335,7 @@ def is_sharded(t):
 
 def full_state(model, optimizer, keep):
     """The model's and the optimizer's state dicts with whole tensors on the CPU, as a one-process
-    run has them, on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
+    run has them (of a model with frozen parameters, LoRA's, only the trained ones and the buffers), on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
     FSDP every rank takes part in each gather, one tensor at a time, in the same order, so that a
     GPU never holds more than one whole tensor beyond its shards."""
     def gathered(t):
@@ -342,7 +344,11 @@ def full_state(model, optimizer, keep):
         return t.cpu() if keep else None
     copies = {}  # id of a parameter -> its copy: the tied embedding and output weights stay one tensor
     model_state = {}
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    trained_only = frozen and any(p.requires_grad for p in model.parameters())  # LoRA: the adapters
     for name, param in model.state_dict(keep_vars=True).items():
+        if trained_only and name in frozen:
+            continue  # the frozen base is not saved: the run's config says where it comes from
         if id(param) not in copies:
             copies[id(param)] = gathered(param)
         model_state[name] = copies[id(param)]

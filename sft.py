@@ -31,6 +31,11 @@ n_head = 4
 n_embd = 128
 block_size = 256
 dropout = 0.0
+# LoRA: low-rank adapters trained on the frozen model (dpo.py: the reference is it, adapters off)
+lora_rank = 0  # the adapters' rank; 0: no LoRA, every weight trains
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # the layers adapted (model.LORA_TARGETS): all, as here
 # the data
 dataset = 'synthetic'  # 'hh', 'jsonl' or 'synthetic'
 data_path = ''  # dataset='jsonl': the training pairs (their chosen responses)
@@ -73,7 +78,8 @@ seed = 1337
 
 RANGES = {  # what each setting may be: configure() checks them all before any work
     'n_layer': '>= 1', 'n_head': '>= 1', 'n_embd': '>= 1', 'block_size': '>= 2',
-    'dropout': '[0, 1)', 'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
+    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
     'max_prompt_length': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
     'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
     'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
@@ -81,6 +87,9 @@ RANGES = {  # what each setting may be: configure() checks them all before any w
     'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
 }
 CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
+    (lambda c: c['init_from'] == 'scratch' and c['lora_rank'],
+     "lora_rank={lora_rank} does not go with init_from='scratch': LoRA adapts a trained model, and "
+     "a model made from scratch has nothing to adapt; train it whole (lora_rank=0)"),
     (lambda c: c['init_from'] == 'scratch' and c['n_embd'] % c['n_head'],
      "n_embd={n_embd} is not a multiple of n_head={n_head} (each head takes n_embd / n_head of the "
      "channels)"),
@@ -108,7 +117,8 @@ def main(config):
         model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                               dropout=dropout)).to(run.device)
     else:  # a wrong init_from stops here, before any data is read
-        model = load_model(init_from, out_dir, run.device, dropout, resumed, max_length)
+        lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)  # rank 0: no adapters
+        model = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
     # the data: tokenized once into the token cache, by one process a node
     with run.node_first():
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,
@@ -147,8 +157,8 @@ def main(config):
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
         if evaluate:
-            metrics = held_out_means(model, held_out_totals, METRICS['sft'], len(eval_data), batch_size,
-                                     eval_iters, run, same_count=fsdp)
+            metrics = held_out_means(model, held_out_totals, METRICS['sft'], len(eval_data),
+                                     batch_size, eval_iters, run, same_count=fsdp)
             if eval_only:
                 log.write_eval(iter_num, metrics)
                 break
