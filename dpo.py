@@ -226,7 +226,10 @@ def main(config):
     examples = 'rows' if kto else 'pairs'
     examples_per_step = batch_size * gradient_accumulation_steps * run.world_size
     if run.master:
-        print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, "
+        trained = sum(p.numel() for p in raw_policy.parameters() if p.requires_grad)  # LoRA: less
+        print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters"
+              + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora_rank else "")
+              + f", {run.device}, {run.dtype}, "
               f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
               f"{examples}; {examples_per_step} per step; loss {loss_type}, beta {beta}"
               + (f"; online, judge {judge}" if online else ""))

@@ -140,7 +140,10 @@ def main(config):
     log = checkpoint.MetricLog(out_dir, run.master, start_iter, eval_only, wandb_log,
                                wandb_project, wandb_run_name, config)
     if run.master:
-        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters, {run.device}, {run.dtype}, "
+        trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # LoRA: less
+        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters"
+              + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora_rank else "")
+              + f", {run.device}, {run.dtype}, "
               f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
               f"sequences; {batch_size * gradient_accumulation_steps * run.world_size} a step")
 

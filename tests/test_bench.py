@@ -1,11 +1,18 @@
 """bench.py runs (tiny model, one step each) and reports what it promises; no timing is asserted."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
+
+
+def own_cache(tmp_path):
+    """The environment of a bench.py that measures the CPU's peak under load: its cache in tmp_path, so
+    that the repository's data_cache/peak_flops.json keeps a real measurement."""
+    return {**os.environ, 'NANODPO_DATA_CACHE': str(tmp_path)}
 
 
 def test_the_padding_report_by_hand(tmp_path):
@@ -27,10 +34,10 @@ def test_the_padding_report_by_hand(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('pack', [False, True])
-def test_bench_reports_every_step(pack):
+def test_bench_reports_every_step(pack, tmp_path):
     result = subprocess.run([sys.executable, 'tools/bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
                              '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2', f'--pack={pack}'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=own_cache(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert [s['step'] for s in report['steps']] == ['dpo', 'dpo_precomputed', 'sft', 'sample with KV cache',
@@ -59,7 +66,7 @@ def test_cpu_allocation_peak_by_hand():
 
 
 @pytest.mark.slow
-def test_bench_bytes_per_rank_halve_under_fsdp():
+def test_bench_bytes_per_rank_halve_under_fsdp(tmp_path):
     """On 2 gloo ranks, in float32 (no autocast copies): a DDP rank holds 4 bytes a parameter of
     weights, 4 of the reference, 4 of gradients and 8 of AdamW's two moments, counted from the
     tensors themselves; an FSDP rank holds half of each (the shards of an odd-sized row are one
@@ -68,10 +75,25 @@ def test_bench_bytes_per_rank_halve_under_fsdp():
         result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                                  'tools/bench.py', '--model=tiny', '--what=dpo', '--steps=1', '--warmup_steps=0', '--device=cpu',
                                  '--dtype=float32', '--batch_size=2', '--lengths=16,16', f'--fsdp={fsdp}'],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                cwd=ROOT, capture_output=True, text=True, timeout=600, env=own_cache(tmp_path))
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(result.stdout.strip().splitlines()[-1])
         return report['steps'][0]['bytes_per_param']
     ddp, fsdp = bytes_per_param(False), bytes_per_param(True)
     assert ddp == pytest.approx({'weights': 4, 'reference': 4, 'gradients': 4, 'optimizer': 8, 'weight copies': 0})
     assert fsdp == pytest.approx({k: v / 2 for k, v in ddp.items()}, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_step_holds_no_reference_and_state_only_for_the_adapters(tmp_path):
+    """bench.py --lora_rank=2: the reference is the policy with its adapters off (0 bytes of its own),
+    gradients and AdamW's moments exist for the adapters only, and the memory plan has LoRA's rows."""
+    result = subprocess.run([sys.executable, 'tools/bench.py', '--model=tiny', '--what=dpo', '--steps=1',
+                             '--warmup_steps=0', '--device=cpu', '--dtype=float32', '--batch_size=2', '--lora_rank=2',
+                             '--memory_plan=True'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=own_cache(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_param = json.loads(result.stdout.strip().splitlines()[-1])['steps'][0]['bytes_per_param']
+    assert per_param['reference'] == 0 and per_param['weights'] == 4  # one float32 copy of the weights
+    assert 0 < per_param['gradients'] < 0.5 and 0 < per_param['optimizer'] < 1  # the adapters' only (full: 4 and 8)
+    assert '| gpt2-xl | LoRA r=2: adapters off |' in result.stdout

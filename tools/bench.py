@@ -29,7 +29,7 @@ from common import atomic_open
 from configurator import configure
 from data import DATA_CACHE_DIR, PairData, PairLoader, load_dataset
 from losses import dpo_batch, dpo_step, pack_bins, sft_batch, sft_step
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, BaseOf, add_lora
 
 # -----------------------------------------------------------------------------
 model = 'gpt2'  # the shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or tiny
@@ -54,12 +54,13 @@ padding = False  # only the padding of each way of batching a dataset (dataset=.
 dataset = 'synthetic'  # padding=True: 'hh', 'jsonl' (data_path) or 'synthetic'
 data_path = ''
 cache_dir = ''  # padding=True: where the token cache goes ('' is the project's data_cache/)
+lora_rank = 0  # > 0: the policy is the model frozen with rank-lora_rank adapters on every projection, the reference it with them off (dpo.py's LoRA)
 memory_plan = False  # also the GB per GPU of a DPO step for every GPT-2 size, DDP and FSDP, from this run's measured bytes
 seed = 1337
 # -----------------------------------------------------------------------------
 RANGES = {'batch_size': '>= 1', 'max_length': '>= 2', 'max_prompt_length': '>= 1', 'steps': '>= 1',
           'warmup_steps': '>= 0', 'sample_tokens': '>= 1', 'sample_batch': '>= 1',
-          'sample_prompt': '>= 1', 'seed': '>= 0'}
+          'sample_prompt': '>= 1', 'seed': '>= 0', 'lora_rank': '>= 0'}
 
 GPT2_SHAPES = {  # n_layer, n_head, n_embd of each official size
     'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600),
@@ -233,7 +234,8 @@ def memory_accounting(step, indices, policy, ref, optimizer, run):
         p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None)))
     state_bytes = lambda: local_bytes(t for state in optimizer.state.values() for t in state.values()
                                       if torch.is_tensor(t) and t.dim() > 0)
-    weights, reference = local_bytes(policy.parameters()), local_bytes(ref.parameters())
+    weights = local_bytes(policy.parameters())
+    reference = local_bytes(ref.parameters()) if isinstance(ref, torch.nn.Module) else 0  # LoRA: none
     alive = weights + reference + state_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if run.device_type == 'cuda':
@@ -283,7 +285,7 @@ def plan_memory(measured):
             shape = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=1024))
         P, block = sum(p.numel() for p in shape.parameters()), sum(p.numel() for p in shape.transformer.h[0].parameters())
         saved = PLAN_TOKENS * (per_layer_width * L * C + measured['logits_bytes_per_target'])
-        for live in (True, False):
+        for live in ((True,) if measured['lora_rank'] else (True, False)):
             state = P * (per_param['weights'] + per_param['gradients'] + per_param['optimizer'] +
                          (per_param['reference'] if live else 0))
             cells = [state + P * per_param['weight copies'] + saved]
@@ -291,7 +293,8 @@ def plan_memory(measured):
             gathered = root * 4 + 2 * block * 2 + shape.config.vocab_size * C * 2  # and the output layer's bf16 copy
             for gpus in (2, 4, 8):
                 cells.append(state / gpus + gathered + saved)
-            lines.append(f"| {name} | {'live' if live else 'precomputed'} | " +
+            kind = f"LoRA r={measured['lora_rank']}: adapters off" if measured['lora_rank'] else 'live' if live else 'precomputed'
+            lines.append(f"| {name} | {kind} | " +
                          ' | '.join(f"{b / 1e9:.1f} ({fits(b)})" for b in cells) + ' |')
     return '\n'.join(lines)
 
@@ -334,7 +337,10 @@ def main():
     run = parallel.start(device, dtype, seed)
     n_layer, n_head, n_embd = SHAPES[model]
     policy = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)).to(run.device)
-    ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
+    if lora_rank:  # one model: the adapters trained, the reference the base with them off
+        ref = BaseOf(add_lora(policy, lora_rank, 2.0 * lora_rank))
+    else:
+        ref = GPT(policy.config).to(run.device).eval().requires_grad_(False)
     # under torchrun, as dpo.py spreads them (DDP, or FSDP with fsdp=True); compiled with compile=True
     step_model, step_ref = parallel.distribute(policy, run, fsdp, compile), parallel.distribute(ref, run, fsdp, compile, forward_only=True)
     optimizer = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.999), run.device_type)  # after wrap: FSDP's shards
@@ -343,7 +349,7 @@ def main():
     loader = PairLoader(data.pair_lengths(), batch_size, seed, run.rank, run.world_size, group_by_length=group_by_length)
     ref_logps = np.random.default_rng(seed).normal(-100, 10, (len(data), 2)).astype(np.float32)
     peak_flops = run.peak_flops if run.device_type == 'cuda' else measure_cpu_peak(run.dtype)
-    results = {'model': model, 'params_M': policy.num_params() / 1e6, 'device': run.device, 'dtype': run.dtype,
+    results = {'model': model, 'params_M': policy.num_params() / 1e6, 'lora_rank': lora_rank, 'device': run.device, 'dtype': run.dtype,
                'batch_size': batch_size, 'lengths': lengths, 'group_by_length': group_by_length, 'pack': pack,
                'compile': compile, 'peak_tflops': (peak_flops or 0) / 1e12}
     plain, grouped = (PairLoader(data.pair_lengths(), batch_size, seed, group_by_length=g).epoch_batches(0) for g in (False, True))
@@ -429,7 +435,7 @@ def report(results, rows, run):
     if memory_plan:
         dpo_row = next(r for r in rows if r['step'] == 'dpo')
         print(f"\nGB per GPU of a DPO step, config/hh.py's micro-batch at its longest ({PLAN_TOKENS} tokens):")
-        print(plan_memory({'model': model, **dpo_row}))
+        print(plan_memory({'model': model, 'lora_rank': lora_rank, **dpo_row}))
     print(json.dumps(results))
 
 
