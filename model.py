@@ -445,11 +445,18 @@ def load_adapted(path, checkpoint, dropout):
         raise UserError(f"{path} holds LoRA adapters for the base {config['init_from']}, whose "
                         "weights changed since the run started (sha256 differs): the adapters mean "
                         "nothing on other weights")
-    missing, unexpected = base.load_state_dict(checkpoint['model'], strict=False)
+    try:
+        missing, unexpected = base.load_state_dict(checkpoint['model'], strict=False)
+    except RuntimeError as e:  # an adapter of another shape
+        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
+                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
+                        + next((line.strip() for line in str(e).splitlines() if 'mismatch' in line),
+                               first_line(e))) from None
     trained = {name for name, p in base.named_parameters() if p.requires_grad}
     if unexpected or trained & set(missing):
-        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings "
-                        f"({(unexpected or sorted(trained & set(missing)))[0]} ...)")
+        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
+                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
+                        f"{(unexpected or sorted(trained & set(missing)))[0]} is not one of them")
     return base
 
 

@@ -109,6 +109,11 @@ def test_a_lora_checkpoint_holds_the_adapters_and_needs_its_base(tmp_path):
     merged = load_model(str(run))  # as sample.py and evaluate.py take it: a plain GPT
     assert not any(p.requires_grad is False for p in merged.parameters())
     torch.testing.assert_close(merged(idx), model(idx), atol=1e-5, rtol=0)
+    for wrong, what in (({'lora_rank': 2}, "size mismatch"), ({'lora_targets': 'c_attn'}, "attn.c_proj.lora.A is not one of them")):
+        checkpoint.write({'model_args': model.config.__dict__, 'model': state, 'config': {**config, **wrong}},
+                         str(tmp_path / 'odd' / 'ckpt.pt'))
+        with pytest.raises(UserError, match=rf"odd/ckpt.pt: its adapters do not fit its config's LoRA settings .*{what}"):
+            load_model('resume', out_dir=str(tmp_path / 'odd'))
     checkpoint.write({'model_args': tiny().config.__dict__, 'model': tiny(seed=1).state_dict()}, str(base_dir / 'ckpt.pt'))
     with pytest.raises(UserError, match=rf"^{run}/ckpt.pt holds LoRA adapters for the base {base_dir}, whose weights "
                                         r"changed since the run started \(sha256 differs\)"):
