@@ -261,6 +261,8 @@ def missing_run_hint(name):
             continue
         if out == name.rstrip('/'):
             script = 'sft.py' if os.path.basename(path).startswith('sft') else 'dpo.py'
-            name = os.path.basename(path)
-            return f"; it is the out_dir of config/{name}: run python {script} config/{name} first"
+            config = os.path.basename(path)
+            demo = ('' if config != 'sft_synthetic.py' or not os.path.isfile('out-demo/sft/ckpt.pt') else
+                    ", or start from the demo's SFT model with --init_from=out-demo/sft")
+            return f"; it is the out_dir of config/{config}: run python {script} config/{config} first{demo}"
     return ''

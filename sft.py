@@ -152,6 +152,7 @@ def main(config):
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
         run.save_on_signals()
+    t_start = time.perf_counter()  # for the ETA
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out chosen responses every eval_interval iterations and at the end,
@@ -215,6 +216,9 @@ def main(config):
             seconds = time.perf_counter() - t0  # (the .item() above waited for the GPU)
             speed = {'sequences_per_sec': totals[1, 1].item() / seconds,  # logps/chosen's count
                      'tokens_per_sec': tokens * run.world_size / seconds}  # (this rank's x ranks)
+            speed['ms_per_iter'] = 1000 * seconds  # and the time left at the pace so far:
+            pace = (time.perf_counter() - t_start) / (iter_num - start_iter)  # (evals too)
+            speed['eta_min'] = pace * (max_iters - iter_num) / 60
             if run.peak_flops:
                 speed['mfu'] = flops / seconds / run.peak_flops
             log.log(iter_num, {**means(METRICS['sft'], totals), **speed, 'grad_norm': grad_norm,

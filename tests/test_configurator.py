@@ -65,3 +65,14 @@ def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
     path.write_bytes(b"max_iters = 10\ninit_from = 'caf\xe9'\n")  # Latin-1
     with pytest.raises(UserError, match=rf"^{path}, line 2: not UTF-8 text \(byte 0xe9\)"):
         apply_overrides(script_globals(), [str(path)])
+
+
+def test_a_missing_sft_run_is_named_with_the_command_that_makes_it(tmp_path, monkeypatch):
+    from configurator import missing_run_hint
+    monkeypatch.chdir(tmp_path)
+    made_by = "; it is the out_dir of config/sft_synthetic.py: run python sft.py config/sft_synthetic.py first"
+    assert missing_run_hint('out-sft-synthetic') == made_by
+    (tmp_path / 'out-demo' / 'sft').mkdir(parents=True)
+    (tmp_path / 'out-demo' / 'sft' / 'ckpt.pt').write_bytes(b'')  # after tools/demo.py
+    assert missing_run_hint('out-sft-synthetic') == made_by + ", or start from the demo's SFT model with --init_from=out-demo/sft"
+    assert missing_run_hint('no-such-run') == ''

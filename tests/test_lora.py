@@ -136,7 +136,7 @@ def run(script, *args, launcher=None):
 
 def rows(out):
     with open(os.path.join(out, 'metrics.jsonl')) as f:
-        return [{k: v for k, v in json.loads(line).items() if not k.endswith(('_per_sec', 'mfu'))} for line in f]
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(('_per_sec', 'mfu', 'ms_per_iter', 'eta_min'))} for line in f]
 
 
 def adapters(out):

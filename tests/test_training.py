@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesse
 
 COMMON = ['--device=cpu', '--dtype=float32', '--dataset=synthetic', '--max_length=64', '--max_prompt_length=32',
           '--batch_size=8', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1']
-TIMING = ('pairs_per_sec', 'sequences_per_sec', 'tokens_per_sec', 'mfu', 'online/sample_seconds')
+TIMING = ('pairs_per_sec', 'sequences_per_sec', 'tokens_per_sec', 'mfu', 'ms_per_iter', 'eta_min',
+          'online/sample_seconds')
 
 
 def run(script, *args, launcher=None):
