@@ -52,7 +52,7 @@ from online import load_judge, sample_pairs  # (not `import online`: a setting h
 init_from = 'out-sft'  # the policy: an SFT out_dir, a GPT-2 name, hub id or directory, or 'resume'
 ref_from = ''  # the frozen reference, as init_from; '' is the same as init_from (the usual choice)
 dropout = 0.0  # the policy's while training (never the reference's); the paper's code has it off
-# LoRA: low-rank adapters trained on the frozen model (dpo.py: the reference is it, adapters off)
+# LoRA: low-rank adapters trained on the frozen policy; the reference is the policy, adapters off
 lora_rank = 0  # the adapters' rank; 0: no LoRA, every weight trains
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # on the adapters' input
@@ -105,7 +105,7 @@ wandb_project = 'nanodpo'
 wandb_run_name = 'dpo'
 # the system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float16 on GPUs, float32), or one
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float16 on a GPU, float32 on a CPU)
 compile = False  # torch.compile the policy and the reference
 fsdp = False  # under torchrun: each rank holds 1/N of the models, gradients and AdamW state (FSDP2)
 seed = 1337

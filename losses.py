@@ -321,7 +321,8 @@ def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False
 @torch.no_grad()
 def held_out_means(model, totals_of, names, n, batch_size, eval_iters, run, same_count=False):
     """{'eval/' + name: mean} over the first eval_iters batches (-1: all) of the n held-out
-    examples, shared out over the ranks (the same on any layout), summed over them; totals_of(indices) gives a batch's (M, 2) totals.
+    examples, shared out over the ranks (the same on any layout), summed over them;
+    totals_of(indices) gives a batch's (M, 2) totals.
     same_count (FSDP, whose every forward all ranks join): a rank short of batches runs more,
     not counted."""
     model.eval()

@@ -13,8 +13,8 @@ sections, after the first:
   draw).
 
 Datasets, losses and distributed training are in other files; of the project's own modules this
-one imports only common.py (UserError, atomic_open, hub_file) and, for the hint on a run that does
-not exist yet, configurator.py.
+one imports only common.py (UserError, atomic_open, first_line, hub_file) and, for the hint on a
+run that does not exist yet, configurator.py.
 References: OpenAI's GPT-2 TensorFlow code, Hugging Face transformers' modeling_gpt2.py, nanoGPT.
 """
 

@@ -96,7 +96,6 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=DTYPES[dtype])
 
 
-
 # -------------------------------------------------------------------- the ranks
 
 DDP_TIMEOUT_S = 600  # how long a rank waits for the others at a collective before the run stops
@@ -331,8 +330,6 @@ def is_sharded(t):
     return isinstance(t, DTensor)
 
 
-
-
 def full_state(model, optimizer, keep):
     """The model's and the optimizer's state dicts with whole tensors on the CPU, as a one-process
     run has them (of a model with frozen parameters, LoRA's, only the trained ones and the buffers), on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
@@ -375,9 +372,9 @@ def load_optimizer_state(optimizer, state):
 # ------------------------------------------------------------ the peak FLOPs MFU is measured against
 
 PEAK_FLOPS = {  # published dense tensor-core figures, bf16/fp16 (float32 runs as TF32 at half of it)
-    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'L4': 121e12,
-    '4090': 165e12,
-}
+    'H100': 989e12, 'H100 PCIe': 756e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12,
+    'L40': 181e12, 'A10': 125e12, 'L4': 121e12, '4090': 165e12,
+}  # a device takes the longest name its own contains ('NVIDIA L40S' is an L40S, not an L4)
 
 
 PEAK_CACHE = os.path.join(DATA_CACHE_DIR, 'peak_flops.json')
@@ -399,7 +396,8 @@ def peak_flops(device, dtype):
     in PEAK_CACHE; None when neither is known (no MFU is logged then)."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        known = max((k for k in PEAK_FLOPS if k in name), key=len, default=None)
+        peak = PEAK_FLOPS.get(known)
         return peak / 2 if peak and dtype == 'float32' else peak
     try:
         with open(PEAK_CACHE) as f:

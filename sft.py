@@ -31,7 +31,7 @@ n_head = 4
 n_embd = 128
 block_size = 256
 dropout = 0.0
-# LoRA: low-rank adapters trained on the frozen model (dpo.py: the reference is it, adapters off)
+# LoRA: low-rank adapters trained on the frozen model, which a DPO run's reference then is
 lora_rank = 0  # the adapters' rank; 0: no LoRA, every weight trains
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # on the adapters' input
@@ -70,7 +70,7 @@ wandb_project = 'nanodpo'
 wandb_run_name = 'sft'
 # the system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float16 on GPUs, float32), or one
+dtype = 'auto'  # 'auto' (bf16 where the hardware has it, else float16 on a GPU, float32 on a CPU)
 compile = False  # torch.compile the model
 fsdp = False  # under torchrun: each rank holds 1/N of the model, gradients and AdamW state (FSDP2)
 seed = 1337

@@ -424,3 +424,11 @@ def test_an_out_dir_that_cannot_hold_a_run_says_why(tmp_path):
                                                                "directory: choose another --out_dir")
     assert checkpoint.lock_out_dir('/proc/no_run_here') == ("out_dir='/proc/no_run_here' cannot hold a run: No such "
                                                             "file or directory (/proc/no_run_here/.lock)")
+
+
+@pytest.mark.parametrize('name, peak', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+                                        ('NVIDIA L40S', 362e12), ('NVIDIA L40', 181e12), ('NVIDIA L4', 121e12),
+                                        ('Tesla T4', None)])
+def test_a_gpu_takes_the_peak_of_the_longest_name_it_contains(name, peak, monkeypatch):
+    monkeypatch.setattr(parallel.torch.cuda, 'get_device_name', lambda device: name)
+    assert parallel.peak_flops('cuda', 'bfloat16') == peak
