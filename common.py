@@ -108,13 +108,16 @@ def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint='')
         raise
     except Exception:  # not in the cache (yet)
         pass
+    what = f"the dataset {repo_id}" if repo_type == 'dataset' else repo_id
+    if int(os.environ.get('RANK', 0)) == 0:  # a download (or its retries, offline) takes a while
+        print(f"downloading {filename} of {what} from the Hugging Face hub ...", file=sys.stderr,
+              flush=True)
     hub_log = logging.getLogger('huggingface_hub')
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # a warning per retry would bury the one line raised below
     try:
         path = hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
     except Exception as e:  # offline, an unknown repo or file, ...
-        what = f"the dataset {repo_id}" if repo_type == 'dataset' else repo_id
         raise UserError(f"could not get {filename} of {what} from the Hugging Face hub or its cache "
                         f"({type(e).__name__}: {first_line(e)}); without internet, {offline_hint}, "
                         "or fill the hub cache where there is internet and set HF_HUB_OFFLINE=1") from None

@@ -58,7 +58,7 @@ def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']  # no temp files left
 
 
-def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
+def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch, capsys):
     """from_pretrained('gpt2') goes through hf_hub_download; offline, it finds the files in a hub
     cache laid out by the test exactly as huggingface_hub lays it out."""
     import huggingface_hub.constants
@@ -78,6 +78,7 @@ def test_hub_download_path_reads_the_hub_cache(hf_dir, tmp_path, monkeypatch):
                                         r'Face hub or its cache \(.*\); without internet, pass a local hub-layout '
                                         r'directory, or fill the hub cache .* set HF_HUB_OFFLINE=1$'):
         from_pretrained('gpt2-medium', cache_dir=str(tmp_path))
+    assert "downloading config.json of openai-community/gpt2-medium from the Hugging Face hub ..." in capsys.readouterr().err
     # online (HF_HUB_OFFLINE unset), files in the cache are taken from it without asking the hub anything:
     # an unreachable hub costs no time
     import huggingface_hub.file_download
