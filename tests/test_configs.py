@@ -65,6 +65,8 @@ BAD = [  # script, arguments, the one line the user sees
     ('dpo', ['--beta2=1.0'], "beta2=1.0 is out of range: it must be in [0, 1)"),
     ('dpo', ['--grad_clip=-1'], "grad_clip=-1.0 is out of range: it must be >= 0"),
     ('dpo', ['--dtype=fp8'], "dtype='fp8' is out of range: it must be one of auto, float32, bfloat16, float16"),
+    ('dpo', ['--lora_rank=-1'], "lora_rank=-1 is out of range: it must be >= 0"),
+    ('dpo', ['--lora_alpha=0'], "lora_alpha=0.0 is out of range: it must be > 0"),
     ('dpo', ['--dataset=hhrlhf'], "dataset='hhrlhf' is out of range: it must be one of hh, jsonl, synthetic"),
     ('dpo', ['LIST'], "config file {list}: hh_subsets must be a str (default 'all'), got ['helpful-base'] "
                       "(give a list as one comma-separated string: 'helpful-base')"),
@@ -116,6 +118,9 @@ CONFLICTS = [
     ('dpo', ['--online=True', '--loss_type=kto'], "online=True samples new pairs every step"),
     ('dpo', ['--online=True', '--fsdp=True'], "fsdp=True does not go with online=True"),
     ('dpo', ['--fsdp=True', '--dtype=float16'], "fsdp=True does not go with dtype=float16"),
+    ('dpo', ['--lora_rank=4', '--ref_from=gpt2'], "lora_rank=4 does not go with ref_from='gpt2': under LoRA the "
+                                                  "reference is the policy's own base"),
+    ('sft', ['--lora_rank=4', '--init_from=scratch'], "lora_rank=4 does not go with init_from='scratch'"),
     ('sft', ['--init_from=scratch', '--max_length=64', '--n_embd=30'], "n_embd=30 is not a multiple of n_head=4"),
     ('sft', ['--init_from=scratch', '--max_length=100', '--block_size=64'],
      "max_length=100 is longer than the model's block_size 64"),
