@@ -46,7 +46,7 @@ def one_line_errors():
     except UserError as e:
         exit_with_error(e)
     except RuntimeError as e:  # a collective's timeout that no Run.collective named: DDP's backward
-        if 'timed out' not in str(e).lower() and 'timeout' not in str(e).lower():
+        if not is_timeout(e):
             raise
         exit_with_error(f"rank {os.environ.get('RANK', 0)}: a collective (DDP's all-reduce of the "
                         "gradients in backward, or FSDP's gathers) waited past the timeout for the "
@@ -55,6 +55,12 @@ def one_line_errors():
     except KeyboardInterrupt:
         exit_with_error("SIGINT (^C); nothing was saved",
                         prefix='stopped', code=130)
+
+
+def is_timeout(error):
+    """Whether a RuntimeError is a collective's timeout: gloo and nccl both say so in its text."""
+    text = str(error).lower()
+    return 'timed out' in text or 'timeout' in text
 
 
 def first_line(error, limit=240):

@@ -502,7 +502,8 @@ def weights_sha256(model):
     """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
     digest = hashlib.sha256()
     for name, t in model.state_dict().items():
-        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
     return digest.hexdigest()
 
 

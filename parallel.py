@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import DATA_CACHE_DIR, UserError, first_line
+from common import DATA_CACHE_DIR, UserError, first_line, is_timeout
 
 
 # -------------------------------------------------------------------- the device and dtype
@@ -146,8 +146,8 @@ class Run:
         """Around a collective: a rank that times out there stops with a UserError naming it."""
         try:
             yield
-        except RuntimeError as e:  # gloo and nccl both report a timeout as a RuntimeError
-            if 'time' not in str(e).lower():
+        except RuntimeError as e:
+            if not is_timeout(e):
                 raise
             raise UserError(f"rank {self.rank}: {what} waited more than {self.timeout_s} s for the "
                             f"other ranks, one of which stopped, crashed or is stuck "
