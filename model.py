@@ -189,8 +189,7 @@ class GPT(nn.Module):
             return self.lm_head(x[:, -1:] if last_only else x)
         return self.target_logprobs(x, targets)
 
-    # not compiled: the number of targets changes every batch, so it would recompile each time
-    @torch.compiler.disable
+    # not compiled (parallel.compiled leaves it eager): the number of targets changes every batch
     def target_logprobs(self, x, targets):
         """(B, T) log-probs of targets (B, T) from final hidden states x (B, T, C); 0 where
         targets == -1."""

@@ -22,8 +22,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import DATA_CACHE_DIR, UserError, first_line, is_timeout
@@ -226,7 +224,7 @@ class Run:
 
     def full_tensor(self, t):
         """t as a whole: under FSDP a shard (DTensor) gathered from every rank (a collective)."""
-        return t.full_tensor() if isinstance(t, DTensor) else t
+        return t.full_tensor() if is_sharded(t) else t
 
     def exit_together(self, code=0):
         """The end of a run under DDP: every rank waits here for the others (the master's last save
@@ -300,6 +298,7 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
         raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
                         "sharded gradients: use bfloat16 (or float32)")
     if fsdp and run.ddp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (2 s to import: only here)
         for t in [*model.parameters(), *model.buffers()]:  # as DDP starts: a model made from scratch
             dist.broadcast(t.detach(), 0)                  # differs by each rank's seed
         # Each block's attention and MLP (all its matmul weights) are gathered in the compute dtype,
@@ -318,7 +317,7 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
         # only runs forward (the reference) would keep them gathered for good
         fully_shard(model, reshard_after_forward=True if forward_only else None)
     if compile:
-        model = torch.compile(model, dynamic=True)  # batch lengths change every step: one graph
+        model = compiled(model)
     if run.ddp and not fsdp and not forward_only:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
         model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None,
@@ -326,8 +325,19 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
     return model
 
 
+def compiled(model):
+    """torch.compile(model), one graph for every batch length (dynamic: they change every step), its
+    target_logprobs left eager: the number of targets changes every batch, so it would recompile each
+    time. (Here, not as a decorator in model.py: torch._dynamo takes 2 s to import, paid only by a
+    compiled run.)"""
+    model.target_logprobs = torch.compiler.disable(model.target_logprobs)
+    return torch.compile(model, dynamic=True)
+
+
 def is_sharded(t):
-    return isinstance(t, DTensor)
+    """t is a DTensor, FSDP's shard (none exists unless fsdp imported torch.distributed.tensor)."""
+    tensor = sys.modules.get('torch.distributed.tensor')
+    return tensor is not None and isinstance(t, tensor.DTensor)
 
 
 def full_state(model, optimizer, keep):
@@ -358,6 +368,7 @@ def full_state(model, optimizer, keep):
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict for a state with whole tensors (full_state's): under FSDP each
     moment is cut into this rank's shard of its parameter first."""
+    from torch.distributed.tensor import distribute_tensor
     params = [p for group in optimizer.param_groups for p in group['params']]  # in the state's numbering
     moments = {}
     for i, values in state['state'].items():
