@@ -89,13 +89,16 @@ def test_plots_write_pngs(tmp_path):
 
 
 @pytest.mark.slow
-def test_shortened_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end(tmp_path):
+    """The README's smoke run (quick=True), where the command line's settings win over QUICK's."""
     out = tmp_path / 'demo'
-    result = subprocess.run([sys.executable, 'tools/demo.py', f'--out_dir={out}', '--sft_iters=10', '--dpo_iters=4', '--eval_iters=2',
-                             '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
-                             '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
+    result = subprocess.run([sys.executable, 'tools/demo.py', '--quick=True', f'--out_dir={out}', '--num_prompts=4',
+                             '--device=cpu', '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '--max_iters=6 ' in result.stdout and '--max_iters=3 ' in result.stdout  # QUICK's SFT and DPO steps
+    assert '8 samples per policy (4 held-out prompts x 2)' in result.stdout  # num_prompts as given
+    assert 'A smoke run (quick=True: 6 SFT and 3 DPO steps)' in result.stdout
     assert '| policy | mean true reward | win rate vs SFT | KL to reference | held-out reward accuracy |' in result.stdout
     assert 'DPO beta=0.1: held-out reward accuracy 0.50 to ' in result.stdout  # the README's prose figures
     with open(out / 'demo.json') as f:

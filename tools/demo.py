@@ -4,6 +4,7 @@ the task's demonstrations, DPO on its preference pairs, then both scored on held
 sampled responses and the task's true reward.
 
     python tools/demo.py
+    python tools/demo.py --quick=True  # a smoke run of every stage, about a minute: see it work first
     python tools/demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
     python tools/demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.05,0.1,0.5 --online_judges=true_reward,implicit \
         --best_of=4 --out_dir=out-family --frontier_png=out-family/family.png   # the whole DPO family
@@ -50,12 +51,15 @@ num_pairs = 1000  # held-out pairs for the implicit reward's accuracy
 device = 'auto'
 dtype = 'auto'
 frontier_png = ''  # also draw true reward against KL for the SFT and every DPO policy
+quick = False  # a smoke run of every stage in about a minute (QUICK's settings, below): it shows the path works, its figures mean nothing
 # -----------------------------------------------------------------------------
 RANGES = {'seed': '>= 0', 'sft_iters': '>= 1', 'dpo_iters': '>= 1', 'num_prompts': '>= 1',
           'samples_per_prompt': '>= 1', 'num_pairs': '>= 0', 'eval_iters': '-1 (all) or >= 1',
           'best_of': '0 (off) or >= 2', 'jobs': '>= 1',
           'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit', 'implicit_per_token'},
                                  "'' or a comma-separated list of true_reward, implicit, implicit_per_token")}
+QUICK = {'out_dir': 'out-demo-quick', 'sft_iters': 6, 'dpo_iters': 3, 'eval_iters': 1, 'num_prompts': 8,
+         'samples_per_prompt': 2, 'num_pairs': 32}  # quick=True: these, unless the command line sets them
 COLUMNS = ('policy', 'mean true reward', 'win rate vs SFT', 'KL to reference', 'held-out reward accuracy')
 
 
@@ -176,6 +180,9 @@ def main():
     print(f"\n{table(rows)}\n\n{rows[0]['samples']} samples per policy "
           f"({num_prompts} held-out prompts x {samples_per_prompt}); seed{'s' if len(all_seeds) > 1 else ''} "
           f"{', '.join(map(str, all_seeds))}; {time.time() - t0:.0f} s in all")
+    if quick:
+        print(f"A smoke run (quick=True: {sft_iters} SFT and {dpo_iters} DPO steps): every stage works, its "
+              "figures mean nothing. The real demo, with the README's table: python tools/demo.py")
     if frontier_png:
         stage('plot', 'tools/plot.py', f'--frontier={os.path.join(out_dir, "demo.json")}', f'--png={frontier_png}')
     sft_dir, dpo_dir = policies[0][1], [d for name, d in policies if name.startswith('DPO')][-1]  # the last seed's
@@ -201,5 +208,8 @@ run-on or empty samples.)""")
 
 
 if __name__ == '__main__':
+    defaults = {key: globals()[key] for key in QUICK}
     configure(globals(), RANGES)
+    if quick:  # QUICK's settings, where the command line gave none of its own
+        globals().update({key: value for key, value in QUICK.items() if globals()[key] == defaults[key]})
     main()
