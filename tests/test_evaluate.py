@@ -25,6 +25,14 @@ def test_win_rate_by_hand():
     assert evaluate.win_rate([0.3, -1.0], [0.3, -1.0]) == 0.5  # all ties
 
 
+def test_summary_table_gives_each_figure_its_words_and_its_key():
+    lines = evaluate.summary_table({'samples': 32, 'kl': 0.0744199, 'new_figure': -1.0}).splitlines()
+    assert [line.split() for line in lines] == [['samples', '32', '(samples)'],
+                                                ['KL', 'to', 'the', 'reference', '0.07442', '(kl)'],
+                                                ['new_figure', '-1', '(new_figure)']]  # no words: its key
+    assert len({line.index('(') for line in lines}) == 1  # the keys in one column
+
+
 def test_ranking_agreement_by_hand():
     records = [{'prompt': 'a', 'implicit_reward': 2.0, 'true_reward': 1.0},
                {'prompt': 'a', 'implicit_reward': 1.0, 'true_reward': 0.0},

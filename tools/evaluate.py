@@ -180,6 +180,19 @@ def ranking_agreement(records):
             'true_reward_of_random': float(np.mean([r['true_reward'] for r in records]))}
 
 
+FIGURES = {'samples': 'samples', 'mean_true_reward': 'mean true reward', 'win_rate': 'win rate vs the baseline',
+           'kl': 'KL to the reference', 'preference_accuracy': 'held-out reward accuracy',
+           'true_reward_of_top_ranked': "true reward of the implicit reward's top sample",
+           'true_reward_of_random': 'true reward of a random sample'}
+
+
+def summary_table(summary):
+    """The summary as a table, each figure beside its key in summary_out's JSON."""
+    rows = [(FIGURES.get(key, key), f'{value:.4g}', key) for key, value in summary.items()]
+    width = max(len(label) for label, _, _ in rows)
+    return '\n'.join(f'{label:<{width}}  {value:>8}  ({key})' for label, value, key in rows)
+
+
 def main():
     run = parallel.start(device, dtype, seed)
     policy = load_model(init_from, device=run.device).eval()
@@ -206,8 +219,8 @@ def main():
         f.writelines(json.dumps(rec) + '\n' for rec in records)
     if summary_out:
         checkpoint.write_json(summary_out, summary)
-    print(json.dumps(summary, indent=2))
-    print(f"{len(records)} samples written to {path}")
+    print(summary_table(summary))
+    print(f"{len(records)} samples written to {path}" + (f", these figures to {summary_out}" if summary_out else ''))
 
 
 if __name__ == '__main__':
