@@ -103,7 +103,7 @@ def write_failure(path, error, kept):
 def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint=''):
     """The local path of a file of a hub repo: the hub cache's copy when there is one, with no
     network call at all (an unreachable hub then costs nothing), else downloaded into the cache.
-    A failure is one UserError that names the file and ends with offline_hint, what to do instead.
+    A failure is a UserError whose first line names the file; then offline_hint, what to do instead.
     (A repo updated on the hub after the download keeps its cached files: delete them to refresh.)"""
     import logging
     from huggingface_hub import hf_hub_download
@@ -124,9 +124,10 @@ def hub_file(repo_id, filename, repo_type=None, cache_dir=None, offline_hint='')
     try:
         path = hf_hub_download(repo_id, filename, repo_type=repo_type, cache_dir=cache_dir)
     except Exception as e:  # offline, an unknown repo or file, ...
-        raise UserError(f"could not get {filename} of {what} from the Hugging Face hub or its cache "
-                        f"({type(e).__name__}: {first_line(e)}); without internet, {offline_hint}, "
-                        "or fill the hub cache where there is internet and set HF_HUB_OFFLINE=1") from None
+        # a short first line; what to do, and the hub's own words, after it
+        raise UserError(f"could not get {filename} of {what} from the Hugging Face hub or its cache\n"
+                        f"  without internet: {offline_hint}, or fill the hub cache where there is internet "
+                        f"and set HF_HUB_OFFLINE=1\n  the hub's error: {type(e).__name__}: {first_line(e)}") from None
     finally:
         hub_log.setLevel(level)
     return check_hub_blob(path)
