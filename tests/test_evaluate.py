@@ -33,6 +33,13 @@ def test_summary_table_gives_each_figure_its_words_and_its_key():
     assert len({line.index('(') for line in lines}) == 1  # the keys in one column
 
 
+def test_curves_leave_an_outlying_first_point_off_the_axis():
+    from plot import limits_without
+    assert limits_without([-138.0], [-25.0, -20.0, -15.0]) == pytest.approx((-26.0, -14.0))  # 10% padding
+    assert limits_without([-40.0], [-25.0, -20.0, -15.0]) is None  # within twice the range of the midpoint
+    assert limits_without([], [-25.0, -20.0]) is None and limits_without([-138.0], [-20.0, -20.0]) is None
+
+
 def test_ranking_agreement_by_hand():
     records = [{'prompt': 'a', 'implicit_reward': 2.0, 'true_reward': 1.0},
                {'prompt': 'a', 'implicit_reward': 1.0, 'true_reward': 0.0},

@@ -50,6 +50,17 @@ def read_rows(path, what):
         sys.exit(f"error: {path} is not a JSON-lines file ({what}): {e.msg}")
 
 
+def limits_without(first, later):
+    """The y-axis limits of the later values, padded, when the first (an untrained model's, at
+    iteration 0) lie so far off them that they would squash the curve into a line; else None."""
+    if not first or not later or max(later) == min(later):
+        return None
+    low, high = min(later), max(later)
+    if all(abs(v - (low + high) / 2) <= 2 * (high - low) for v in first):
+        return None
+    return low - 0.1 * (high - low), high + 0.1 * (high - low)
+
+
 def plot_curves(metrics_path, png_path):
     """A grid of panels, one per metric of CURVES found in the file: the training values as a line,
     the held-out (eval/) values as markers, joined by a line only when there are more than two
@@ -70,7 +81,13 @@ def plot_curves(metrics_path, png_path):
         if held_out:
             ax.plot(*zip(*held_out), 'o-' if len(held_out) > 2 else 'o', markersize=5, label='held-out')
         ax.set_xlabel('iteration')
-        ax.set_ylabel(CURVES[name])
+        dpo = name == 'loss' and any('rewards/margins' in r or 'eval/rewards/margins' in r for r in rows)
+        ax.set_ylabel("loss (DPO's, + rpo_alpha x chosen NLL if set)" if dpo else CURVES[name])
+        first = [v for i, v in train + held_out if i == 0]
+        limits = limits_without(first, [v for i, v in train + held_out if i > 0])
+        if limits:
+            ax.set_ylim(*limits)
+            ax.set_title(f"iteration 0 ({', '.join(f'{v:.4g}' for v in first)}) off the axis", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
