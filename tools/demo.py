@@ -208,8 +208,7 @@ run-on or empty samples.)""")
 
 
 if __name__ == '__main__':
-    defaults = {key: globals()[key] for key in QUICK}
-    configure(globals(), RANGES)
+    settings = configure(globals(), RANGES)
     if quick:  # QUICK's settings, where the command line gave none of its own
-        globals().update({key: value for key, value in QUICK.items() if globals()[key] == defaults[key]})
+        globals().update({key: value for key, value in QUICK.items() if key not in settings.given})
     main()
