@@ -103,6 +103,22 @@ def test_plots_write_pngs(tmp_path):
     assert result.stderr.strip() == f"error: cannot read {tmp_path / 'missing.jsonl'} (a metrics.jsonl of sft.py or dpo.py): No such file or directory"
 
 
+def test_frontier_leaves_a_collapsed_run_off_the_axis(tmp_path):
+    """A run that ran away (KL 100, reward -1) would squash the rest into a line: the y-axis is the
+    others', the collapsed run an arrow at the bottom edge; the symlog x-axis has ticks below 1 nat."""
+    import plot
+    demo = tmp_path / 'demo.json'
+    demo.write_text(json.dumps({'policies': [
+        {'policy': 'SFT', 'kl': 0.0, 'mean_true_reward': 0.3}, {'policy': 'DPO beta=0.1', 'kl': 0.4, 'mean_true_reward': 0.5},
+        {'policy': 'online DPO, judge true reward', 'kl': 2.5, 'mean_true_reward': 0.8},
+        {'policy': 'online DPO, judge implicit', 'kl': 150.0, 'mean_true_reward': -1.0}]}))
+    ax = plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
+    assert ax.get_ylim() == pytest.approx((0.25, 0.85))  # 0.3 to 0.8, padded by 10% of 0.5
+    assert list(ax.get_xticks()) == [0, 0.25, 0.5, 0.75, 1, 10, 100]
+    assert [t.get_text() for t in ax.texts if 'off the axis' in t.get_text()] == [
+        'online DPO, judge implicit: reward -1.00, off the axis']
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """The README's smoke run (quick=True), where the command line's settings win over QUICK's."""
@@ -132,20 +148,21 @@ def test_quick_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_shortened_comparison_end_to_end(tmp_path):
-    """The DPO family's figure command, shortened: two seeds, DPO, KTO, online DPO judged by the DPO
+    """The DPO family's figure command, shortened: two seeds, DPO, KTO, LoRA DPO, online DPO judged by the DPO
     run's implicit reward (a 10-step SFT model's samples all score -1 by the true reward: every pair
     a tie), best-of-2, two runs at a time; the table gives mean ± sd, in the order of a run one at a
     time, and the figure is drawn."""
     out = tmp_path / 'compare'
     result = subprocess.run([sys.executable, 'tools/demo.py', f'--out_dir={out}', '--seeds=1,2', '--sft_iters=10',
-                             '--dpo_iters=3', '--eval_iters=2', '--betas=0.1', '--kto_betas=0.2', '--online_judges=implicit', '--best_of=2',
+                             '--dpo_iters=3', '--eval_iters=2', '--betas=0.1', '--kto_betas=0.2', '--lora_betas=0.3',
+                             '--online_judges=implicit', '--best_of=2',
                              '--num_prompts=4', '--samples_per_prompt=2', '--num_pairs=16', '--device=cpu',
                              '--dtype=float32', f'--frontier_png={tmp_path / "frontier.png"}', '--jobs=2'],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / 'demo.json') as f:
         rows = json.load(f)['policies']
-    names = ['SFT', 'DPO beta=0.1', 'KTO beta=0.2', 'online DPO, judge implicit', 'best-of-2 (SFT)']
+    names = ['SFT', 'DPO beta=0.1', 'KTO beta=0.2', 'LoRA DPO beta=0.3', 'online DPO, judge implicit', 'best-of-2 (SFT)']
     assert [(r['policy'], r['seed']) for r in rows] == [(n, s) for s in (1, 2) for n in names]
     best_of = [r for r in rows if r['policy'] == 'best-of-2 (SFT)']
     assert all(r['kl'] == pytest.approx(math.log(2) - 1 / 2) for r in best_of)  # the best-of-N bound, N = 2
@@ -154,5 +171,7 @@ def test_shortened_comparison_end_to_end(tmp_path):
     assert re.search(r"\| best-of-2 \(SFT\) \| -?\d\.\d{3} ± \d\.\d{3} \| .* \| - \|", result.stdout)  # no implicit reward
     config = torch.load(out / 'seed2' / 'online-implicit' / 'ckpt.pt', weights_only=True)['config']
     assert config['online'] and config['judge'] == f"implicit:{out / 'seed2' / 'dpo-beta0.1'}"
+    config = torch.load(out / 'seed1' / 'lora-beta0.3' / 'ckpt.pt', weights_only=True)['config']
+    assert (config['lora_rank'], config['beta']) == (32, 0.3)  # config/dpo_lora_synthetic.py's adapters, the beta given
     assert (tmp_path / 'frontier.png').read_bytes()[:8] == PNG
     assert 'iter 3: eval/loss' in (out / 'seed1' / 'logs' / 'kto-beta0.2.log').read_text()  # each run's output, apart

@@ -100,7 +100,7 @@ def plot_curves(metrics_path, png_path):
 
 FAMILIES = {  # how a policy's name begins: its marker and colour on the frontier
     'SFT': ('s', 'black'), 'DPO': ('o', 'tab:blue'), 'KTO': ('^', 'tab:orange'),
-    'online DPO': ('D', 'tab:green'), 'best-of': ('*', 'tab:red'),
+    'LoRA DPO': ('P', 'tab:purple'), 'online DPO': ('D', 'tab:green'), 'best-of': ('*', 'tab:red'),
 }
 LABEL_OFFSETS = {'DPO': (-6, 7, 'right'), 'KTO': (6, -12, 'left')}  # points apart, text: DPO's above left, KTO's below right
 
@@ -118,6 +118,7 @@ def plot_frontier(results_path, png_path):
         sys.exit(f"error: cannot read {results_path} as demo.py's demo.json: {e}")
     seeds = len({r.get('seed') for r in rows})
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    plotted = []  # every point drawn: (KL, reward, name), the means over seeds
     for family, (marker, colour) in FAMILIES.items():
         points = []
         for name in dict.fromkeys(r['policy'] for r in rows if r['policy'].startswith(family)):
@@ -130,11 +131,23 @@ def plot_frontier(results_path, png_path):
             dx, dy, align = LABEL_OFFSETS.get(family, (6, 5, 'left'))  # DPO and KTO lie close together
             ax.annotate(label, (kl.mean(), reward.mean()), textcoords='offset points', xytext=(dx, dy), ha=align,
                         fontsize=8, color=colour)
-        if len(points) > 1 and family in ('DPO', 'KTO'):
-            points.sort()
+        points.sort()
+        if len(points) > 1 and family in ('DPO', 'KTO', 'LoRA DPO'):
             ax.plot([p[0] for p in points], [p[1] for p in points], '-', color=colour, alpha=0.4)
-    if max(r['kl'] for r in rows) > 5:  # a run that collapsed far away: linear up to 1 nat, logarithmic beyond
-        ax.set_xscale('symlog', linthresh=1.0, linscale=3.0)
+        plotted += points
+    if max(p[0] for p in plotted) > 5:  # a run that collapsed far away: linear up to 1 nat, logarithmic beyond
+        ax.set_xscale('symlog', linthresh=1.0, linscale=6.0)  # most policies lie below 1 nat: give them room
+        top = int(np.log10(max(p[0] for p in plotted)))
+        ticks = [0, 0.25, 0.5, 0.75] + [10.0 ** k for k in range(top + 1)]
+        ax.set_xticks(ticks, [f'{t:g}' for t in ticks])  # symlog's own ticks leave the linear part bare
+    far = [p for p in plotted if p[0] > 5]  # ran away from the reference: a reward far below the rest squashes them
+    limits = limits_without([p[1] for p in far], [p[1] for p in plotted if p not in far])
+    if limits:
+        ax.set_ylim(*limits)
+        for kl, reward, name in far:
+            if not limits[0] <= reward <= limits[1]:  # an arrow at the bottom edge, where it lies
+                ax.annotate(f"{name}: reward {reward:.2f}, off the axis", (kl, limits[0]), ha='right', fontsize=8,
+                            xytext=(kl, limits[0] + 0.12 * (limits[1] - limits[0])), arrowprops={'arrowstyle': '->'})
     ax.set_xlabel('KL(policy || SFT reference), from samples (nats)')
     ax.set_ylabel('mean true reward of samples')
     ax.set_title('embedded task: true reward vs KL' + (f' (mean ± sd over {seeds} seeds)' if seeds > 1 else ''))
@@ -143,6 +156,7 @@ def plot_frontier(results_path, png_path):
     ax.margins(x=0.12, y=0.1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
+    return ax
 
 
 if __name__ == '__main__':
