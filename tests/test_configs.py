@@ -83,6 +83,8 @@ BAD = [  # script, arguments, the one line the user sees
     ('evaluate', ['--temperature=-0.5'], "temperature=-0.5 is out of range: it must be >= 0"),
     ('evaluate', ['--samples_per_prompt=0'], "samples_per_prompt=0 is out of range: it must be >= 1"),
     ('evaluate', ['--batch_size=0'], "batch_size=0 is out of range: it must be >= 1"),
+    ('demo', ['--betas='], "betas='' is out of range: it must be one or more comma-separated betas, e.g. '0.1' "
+                           "(the demo needs a DPO run)"),
 ]
 
 

@@ -5,7 +5,7 @@ sampled responses and the task's true reward.
 
     python tools/demo.py
     python tools/demo.py --quick=True  # a smoke run of every stage, about a minute: see it work first
-    python tools/demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
+    python tools/demo.py --betas=0.05,0.1,0.5 --lora_betas=0.1 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
     python tools/demo.py --seeds=1337,1 --betas=0.05,0.1,0.5 --kto_betas=0.05,0.1,0.5 --online_judges=true_reward,implicit \
         --best_of=4 --out_dir=out-family --frontier_png=out-family/family.png   # the whole DPO family
 
@@ -41,6 +41,7 @@ dpo_iters = 300  # config/dpo_synthetic.py's
 eval_iters = -1  # held-out batches per evaluation of the training runs (-1: all of them, as the configs have it)
 betas = '0.1'  # one DPO run per comma-separated value
 kto_betas = ''  # one KTO run (config/kto_synthetic.py) per value, e.g. '0.1,0.5'
+lora_betas = ''  # one LoRA DPO run (config/dpo_lora_synthetic.py: rank-32 adapters, the base frozen) per value
 online_judges = ''  # online DPO runs (config/online_synthetic.py): 'true_reward', 'implicit', 'implicit_per_token' (the first DPO run's implicit reward)
 best_of = 0  # N >= 2: also the best-of-N baseline, N samples of the SFT model per prompt, the best by true reward kept
 seeds = ''  # several seeds, e.g. '1337,1': every stage once per seed ('' runs seed alone)
@@ -56,6 +57,7 @@ quick = False  # a smoke run of every stage in about a minute (QUICK's settings,
 RANGES = {'seed': '>= 0', 'sft_iters': '>= 1', 'dpo_iters': '>= 1', 'num_prompts': '>= 1',
           'samples_per_prompt': '>= 1', 'num_pairs': '>= 0', 'eval_iters': '-1 (all) or >= 1',
           'best_of': '0 (off) or >= 2', 'jobs': '>= 1',
+          'betas': Range(lambda v: all(v.split(',')), "one or more comma-separated betas, e.g. '0.1' (the demo needs a DPO run)"),
           'online_judges': Range(lambda v: set(filter(None, v.split(','))) <= {'true_reward', 'implicit', 'implicit_per_token'},
                                  "'' or a comma-separated list of true_reward, implicit, implicit_per_token")}
 QUICK = {'out_dir': 'out-demo-quick', 'sft_iters': 6, 'dpo_iters': 3, 'eval_iters': 1, 'num_prompts': 8,
@@ -121,6 +123,8 @@ def run_seed(seed, out):
           '--overwrite=True', *system, log=log('sft'))
     runs = [(f'DPO beta={b}', f'dpo-beta{b}', 'config/dpo_synthetic.py', f'--beta={b}') for b in betas.split(',')]
     runs += [(f'KTO beta={b}', f'kto-beta{b}', 'config/kto_synthetic.py', f'--beta={b}') for b in filter(None, kto_betas.split(','))]
+    runs += [(f'LoRA DPO beta={b}', f'lora-beta{b}', 'config/dpo_lora_synthetic.py', f'--beta={b}')
+             for b in filter(None, lora_betas.split(','))]
     for judge in filter(None, online_judges.split(',')):  # the implicit judges: the first DPO run's implicit reward
         runs.append((f'online DPO, judge {judge.replace("_", " ")}', f'online-{judge}', 'config/online_synthetic.py',
                      '--judge=' + ('true_reward' if judge == 'true_reward' else f'{judge}:{os.path.join(out, runs[0][1])}')))
@@ -201,7 +205,7 @@ Results: {os.path.join(out_dir, 'demo.json')}. The models: {sft_dir} (SFT), {dpo
 samples with their scores: samples.jsonl in its directory; {curves_said}.
 Next, for example:
   python sample.py --init_from={dpo_dir} --ref_from={sft_dir} --num_samples=8 --max_new_tokens=48 --start=FILE:{prompt_file}
-  python tools/demo.py --betas=0.05,0.1,0.5 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
+  python tools/demo.py --betas=0.05,0.1,0.5 --lora_betas=0.1 --frontier_png=out-demo-frontier/frontier.png --out_dir=out-demo-frontier
   python tools/export.py --init_from={dpo_dir} --to=hf-dpo   # for transformers and the hub
 (The task's prompts have the form of {prompt_file}, "\\n\\nHuman: ...\\n\\nAssistant:": a plain prompt gives
 run-on or empty samples.)""")
