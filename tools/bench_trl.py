@@ -2,9 +2,12 @@
 Side by side on one machine: TRL's DPOTrainer and our dpo.py, on the same GPT-2 (random weights, in
 the hub layout, loaded by both), the same pairs (HH-like lengths, nothing truncated), the same batch
 size, learning rate, beta and dtype, with a live reference model. Benchmark-only: needs trl
-(requirements-dev.txt).
+(requirements-dev.txt). With --lora=True both sides train LoRA adapters of the same rank, alpha and
+layers (TRL through peft's LoraConfig), and the reference is the base with the adapters off: one
+model in memory on each side.
 
     python tools/bench_trl.py --dtype=bfloat16
+    python tools/bench_trl.py --lora=True
 
 Each side runs `steps` optimizer steps; the first `warmup_steps` are left out of the timing.
 """
@@ -32,6 +35,9 @@ n_pairs = 256
 dtype = 'float32'  # 'float32' or 'bfloat16'
 compile = False  # ours compiled (TRL runs eager)
 gradient_checkpointing = False  # TRL's: its DPOConfig turns it on by default (recomputes activations, slower); ours never does
+lora = False  # both sides LoRA: adapters of rank lora_rank on every attention and MLP projection, the rest frozen
+lora_rank = 8  # lora=True: the adapters' rank, both sides
+lora_alpha = 16.0  # the update scaled by lora_alpha / lora_rank, both sides
 out_dir = 'out-bench-trl'  # scratch space: random weights, pairs, both trainers' checkpoints (GBs)
 keep = False  # keep out_dir when done (it is deleted otherwise)
 seed = 1337
@@ -72,14 +78,19 @@ def run_trl(weights_dir, pairs_path):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
 
-    policy, ref = (GPT2LMHeadModel.from_pretrained(weights_dir) for _ in range(2))
+    policy = GPT2LMHeadModel.from_pretrained(weights_dir)
+    ref, peft_config = GPT2LMHeadModel.from_pretrained(weights_dir), None
+    if lora:  # peft's adapters on the same layers as ours (GPT-2's Conv1D: fan_in_fan_out); the reference: them off
+        from peft import LoraConfig
+        ref, peft_config = None, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, task_type='CAUSAL_LM',
+                                            target_modules=['c_attn', 'c_proj', 'c_fc'], fan_in_fan_out=True)
     args = DPOConfig(output_dir=os.path.join(out_dir, 'trl'), per_device_train_batch_size=batch_size, max_steps=steps,
                      learning_rate=1e-6, lr_scheduler_type='constant', warmup_steps=0, beta=0.1, max_length=512,
                      bf16=dtype == 'bfloat16', use_cpu=not torch.cuda.is_available(), report_to='none',
                      logging_steps=1, save_strategy='no', dataloader_num_workers=0, seed=seed,
                      gradient_checkpointing=gradient_checkpointing)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
     return (stamps[-1] - stamps[warmup_steps - 1]) / (steps - warmup_steps)
 
@@ -93,7 +104,8 @@ def run_ours(weights_dir, pairs_path, pack):
                              '--gradient_accumulation_steps=1', f'--max_iters={steps}', '--log_interval=1',
                              '--eval_interval=100000', '--eval_iters=1', '--learning_rate=1e-6', '--warmup_iters=0',
                              '--group_by_length=False', f'--pack={pack}', f'--compile={compile}', f'--dtype={dtype}',
-                             f'--out_dir={ours_dir}', '--overwrite=True', f'--seed={seed}'],
+                             f'--out_dir={ours_dir}', '--overwrite=True', f'--seed={seed}',
+                             f'--lora_rank={lora_rank if lora else 0}', f'--lora_alpha={lora_alpha}'],
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
@@ -113,12 +125,15 @@ def main():
     make_pairs(pairs_path, np.random.default_rng(seed))
     padded, packed = run_ours(weights_dir, pairs_path, False), run_ours(weights_dir, pairs_path, True)
     trl = run_trl(weights_dir, pairs_path)
-    print(f"\n{model}, {dtype}, {batch_size} pairs per step, live reference, {steps - warmup_steps} timed steps, "
+    what = f"LoRA rank {lora_rank}, the reference the adapters off" if lora else "full fine-tuning, live reference"
+    print(f"\n{model}, {dtype}, {batch_size} pairs per step, {what}, {steps - warmup_steps} timed steps, "
           f"ours with compile={compile}, TRL with gradient_checkpointing={gradient_checkpointing}")
     print("| implementation | s/step | pairs/s | speed-up |\n|---|---|---|---|")
-    for name, seconds in (('TRL DPOTrainer', trl), ('dpo.py, padded rows', padded), ('dpo.py --pack=True', packed)):
+    trl_name = 'TRL DPOTrainer' + (' + peft LoRA' if lora else '')
+    for name, seconds in ((trl_name, trl), ('dpo.py, padded rows', padded), ('dpo.py --pack=True', packed)):
         print(f"| {name} | {seconds:.2f} | {batch_size / seconds:.2f} | {trl / seconds:.2f}x |")
     print(json.dumps({'model': model, 'dtype': dtype, 'batch_size': batch_size, 'compile': compile,
+                      'lora_rank': lora_rank if lora else 0,
                       'trl_gradient_checkpointing': gradient_checkpointing,
                       'trl_s_per_step': trl, 'ours_s_per_step': padded, 'ours_packed_s_per_step': packed}))
     if not keep:
