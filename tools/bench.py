@@ -39,8 +39,8 @@ max_length = 512
 max_prompt_length = 256
 group_by_length = True
 pack = False  # several sequences a row with block-diagonal attention (dpo.py's and sft.py's pack)
-steps = 5  # timed steps of each kind, after warmup_steps
-warmup_steps = 2
+steps = 2  # timed steps of each kind, after warmup_steps: a few minutes in all for gpt2 on a 2-core CPU (5 and 2: steadier)
+warmup_steps = 1
 sample_tokens = 256  # new tokens for the sampling benchmark
 sample_batch = 1  # prompts sampled together
 sample_prompt = 10  # tokens in each prompt (HH's prompts: about 160)
@@ -385,6 +385,9 @@ def main():
         data.lengths('chosen')[b], data.lengths('rejected')[b])).max())
     steps_to_run = {'dpo': dpo_train_step(False), 'dpo_precomputed': dpo_train_step(True), 'sft': sft_train_step}
     for name in [w for w in what.split(',') if w in steps_to_run]:
+        if run.master:  # a gpt2 step takes seconds on a CPU: say what is being timed, as it starts
+            print(f"{name}: {warmup_steps} warm-up and {steps} timed steps of {model}, batch {batch_size}, then one "
+                  "more on the largest batch, its memory counted ...", flush=True)
         seconds, (flops, pairs, tokens, _) = timed(steps_to_run[name], run)
         rows.append(dict(step=name, seconds=seconds, pairs_per_sec=pairs / seconds, tokens_per_sec=tokens / seconds,
                          mfu=flops / seconds / peak_flops if peak_flops else float('nan'),
@@ -398,12 +401,15 @@ def main():
         policy.eval().to(parallel.DTYPES[run.dtype])  # as sample.py does: the weights themselves cast, no autocast
         prompt = [list(range(1000, 1000 + sample_prompt))] * sample_batch
         for use_cache in (True, False):
+            print(f"sampling {sample_tokens} new tokens for {sample_batch} prompt(s) of {sample_prompt} tokens, "
+                  f"{'with the KV cache' if use_cache else 'recomputing every step'} ...", flush=True)
             t0 = time.perf_counter()
             out = policy.generate(prompt, sample_tokens, temperature=1.0, eos_token_id=None, use_cache=use_cache,
                                   generator=torch.Generator(run.device).manual_seed(seed))
             seconds = time.perf_counter() - t0
             rows.append(dict(step=f"sample {'with' if use_cache else 'without'} KV cache", seconds=seconds,
                              tokens_per_sec=sum(map(len, out)) / seconds))
+            print(f"{rows[-1]['step']}: {seconds:.2f} s, {rows[-1]['tokens_per_sec']:.0f} tokens/s", flush=True)
     results['steps'] = rows
     if run.master:
         report(results, rows, run)
