@@ -37,8 +37,8 @@ def write(checkpoint, path):
 FRESH_ON_RESUME = ('init_from', 'ref_from', 'out_dir', 'overwrite', 'eval_only', 'device', 'dtype',
                    'compile', 'fsdp', 'wandb_log', 'wandb_project', 'wandb_run_name')
 # ... and how long, how often and in which layout: the order of the pairs depends only on the pairs
-# a step takes and the micro-batch, so more ranks and less accumulation may go on (the loader
-# checks those two, and says which settings keep them)
+# a step takes and the micro-batch, so more ranks with less accumulation may go on; the loader
+# refuses a change to either of those two, and says which settings keep them
 MAY_CHANGE_ON_RESUME = ('max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'batch_size',
                         'gradient_accumulation_steps')
 

@@ -182,7 +182,7 @@ def main(config):
     if not eval_only:  # one run at a time in out_dir, never over another run or a model it reads
         checkpoint.claim_out_dir(out_dir, run, resuming, overwrite,
                                  {'init_from': policy_from, 'ref_from': reference_from})
-    # what the run started from, which a resume reads back (checkpoint.load insists on ref_from)
+    # saved in ckpt.pt: the models the run started from, which a resume loads again
     config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
     # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)
     # with lora_rank > 0 the policy is the model, frozen, with new adapters (LoRA), and the

@@ -308,8 +308,8 @@ def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False
     in batches of batch_size (PairLoader's even=False), the first limit of them (-1: all) shared
     out over the ranks, batch t to rank t % world_size. So every layout evaluates the same examples
     in the same batches. same_count, for FSDP, where each forward gathers the weights with every
-    rank: as many batches as rank 0 has (it has the most), the missing ones rank 0's first, run but
-    not counted."""
+    rank: as many batches as rank 0 has (it has the most), the missing ones filled with the first
+    batch, run but not counted."""
     in_order = PairLoader(np.zeros(n), batch_size, shuffle=False, even=False).epoch_batches(0)
     evaluated = in_order[:limit if limit > 0 else None]
     mine = [(indices, True) for indices in evaluated[rank::world_size]]

@@ -2,9 +2,10 @@
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
 forward pass (logits, or the log-probs of targets), generation with a KV cache, and the training
 helpers (AdamW's groups, FLOPs, the learning-rate schedule get_lr). A reader who stops at the end
-of that first section has all of GPT-2's math. Three calls in it lead to a later section, each
-doing what its plain form beside it does, only faster or leaner (and tested against it); the
-sections, after the first:
+of that first section has all of GPT-2's math. Three calls in it lead to a later section
+(TargetLogProbs in forward, onednn_off and inverse_cdf_draw in generation), each doing what its
+plain form beside it does, only faster or leaner (and tested against it); the sections, after the
+first:
 - the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
   frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
