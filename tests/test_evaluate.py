@@ -115,8 +115,14 @@ def test_frontier_leaves_a_collapsed_run_off_the_axis(tmp_path):
     ax = plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
     assert ax.get_ylim() == pytest.approx((0.25, 0.85))  # 0.3 to 0.8, padded by 10% of 0.5
     assert list(ax.get_xticks()) == [0, 0.25, 0.5, 0.75, 1, 10, 100]
-    assert [t.get_text() for t in ax.texts if 'off the axis' in t.get_text()] == [
-        'online DPO, judge implicit: reward -1.00, off the axis']
+    assert [(t.get_text(), t.xy[1]) for t in ax.texts if 'off the axis' in t.get_text()] == [
+        ('online DPO, judge implicit: reward -1.00, off the axis', pytest.approx(0.25))]  # at the bottom edge
+    rows = json.loads(demo.read_text())
+    rows['policies'][-1]['mean_true_reward'] = 3.0  # far above the rest instead: the arrow at the top edge
+    demo.write_text(json.dumps(rows))
+    ax = plot.plot_frontier(str(demo), str(tmp_path / 'frontier.png'))
+    assert [(t.get_text(), t.xy[1]) for t in ax.texts if 'off the axis' in t.get_text()] == [
+        ('online DPO, judge implicit: reward 3.00, off the axis', pytest.approx(0.85))]
 
 
 @pytest.mark.slow

@@ -135,19 +135,22 @@ def plot_frontier(results_path, png_path):
         if len(points) > 1 and family in ('DPO', 'KTO', 'LoRA DPO'):
             ax.plot([p[0] for p in points], [p[1] for p in points], '-', color=colour, alpha=0.4)
         plotted += points
-    if max(p[0] for p in plotted) > 5:  # a run that collapsed far away: linear up to 1 nat, logarithmic beyond
+    far = [p for p in plotted if p[0] > 5]  # runs that ran far from the reference (collapsed, most often)
+    if far:  # then the KL axis is linear up to 1 nat, logarithmic beyond
         ax.set_xscale('symlog', linthresh=1.0, linscale=6.0)  # most policies lie below 1 nat: give them room
-        top = int(np.log10(max(p[0] for p in plotted)))
+        top = int(np.log10(max(p[0] for p in far)))
         ticks = [0, 0.25, 0.5, 0.75] + [10.0 ** k for k in range(top + 1)]
         ax.set_xticks(ticks, [f'{t:g}' for t in ticks])  # symlog's own ticks leave the linear part bare
-    far = [p for p in plotted if p[0] > 5]  # ran away from the reference: a reward far below the rest squashes them
+    # a far run's reward far off the rest would squash them into a line: the axis is theirs
     limits = limits_without([p[1] for p in far], [p[1] for p in plotted if p not in far])
     if limits:
         ax.set_ylim(*limits)
+        low, high = limits
         for kl, reward, name in far:
-            if not limits[0] <= reward <= limits[1]:  # an arrow at the bottom edge, where it lies
-                ax.annotate(f"{name}: reward {reward:.2f}, off the axis", (kl, limits[0]), ha='right', fontsize=8,
-                            xytext=(kl, limits[0] + 0.12 * (limits[1] - limits[0])), arrowprops={'arrowstyle': '->'})
+            if not low <= reward <= high:  # an arrow at the edge it lies beyond
+                edge, towards = (low, 1) if reward < low else (high, -1)
+                ax.annotate(f"{name}: reward {reward:.2f}, off the axis", (kl, edge), ha='right', fontsize=8,
+                            xytext=(kl, edge + towards * 0.12 * (high - low)), arrowprops={'arrowstyle': '->'})
     ax.set_xlabel('KL(policy || SFT reference), from samples (nats)')
     ax.set_ylabel('mean true reward of samples')
     ax.set_title('embedded task: true reward vs KL' + (f' (mean ± sd over {seeds} seeds)' if seeds > 1 else ''))
