@@ -121,10 +121,11 @@ def run_seed(seed, out):
     stage('SFT', 'sft.py', 'config/sft_synthetic.py', f'--out_dir={sft_dir}', f'--max_iters={sft_iters}',
           f'--lr_decay_iters={sft_iters}', f'--eval_interval={sft_iters}', f'--eval_iters={eval_iters}',
           '--overwrite=True', *system, log=log('sft'))
-    runs = [(f'DPO beta={b}', f'dpo-beta{b}', 'config/dpo_synthetic.py', f'--beta={b}') for b in betas.split(',')]
-    runs += [(f'KTO beta={b}', f'kto-beta{b}', 'config/kto_synthetic.py', f'--beta={b}') for b in filter(None, kto_betas.split(','))]
-    runs += [(f'LoRA DPO beta={b}', f'lora-beta{b}', 'config/dpo_lora_synthetic.py', f'--beta={b}')
-             for b in filter(None, lora_betas.split(','))]
+    runs = [(f'{method} beta={b}', f'{directory}-beta{b}', config, f'--beta={b}')  # one run a beta of each method
+            for method, directory, config, values in (('DPO', 'dpo', 'config/dpo_synthetic.py', betas),
+                                                      ('KTO', 'kto', 'config/kto_synthetic.py', kto_betas),
+                                                      ('LoRA DPO', 'lora', 'config/dpo_lora_synthetic.py', lora_betas))
+            for b in filter(None, values.split(','))]
     for judge in filter(None, online_judges.split(',')):  # the implicit judges: the first DPO run's implicit reward
         runs.append((f'online DPO, judge {judge.replace("_", " ")}', f'online-{judge}', 'config/online_synthetic.py',
                      '--judge=' + ('true_reward' if judge == 'true_reward' else f'{judge}:{os.path.join(out, runs[0][1])}')))
