@@ -79,11 +79,13 @@ def run_trl(weights_dir, pairs_path):
             stamps.append(time.perf_counter())
 
     policy = GPT2LMHeadModel.from_pretrained(weights_dir)
-    ref, peft_config = GPT2LMHeadModel.from_pretrained(weights_dir), None
-    if lora:  # peft's adapters on the same layers as ours (GPT-2's Conv1D: fan_in_fan_out); the reference: them off
+    ref, peft_config = None, None  # with LoRA no second model: TRL's reference is the policy with the adapters off
+    if lora:  # peft's adapters on the same layers as ours (GPT-2's Conv1D: fan_in_fan_out)
         from peft import LoraConfig
-        ref, peft_config = None, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, task_type='CAUSAL_LM',
-                                            target_modules=['c_attn', 'c_proj', 'c_fc'], fan_in_fan_out=True)
+        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, task_type='CAUSAL_LM',
+                                 target_modules=['c_attn', 'c_proj', 'c_fc'], fan_in_fan_out=True)
+    else:
+        ref = GPT2LMHeadModel.from_pretrained(weights_dir)
     args = DPOConfig(output_dir=os.path.join(out_dir, 'trl'), per_device_train_batch_size=batch_size, max_steps=steps,
                      learning_rate=1e-6, lr_scheduler_type='constant', warmup_steps=0, beta=0.1, max_length=512,
                      bf16=dtype == 'bfloat16', use_cpu=not torch.cuda.is_available(), report_to='none',
