@@ -36,7 +36,8 @@ def test_the_padding_report_by_hand(tmp_path):
 @pytest.mark.parametrize('pack', [False, True])
 def test_bench_reports_every_step(pack, tmp_path):
     result = subprocess.run([sys.executable, 'tools/bench.py', '--model=tiny', '--steps=1', '--warmup_steps=0',
-                             '--sample_tokens=4', '--device=cpu', '--dtype=float32', '--batch_size=2', f'--pack={pack}'],
+                             '--sample_tokens=4', '--what=dpo,dpo_precomputed,sft,sample', '--device=cpu',
+                             '--dtype=float32', '--batch_size=2', f'--pack={pack}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=own_cache(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
