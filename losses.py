@@ -3,7 +3,9 @@ From a batch of pairs to its loss: the rows of token ids a forward pass runs ove
 padded sequence a row, or packed units under a block-diagonal causal mask), their log-probs, and
 the losses built on them: SFT's negative log-likelihood, the DPO family's preference_loss and KTO's
 kto_loss, with the step functions that sft.py and dpo.py train with and tools/bench.py times.
-Settings come in as arguments, never from a script's globals.
+Settings come in as arguments, never from a script's globals. DPO's path comes first (the batch,
+its log-probs and losses, the held-out means); SFT, KTO and the scoring of samples after it, then
+packing.
 
 Each step returns its metrics as totals, (M, 2): per metric, the sum of its values and how many
 there were, so that micro-batches and ranks add up before one division (means) gives exact means.
@@ -112,32 +114,6 @@ def dpo_batch(data, indices, pack=False):
                      for field in ('chosen', 'rejected') for i in indices])
 
 
-def sft_batch(data, indices, pack=False):
-    """A Batch of B sequences: prompt + chosen response, loss on the response only."""
-    rows = [(data.get('prompt', i), data.get('chosen', i)) for i in indices]
-    return pack_sequences(rows) if pack else pad_rows(rows)
-
-
-def kto_batch(data, indices, max_length, pack=False):
-    """Two Batches of B unpaired rows each: the rows (prompt i, completion i), and the mismatched
-    rows that KTO's KL reference point is estimated from: prompt i with the completion of the
-    batch's row i - 1 (row 0 with the last one's), as TRL's KTOTrainer pairs them, cut to fit
-    max_length. Where that row has the same prompt (a pair's two rows side by side, as unpair()
-    lays them out and evaluation reads them), the nearest row before it with another prompt: a
-    completion of its own prompt would measure no KL at all."""
-    prompts = [data.get('prompt', i) for i in indices]
-    completions = [data.get('completion', i) for i in indices]
-    B = len(indices)
-
-    def other_prompt(n):  # the nearest row before n, cyclically, whose prompt is not n's (else n - 1)
-        return next((m for m in ((n - s) % B for s in range(1, B))
-                     if not np.array_equal(prompts[m], prompts[n])), (n - 1) % B)
-    mismatched = [(prompts[n], completions[other_prompt(n)][:max_length - len(prompts[n])])
-                  for n in range(B)]
-    make = pack_sequences if pack else pad_rows
-    return make(list(zip(prompts, completions))), make(mismatched)
-
-
 # -------------------------------------------------------------------- log-probs and losses
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -173,26 +149,6 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def kto_loss(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, beta,
-             desirable_weight=1.0, undesirable_weight=1.0, rpo_alpha=0.0, lengths=None):
-    """KTO's loss (Ethayarajh et al., 2024, eq. 7) for B unpaired rows.
-
-    *_logps: (B,) summed log-probs of each row's completion; *_kl_logps: (B,) of the mismatched rows
-    (a prompt with another row's completion); desirable: (B,) bool, the labels. The reference point
-    z is the batch's KL estimate, mean(policy_kl_logps - ref_kl_logps), detached and clamped at 0: a
-    desirable completion gains by rising above it, an undesirable one by falling below it.
-    rpo_alpha > 0 adds, as RPO does to DPO, rpo_alpha times a desirable completion's NLL per token
-    (lengths: (B,) its tokens). Returns (losses (B,), rewards (B,) beta * log-ratio, detached, z).
-    """
-    log_ratios = policy_logps - ref_logps  # (B,) r = log pi(y|x) - log pi_ref(y|x)
-    z = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
-    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios))))
-    if rpo_alpha:
-        losses = losses + torch.where(desirable, rpo_alpha * -policy_logps / lengths, 0.0)
-    return losses, beta * log_ratios.detach(), z
-
-
 def batch_logps(model, batch):
     """One forward over a batch's sequences (padded or packed): (n,) summed response log-probs."""
     # (R, T) log-probs of the targets, 0 off the responses
@@ -205,21 +161,7 @@ def chosen_rejected_logps(model, batch):
     return batch_logps(model, batch).chunk(2)
 
 
-@torch.no_grad()
-def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_batch=128):
-    """log p(response | prompt) summed over each response's tokens, as a numpy array: for scoring
-    sampled responses (token lists) to prompts (token lists)."""
-    device, out = model.lm_head.weight.device, []
-    for i in range(0, len(responses), rows_per_batch):
-        part = slice(i, i + rows_per_batch)
-        rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[part], responses[part])]
-        batch = pad_rows(rows).to(device)
-        with ctx:
-            out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def totals(*parts):
+def metric_totals(*parts):
     """(M, 2) float32 from M (values, mask) parts: the sum of the values where mask holds (all of
     them when mask is None), and how many those are."""
     rows = []
@@ -243,7 +185,7 @@ def dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_
                   + 0.5 * (chosen_rewards == rejected_rewards).float())
     parts = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
              accuracies, chosen_logps, rejected_logps)  # in DPO_METRICS' order
-    return totals(*((p, None) for p in parts))  # (len(DPO_METRICS), 2)
+    return metric_totals(*((p, None) for p in parts))  # (len(DPO_METRICS), 2)
 
 
 def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_settings):
@@ -268,37 +210,6 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
             rejected_lengths=rejected_lengths, **loss_settings)
     return losses, dpo_totals(losses, chosen_rewards, rejected_rewards, chosen_logps,
                               rejected_logps)
-
-
-def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), beta=0.1,
-             desirable_weight=1.0, undesirable_weight=1.0, rpo_alpha=0.0):
-    """Losses (B,) and the totals of KTO_METRICS over B unpaired rows: batch and kl_batch are
-    kto_batch's (the rows, and the mismatched rows), desirable (B,) bool their labels. Only
-    the rows' forward keeps a graph: z, from the mismatched rows, is detached anyway."""
-    with autocast:
-        logps = batch_logps(policy, batch)  # (B,)
-        with torch.no_grad():  # each (B,)
-            kl_logps = batch_logps(policy, kl_batch)  # the policy's, of the mismatched rows: for z
-            ref_logps = batch_logps(ref, batch)  # the reference's, of the rows: for the rewards
-            ref_kl_logps = batch_logps(ref, kl_batch)  # and of the mismatched rows: for z
-        lengths = batch.response_lengths()  # (B,)
-        losses, rewards, z = kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta,
-                                      desirable_weight, undesirable_weight, rpo_alpha, lengths)
-    # in KTO_METRICS' order: the rewards and log-probs of desirable rows are "chosen", the others'
-    # "rejected"
-    return losses, totals((losses, None), (rewards, desirable), (rewards, ~desirable), (z, None),
-                          (logps, desirable), (logps, ~desirable))
-
-
-def sft_step(model, batch, autocast=nullcontext()):
-    """The loss (mean NLL over the batch's response tokens) and the totals of SFT_METRICS: the NLL
-    over response tokens, the log-prob over sequences."""
-    has_target = batch.targets != -1
-    with autocast:
-        # (R, T) log-probs of the targets, 0 off the responses
-        logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)
-        loss = -logps.sum() / has_target.sum()
-    return loss, totals((-logps, has_target), (batch.sequence_sums(logps.detach().float()), None))
 
 
 # ------------------------------------------------------------ held out, and the reference once
@@ -382,6 +293,99 @@ def cached_logps(path, n):
     except (OSError, ValueError, EOFError):
         return None
     return values if values.shape == (n, 2) and values.dtype == np.float32 else None
+
+# -------------------------------------------------------------------- SFT, KTO, and scoring samples
+
+def sft_batch(data, indices, pack=False):
+    """A Batch of B sequences: prompt + chosen response, loss on the response only."""
+    rows = [(data.get('prompt', i), data.get('chosen', i)) for i in indices]
+    return pack_sequences(rows) if pack else pad_rows(rows)
+
+
+def kto_batch(data, indices, max_length, pack=False):
+    """Two Batches of B unpaired rows each: the rows (prompt i, completion i), and the mismatched
+    rows that KTO's KL reference point is estimated from: prompt i with the completion of the
+    batch's row i - 1 (row 0 with the last one's), as TRL's KTOTrainer pairs them, cut to fit
+    max_length. Where that row has the same prompt (a pair's two rows side by side, as unpair()
+    lays them out and evaluation reads them), the nearest row before it with another prompt: a
+    completion of its own prompt would measure no KL at all."""
+    prompts = [data.get('prompt', i) for i in indices]
+    completions = [data.get('completion', i) for i in indices]
+    B = len(indices)
+
+    def other_prompt(n):  # the nearest row before n, cyclically, whose prompt is not n's (else n - 1)
+        return next((m for m in ((n - s) % B for s in range(1, B))
+                     if not np.array_equal(prompts[m], prompts[n])), (n - 1) % B)
+    mismatched = [(prompts[n], completions[other_prompt(n)][:max_length - len(prompts[n])])
+                  for n in range(B)]
+    make = pack_sequences if pack else pad_rows
+    return make(list(zip(prompts, completions))), make(mismatched)
+
+
+def kto_loss(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, desirable, beta,
+             desirable_weight=1.0, undesirable_weight=1.0, rpo_alpha=0.0, lengths=None):
+    """KTO's loss (Ethayarajh et al., 2024, eq. 7) for B unpaired rows.
+
+    *_logps: (B,) summed log-probs of each row's completion; *_kl_logps: (B,) of the mismatched rows
+    (a prompt with another row's completion); desirable: (B,) bool, the labels. The reference point
+    z is the batch's KL estimate, mean(policy_kl_logps - ref_kl_logps), detached and clamped at 0: a
+    desirable completion gains by rising above it, an undesirable one by falling below it.
+    rpo_alpha > 0 adds, as RPO does to DPO, rpo_alpha times a desirable completion's NLL per token
+    (lengths: (B,) its tokens). Returns (losses (B,), rewards (B,) beta * log-ratio, detached, z).
+    """
+    log_ratios = policy_logps - ref_logps  # (B,) r = log pi(y|x) - log pi_ref(y|x)
+    z = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratios - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratios))))
+    if rpo_alpha:
+        losses = losses + torch.where(desirable, rpo_alpha * -policy_logps / lengths, 0.0)
+    return losses, beta * log_ratios.detach(), z
+
+
+def kto_step(policy, ref, batch, kl_batch, desirable, autocast=nullcontext(), beta=0.1,
+             desirable_weight=1.0, undesirable_weight=1.0, rpo_alpha=0.0):
+    """Losses (B,) and the totals of KTO_METRICS over B unpaired rows: batch and kl_batch are
+    kto_batch's (the rows, and the mismatched rows), desirable (B,) bool their labels. Only
+    the rows' forward keeps a graph: z, from the mismatched rows, is detached anyway."""
+    with autocast:
+        logps = batch_logps(policy, batch)  # (B,)
+        with torch.no_grad():  # each (B,)
+            kl_logps = batch_logps(policy, kl_batch)  # the policy's, of the mismatched rows: for z
+            ref_logps = batch_logps(ref, batch)  # the reference's, of the rows: for the rewards
+            ref_kl_logps = batch_logps(ref, kl_batch)  # and of the mismatched rows: for z
+        lengths = batch.response_lengths()  # (B,)
+        losses, rewards, z = kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, beta,
+                                      desirable_weight, undesirable_weight, rpo_alpha, lengths)
+    # in KTO_METRICS' order: the rewards and log-probs of desirable rows are "chosen", the others'
+    # "rejected"
+    return losses, metric_totals((losses, None), (rewards, desirable), (rewards, ~desirable), (z, None),
+                          (logps, desirable), (logps, ~desirable))
+
+
+def sft_step(model, batch, autocast=nullcontext()):
+    """The loss (mean NLL over the batch's response tokens) and the totals of SFT_METRICS: the NLL
+    over response tokens, the log-prob over sequences."""
+    has_target = batch.targets != -1
+    with autocast:
+        # (R, T) log-probs of the targets, 0 off the responses
+        logps = model(batch.idx, batch.targets, batch.position_ids, batch.attn_mask)
+        loss = -logps.sum() / has_target.sum()
+    return loss, metric_totals((-logps, has_target), (batch.sequence_sums(logps.detach().float()), None))
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_batch=128):
+    """log p(response | prompt) summed over each response's tokens, as a numpy array: for scoring
+    sampled responses (token lists) to prompts (token lists)."""
+    device, out = model.lm_head.weight.device, []
+    for i in range(0, len(responses), rows_per_batch):
+        part = slice(i, i + rows_per_batch)
+        rows = [(np.array(p), np.array(r)) for p, r in zip(prompt_ids[part], responses[part])]
+        batch = pad_rows(rows).to(device)
+        with ctx:
+            out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
+    return torch.cat(out).numpy()
+
 
 # -------------------------------------------------------------------- packing (pack=True)
 # Several sequences share a row, each seeing only itself under a block-diagonal causal mask, with

@@ -3,15 +3,16 @@ GPT-2 in one file, in a learner's order: the config, attention, the MLP, the blo
 forward pass (logits, or the log-probs of targets), generation with a KV cache, and the training
 helpers (AdamW's groups, FLOPs, the learning-rate schedule get_lr). A reader who stops at the end
 of that first section has all of GPT-2's math. Three calls in it lead to a later section
-(TargetLogProbs in forward, onednn_off and inverse_cdf_draw in generation), each doing what its
-plain form beside it does, only faster or leaner (and tested against it); the sections, after the
-first:
+(TargetLogProbs in target_logprobs, onednn_off and inverse_cdf_draw in generation), each doing
+what its plain form beside it does, only faster or leaner (and tested against it); the sections,
+after the first:
 - the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
   frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
-  draw).
+  draw);
+- LoRA: adapters on a frozen GPT, and load_adapted (a LoRA run's model from its checkpoint).
 
 Datasets, losses and distributed training are in other files; of the project's own modules this
 one imports only common.py (UserError, atomic_open, first_line, hub_file) and, for the hint on a
@@ -403,7 +404,7 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
             raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
                             "this project")
         if 'lora_base_sha256' in checkpoint['model']:
-            model = load_adapted(path, checkpoint, dropout)
+            model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
             if not resuming:
                 merge_lora(model)
         else:
@@ -431,33 +432,6 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     if lora and lora[0] and not lora_layers(model):
         add_lora(model, *lora)
     return model.to(device)
-
-
-def load_adapted(path, checkpoint, dropout):
-    """A LoRA run's model from its checkpoint: the base it started from (its config's init_from,
-    which must still have the weights it had then), with the run's adapters loaded onto it."""
-    config = checkpoint.get('config', {})
-    base = load_model(config['init_from'], dropout=dropout)
-    add_lora(base, config['lora_rank'], config['lora_alpha'], config['lora_dropout'],
-             config['lora_targets'])
-    saved_sha256 = bytes(checkpoint['model']['lora_base_sha256'].tolist()).hex()
-    if lora_base_sha256(base) != saved_sha256:
-        raise UserError(f"{path} holds LoRA adapters for the base {config['init_from']}, whose "
-                        "weights changed since the run started (sha256 differs): the adapters mean "
-                        "nothing on other weights")
-    try:
-        missing, unexpected = base.load_state_dict(checkpoint['model'], strict=False)
-    except RuntimeError as e:  # an adapter of another shape
-        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
-                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
-                        + next((line.strip() for line in str(e).splitlines() if 'mismatch' in line),
-                               first_line(e))) from None
-    trained = {name for name, p in base.named_parameters() if p.requires_grad}
-    if unexpected or trained & set(missing):
-        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
-                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
-                        f"{(unexpected or sorted(trained & set(missing)))[0]} is not one of them")
-    return base
 
 
 def load_reference(source, policy, device, resumed=None):
@@ -844,3 +818,31 @@ def merge_lora(model):
     if hasattr(model, 'lora_base_sha256'):
         del model.lora_base_sha256
     return model.requires_grad_(True)
+
+
+def load_adapted(path, checkpoint, dropout):
+    """A LoRA run's model from its checkpoint: the base it started from (its config's init_from,
+    which must still have the weights it had then), with the run's adapters loaded onto it."""
+    config = checkpoint.get('config', {})
+    base = load_model(config['init_from'], dropout=dropout)
+    add_lora(base, config['lora_rank'], config['lora_alpha'], config['lora_dropout'],
+             config['lora_targets'])
+    saved_sha256 = bytes(checkpoint['model']['lora_base_sha256'].tolist()).hex()
+    if lora_base_sha256(base) != saved_sha256:
+        raise UserError(f"{path} holds LoRA adapters for the base {config['init_from']}, whose "
+                        "weights changed since the run started (sha256 differs): the adapters mean "
+                        "nothing on other weights")
+    try:
+        missing, unexpected = base.load_state_dict(checkpoint['model'], strict=False)
+    except RuntimeError as e:  # an adapter of another shape
+        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
+                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
+                        + next((line.strip() for line in str(e).splitlines() if 'mismatch' in line),
+                               first_line(e))) from None
+    trained = {name for name, p in base.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise UserError(f"{path}: its adapters do not fit its config's LoRA settings (lora_rank "
+                        f"{config['lora_rank']}, lora_targets {config['lora_targets']!r}): "
+                        f"{(unexpected or sorted(trained & set(missing)))[0]} is not one of them")
+    return base
+

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import UserError, first_line
 from data import PairData, decode, response_text, true_reward
-from losses import sequence_logps, totals
+from losses import metric_totals, sequence_logps
 from model import load_model, read_checkpoint
 
 
@@ -191,5 +191,5 @@ def sample_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, ma
                                     f"{len(found['prompt'])} prompts, fewer than the {n_pairs} pairs a micro-step "
                                     "needs; a judge that cannot tell samples apart gives online DPO nothing to learn")
     policy.train(was_training)
-    return PairData.from_sequences(found, {}), totals((torch.from_numpy(np.concatenate(scores)), None),
-                                        (torch.from_numpy(np.concatenate(ties)), None))
+    return PairData.from_sequences(found, {}), metric_totals((torch.from_numpy(np.concatenate(scores)), None),
+                                               (torch.from_numpy(np.concatenate(ties)), None))
