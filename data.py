@@ -358,25 +358,7 @@ class PairLoader:
         return [self.epoch, self.taken]
 
     def load_state_dict(self, state):
-        if 'pairs' not in state:
-            raise UserError("the checkpoint's data order is an older version's, which this one cannot "
-                            "continue exactly: start a new run from its weights instead")
-        if state.get('dataset_pairs', len(self.lengths)) != len(self.lengths):
-            raise UserError(f"the run trained on {state['dataset_pairs']} examples and this data has "
-                            f"{len(self.lengths)}: the data changed since the run started, so its "
-                            "place in them means nothing here; resume on the same data, or start a "
-                            "new run from its weights")
-        if (state['pairs_per_step'], state['batch_size']) != (self.pairs_per_step, self.batch_size):
-            accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * self.world_size)
-            here = ('' if rest or not accumulation else
-                    f" (here: --batch_size={state['batch_size']} "
-                    f"--gradient_accumulation_steps={accumulation})")
-            raise UserError(
-                f"the run took {state['pairs_per_step']} pairs a step in micro-batches of "
-                f"{state['batch_size']}, this one would take {self.pairs_per_step} in micro-batches "
-                f"of {self.batch_size} (batch_size x gradient_accumulation_steps {self.accumulation} "
-                f"x {self.world_size} rank(s)): the order of the pairs depends on both, so keep them "
-                f"when you resume{here}")
+        check_resumable(self, state)  # the same data, the same pairs a step: or one line why not
         self.epoch, self._batches = state['epoch'], None
         self.taken = state['pairs'] // (self.batch_size * self.world_size)
         # on the same layout each rank goes on where it stopped (its position()): online
@@ -698,6 +680,32 @@ def decode(tokens):
 def response_text(tokens):
     """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
     return decode([t for t in tokens if t != EOT_TOKEN])
+
+
+# -------------------------------------------------------------------- a resume's place in the data
+
+def check_resumable(loader, state):
+    """A UserError unless a PairLoader can go on from state exactly: the same number of examples,
+    and the same pairs a step in micro-batches of the same size."""
+    if 'pairs' not in state:
+        raise UserError("the checkpoint's data order is an older version's, which this one cannot "
+                        "continue exactly: start a new run from its weights instead")
+    if state.get('dataset_pairs', len(loader.lengths)) != len(loader.lengths):
+        raise UserError(f"the run trained on {state['dataset_pairs']} examples and this data has "
+                        f"{len(loader.lengths)}: the data changed since the run started, so its "
+                        "place in them means nothing here; resume on the same data, or start a "
+                        "new run from its weights")
+    if (state['pairs_per_step'], state['batch_size']) != (loader.pairs_per_step, loader.batch_size):
+        accumulation, rest = divmod(state['pairs_per_step'], state['batch_size'] * loader.world_size)
+        here = ('' if rest or not accumulation else
+                f" (here: --batch_size={state['batch_size']} "
+                f"--gradient_accumulation_steps={accumulation})")
+        raise UserError(
+            f"the run took {state['pairs_per_step']} pairs a step in micro-batches of "
+            f"{state['batch_size']}, this one would take {loader.pairs_per_step} in micro-batches "
+            f"of {loader.batch_size} (batch_size x gradient_accumulation_steps {loader.accumulation} "
+            f"x {loader.world_size} rank(s)): the order of the pairs depends on both, so keep them "
+            f"when you resume{here}")
 
 
 # -------------------------------------------------------------------- python data.py
