@@ -7,10 +7,11 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/kto_synthetic.py     # KTO: unpaired rows, each a thumbs up or down
     python dpo.py config/online_synthetic.py  # online DPO: pairs sampled from the policy, judged
 
-Read it top to bottom: the settings, what they may be, the losses of a batch, then main(): the
-models, the data, and the loop. What it calls in model.py, data.py and losses.py is the story too.
-The guard rails it calls do what their names and these lines say, so a first read can leave their
-files (parallel.py, checkpoint.py, common.py) closed. On one process each is the plain thing:
+Read it top to bottom: the settings, the losses of a batch, then main(): the models, the data,
+and the loop (what each setting may be, RANGES and CHECKS, is at the end, beside configure). What
+it calls in model.py, data.py and losses.py is the story too. The guard rails it calls do what
+their names and these lines say, so a first read can leave their files (parallel.py,
+checkpoint.py, common.py) closed. On one process each is the plain thing:
     configure(globals(), ...)     each config file named on the command line run (it sets these
                                   settings), then each --key=value; all checked (RANGES, CHECKS)
     parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
@@ -111,40 +112,6 @@ compile = False  # torch.compile the policy and the reference
 fsdp = False  # under torchrun: each rank holds 1/N of the models, gradients and AdamW state (FSDP2)
 seed = 1337
 # -----------------------------------------------------------------------------
-
-RANGES = {  # what each setting may be: configure() checks them all before any work
-    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
-    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
-    'max_prompt_length': '>= 1', 'beta': '> 0',
-    'loss_type': ('sigmoid', 'ipo', 'hinge', 'simpo', 'kto'),
-    'label_smoothing': '[0, 0.5)', 'rpo_alpha': '>= 0', 'simpo_gamma': '>= 0',
-    'desirable_weight': '> 0', 'undesirable_weight': '> 0', 'online_temperature': '> 0',
-    'online_max_new_tokens': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
-    'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
-    'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
-    'grad_clip': '>= 0', 'eval_interval': '>= 1', 'eval_iters': '-1 (all) or >= 1',
-    'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
-}
-CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
-    (lambda c: c['lora_rank'] and c['ref_from'] not in ('', c['init_from']),
-     "lora_rank={lora_rank} does not go with ref_from={ref_from!r}: under LoRA the reference is "
-     "the policy's own base with the adapters off; leave ref_from='' (the policy's init_from)"),
-    (lambda c: c['loss_type'] == 'kto' and c['precompute_ref_logps'],
-     "precompute_ref_logps=True does not go with loss_type='kto': its KL reference point pairs "
-     "each row with another row of its batch, which changes every epoch; keep the live reference"),
-    (lambda c: c['online'] and (c['loss_type'] == 'kto' or c['precompute_ref_logps']),
-     "online=True samples new pairs every step: it trains with a pairwise loss_type (not 'kto') "
-     "and a live reference (not precompute_ref_logps=True)"),
-    (lambda c: c['fsdp'] and c['online'],
-     "fsdp=True does not go with online=True: each rank samples its own prompts, as many tokens as "
-     "its samples take, while under FSDP every rank must take part in every forward"),
-    (lambda c: c['fsdp'] and c['dtype'] == 'float16',
-     "fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
-     "use bfloat16 (or float32)"),
-    (lambda c: c['loss_type'] == 'kto' and c['batch_size'] < 2,
-     "loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with another "
-     "row of the same batch"),
-]
 
 
 def batch_losses(model, ref, data, indices, ref_logps, run):
@@ -324,6 +291,41 @@ def main(config):
             log.log(iter_num, {**means(names, totals), **speed, 'grad_norm': grad_norm, 'lr': lr})
     log.close()
     run.exit_together()
+
+
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
+    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'max_prompt_length': '>= 1', 'beta': '> 0',
+    'loss_type': ('sigmoid', 'ipo', 'hinge', 'simpo', 'kto'),
+    'label_smoothing': '[0, 0.5)', 'rpo_alpha': '>= 0', 'simpo_gamma': '>= 0',
+    'desirable_weight': '> 0', 'undesirable_weight': '> 0', 'online_temperature': '> 0',
+    'online_max_new_tokens': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
+    'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
+    'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
+    'grad_clip': '>= 0', 'eval_interval': '>= 1', 'eval_iters': '-1 (all) or >= 1',
+    'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
+}
+CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
+    (lambda c: c['lora_rank'] and c['ref_from'] not in ('', c['init_from']),
+     "lora_rank={lora_rank} does not go with ref_from={ref_from!r}: under LoRA the reference is "
+     "the policy's own base with the adapters off; leave ref_from='' (the policy's init_from)"),
+    (lambda c: c['loss_type'] == 'kto' and c['precompute_ref_logps'],
+     "precompute_ref_logps=True does not go with loss_type='kto': its KL reference point pairs "
+     "each row with another row of its batch, which changes every epoch; keep the live reference"),
+    (lambda c: c['online'] and (c['loss_type'] == 'kto' or c['precompute_ref_logps']),
+     "online=True samples new pairs every step: it trains with a pairwise loss_type (not 'kto') "
+     "and a live reference (not precompute_ref_logps=True)"),
+    (lambda c: c['fsdp'] and c['online'],
+     "fsdp=True does not go with online=True: each rank samples its own prompts, as many tokens as "
+     "its samples take, while under FSDP every rank must take part in every forward"),
+    (lambda c: c['fsdp'] and c['dtype'] == 'float16',
+     "fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
+     "use bfloat16 (or float32)"),
+    (lambda c: c['loss_type'] == 'kto' and c['batch_size'] < 2,
+     "loss_type='kto' needs batch_size >= 2: its KL reference point pairs each row with another "
+     "row of the same batch"),
+]
 
 
 if __name__ == '__main__':

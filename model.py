@@ -1,11 +1,11 @@
 """
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
-forward pass (logits, or the log-probs of targets), generation with a KV cache, and the training
-helpers (AdamW's groups, FLOPs, the learning-rate schedule get_lr). A reader who stops at the end
-of that first section has all of GPT-2's math. Three calls in it lead to a later section
-(TargetLogProbs in target_logprobs, onednn_off and inverse_cdf_draw in generation), each doing
-what its plain form beside it does, only faster or leaner (and tested against it); the sections,
-after the first:
+forward pass (logits, or the log-probs of targets), the training helpers (AdamW's groups, FLOPs),
+generation with a KV cache (which training never calls), and the learning-rate schedule get_lr. A
+reader who stops at the end of that first section has all of GPT-2's math. Three calls in it
+lead to a later section (TargetLogProbs in target_logprobs, onednn_off and inverse_cdf_draw in
+generation), each doing what its plain form beside it does, only faster or leaner (and tested
+against it); the sections, after the first:
 - the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
   frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
@@ -207,7 +207,32 @@ class GPT(nn.Module):
         out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
         return out.masked_scatter(keep, logp)  # (B, T)
 
+    # ---------------------------------------------------------------- training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (matmul weights, embeddings) only, never on biases
+        or LayerNorm gains; the fused kernel on CUDA and on CPU (one pass over each tensor
+        instead of a dozen)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type in ('cuda', 'cpu'))
+
+    def flops(self, n_tokens, n_targets, seq_len, backward=True):
+        """Matmul FLOPs (PaLM appendix B, as in nanoGPT) of a forward, and with backward also the
+        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which
+        n_targets have a target: per token 2 per weight of the blocks plus
+        4 * n_layer * n_embd * seq_len for attention's QK^T and AV; per target 2 * vocab * n_embd
+        for the vocabulary projection."""
+        c = self.config
+        head = 2 * c.vocab_size * c.n_embd
+        body = 2 * self.num_params() - head + 4 * c.n_layer * c.n_embd * seq_len
+        forward = n_tokens * body + n_targets * head
+        return 3 * forward if backward else forward
+
     # ---------------------------------------------------------------- generation
+    # (sample.py, evaluate.py, online DPO: a training step never calls it; get_lr is below it)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -284,30 +309,6 @@ class GPT(nn.Module):
         query_pos = torch.arange(past, S, device=valid.device)  # (T,)
         mask |= query_pos[:, None] == torch.arange(S, device=valid.device)  # (T, S) the diagonal
         return position_ids, mask[:, None]  # (B, 1, T, S)
-
-    # ---------------------------------------------------------------- training helpers
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (matmul weights, embeddings) only, never on biases
-        or LayerNorm gains; the fused kernel on CUDA and on CPU (one pass over each tensor
-        instead of a dozen)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 fused=device_type in ('cuda', 'cpu'))
-
-    def flops(self, n_tokens, n_targets, seq_len, backward=True):
-        """Matmul FLOPs (PaLM appendix B, as in nanoGPT) of a forward, and with backward also the
-        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which
-        n_targets have a target: per token 2 per weight of the blocks plus
-        4 * n_layer * n_embd * seq_len for attention's QK^T and AV; per target 2 * vocab * n_embd
-        for the vocabulary projection."""
-        c = self.config
-        head = 2 * c.vocab_size * c.n_embd
-        body = 2 * self.num_params() - head + 4 * c.n_layer * c.n_embd * seq_len
-        forward = n_tokens * body + n_targets * head
-        return 3 * forward if backward else forward
 
 
 def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):

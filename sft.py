@@ -76,30 +76,6 @@ fsdp = False  # under torchrun: each rank holds 1/N of the model, gradients and 
 seed = 1337
 # -----------------------------------------------------------------------------
 
-RANGES = {  # what each setting may be: configure() checks them all before any work
-    'n_layer': '>= 1', 'n_head': '>= 1', 'n_embd': '>= 1', 'block_size': '>= 2',
-    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
-    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
-    'max_prompt_length': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
-    'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
-    'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
-    'grad_clip': '>= 0', 'eval_interval': '>= 1', 'eval_iters': '-1 (all) or >= 1',
-    'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
-}
-CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
-    (lambda c: c['init_from'] == 'scratch' and c['lora_rank'],
-     "lora_rank={lora_rank} does not go with init_from='scratch': LoRA adapts a trained model, and "
-     "a model made from scratch has nothing to adapt; train it whole (lora_rank=0)"),
-    (lambda c: c['init_from'] == 'scratch' and c['n_embd'] % c['n_head'],
-     "n_embd={n_embd} is not a multiple of n_head={n_head} (each head takes n_embd / n_head of the "
-     "channels)"),
-    (lambda c: c['init_from'] == 'scratch' and c['max_length'] > c['block_size'],
-     "max_length={max_length} is longer than the model's block_size {block_size}"),
-    (lambda c: c['fsdp'] and c['dtype'] == 'float16',
-     "fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
-     "use bfloat16 (or float32)"),
-]
-
 
 def main(config):
     run = parallel.start(device, dtype, seed)  # this process's device, dtype and rank
@@ -225,6 +201,31 @@ def main(config):
                                'lr': lr})
     log.close()
     run.exit_together()
+
+
+RANGES = {  # what each setting may be: configure() checks them all before any work
+    'n_layer': '>= 1', 'n_head': '>= 1', 'n_embd': '>= 1', 'block_size': '>= 2',
+    'dropout': '[0, 1)', 'lora_rank': '>= 0', 'lora_alpha': '> 0', 'lora_dropout': '[0, 1)',
+    'dataset': ('hh', 'jsonl', 'synthetic'), 'max_length': '>= 2',
+    'max_prompt_length': '>= 1', 'batch_size': '>= 1', 'gradient_accumulation_steps': '>= 1',
+    'max_iters': '>= 0', 'learning_rate': '> 0', 'warmup_iters': '>= 0', 'lr_decay_iters': '>= 1',
+    'min_lr': '>= 0', 'weight_decay': '>= 0', 'beta1': '[0, 1)', 'beta2': '[0, 1)',
+    'grad_clip': '>= 0', 'eval_interval': '>= 1', 'eval_iters': '-1 (all) or >= 1',
+    'log_interval': '>= 1', 'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'seed': '>= 0',
+}
+CHECKS = [  # settings that do not go together, and why: configure() stops on the first that holds
+    (lambda c: c['init_from'] == 'scratch' and c['lora_rank'],
+     "lora_rank={lora_rank} does not go with init_from='scratch': LoRA adapts a trained model, and "
+     "a model made from scratch has nothing to adapt; train it whole (lora_rank=0)"),
+    (lambda c: c['init_from'] == 'scratch' and c['n_embd'] % c['n_head'],
+     "n_embd={n_embd} is not a multiple of n_head={n_head} (each head takes n_embd / n_head of the "
+     "channels)"),
+    (lambda c: c['init_from'] == 'scratch' and c['max_length'] > c['block_size'],
+     "max_length={max_length} is longer than the model's block_size {block_size}"),
+    (lambda c: c['fsdp'] and c['dtype'] == 'float16',
+     "fsdp=True does not go with dtype=float16, whose loss scaler does not take sharded gradients: "
+     "use bfloat16 (or float32)"),
+]
 
 
 if __name__ == '__main__':
