@@ -2,7 +2,8 @@
 Preference data, in the order a run meets it: load_dataset (a split's tokenized pairs, from the
 on-disk token cache or read and tokenized with truncation), PairLoader (which pairs each step
 takes), and the sources: the embedded synthetic task with its true reward, Anthropic HH-RLHF and
-local JSONL files, then the GPT-2 tokenizer. losses.py makes the rows of a batch from the pairs.
+local JSONL files, then the GPT-2 tokenizer and the token cache's files. losses.py makes the rows
+of a batch from the pairs.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
     python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves
@@ -59,19 +60,8 @@ def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512
     them); rows: KTO's unpaired rows, each pair made two (unpair)."""
     identity, read = find_source(dataset, split, data_path, eval_data_path, hh_subsets,
                                  hub_cache_dir)
-    settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
-                    tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
-                    max_length=max_length, max_prompt_length=max_prompt_length)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
-    data = None
-    if os.path.exists(path):
-        try:
-            data = PairData.load(path)
-            data.stats['cache'] = f"loaded {path}"
-        except Exception as e:  # cut short, overwritten, a disk error: it is only a cache
-            print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); "
-                  "rebuilding it", file=sys.stderr)
+    path = cache_path(cache_dir, dataset, split, identity, max_length, max_prompt_length)
+    data = read_cache(path)  # None when the cache has no such file (or an unreadable one)
     if data is None:
         pairs, dropped = read()
         data = tokenize_pairs(pairs, max_length, max_prompt_length)
@@ -93,47 +83,12 @@ def find_source(dataset, split, data_path='', eval_data_path='', hh_subsets='all
     """(identity, read) for a split of a source: identity is a JSON-able dict that changes whenever
     the data does (it keys the token cache); read() returns (pairs, dropped)."""
     if dataset == 'synthetic':
-        n_pairs, seed = SYNTHETIC[split]
-        def read():
-            pairs = synthetic_pairs(n_pairs, seed)
-            for i, pair in enumerate(pairs):
-                pair['where'] = f"synthetic {split} pair {i}"
-            return pairs, Counter()
-        return dict(task_version=TASK_VERSION, pairs=n_pairs, seed=seed), read
+        return synthetic_source(split)
     if dataset == 'jsonl':
-        key, path = (('data_path', data_path) if split == 'train'
-                     else ('eval_data_path', eval_data_path))
-        if not path:
-            raise UserError(f"dataset='jsonl' needs {key}: "
-                            "a JSONL file of prompt/chosen/rejected pairs")
-        if os.path.isdir(path):
-            raise UserError(f"{key}={path!r} is a directory: give the JSONL file itself")
-        if not os.path.exists(path):
-            raise UserError(f"{key}={path!r} does not exist")
-        if not os.path.isfile(path):
-            raise UserError(f"{key}={path!r} is not a regular file (a device or a pipe): give the "
-                            "JSONL file itself")
-        # the file's content, not its name, size and mtime: a file replaced by another of the same
-        # size with its mtime kept (cp -p, rsync -a) must not be read from the old one's cache
-        return dict(sha256=file_sha256(path)), lambda: read_pairs(path)
+        return jsonl_source(*(('data_path', data_path) if split == 'train'
+                              else ('eval_data_path', eval_data_path)))
     if dataset == 'hh':
-        subsets = (HH_SUBSETS if hh_subsets == 'all'
-                   else tuple(s.strip() for s in hh_subsets.split(',')))
-        unknown = [s for s in subsets if s not in HH_SUBSETS]
-        if unknown:
-            raise UserError(f"unknown hh_subsets {unknown}: "
-                            f"choose from {', '.join(HH_SUBSETS)}, or 'all'")
-        # snapshot paths: they name the dataset's commit
-        paths = hh_files(split, subsets, hub_cache_dir)
-
-        def read():
-            pairs, dropped = [], Counter()
-            for path in paths:
-                p, d = read_pairs(path, strict=False)
-                pairs += p
-                dropped += d
-            return pairs, dropped
-        return dict(files=paths), read
+        return hh_source(split, hh_subsets, hub_cache_dir)
     raise UserError(f"unknown dataset '{dataset}': use hh, jsonl or synthetic")
 
 
@@ -157,34 +112,6 @@ def truncate(prompt, chosen, rejected, max_length, max_prompt_length):
     if longer > room:
         chosen, rejected, truncated = chosen[:room], rejected[:room], True
     return prompt, chosen, rejected, truncated
-
-
-def encode_chunk(texts):
-    """(tokens, offsets) of a list of texts: a ragged array, cheap to send between processes."""
-    return ragged(get_tokenizer().encode_ordinary_batch(texts, num_threads=1))
-
-
-def encode_all(texts, desc, workers=None):
-    """(tokens, offsets) of many texts, on every core, with a progress bar. Worker processes, not
-    tiktoken's threads, which did not scale (building the Python lists of ids holds the GIL)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
-    chunks = [texts[i:i + 4096] for i in range(0, len(texts), 4096)]
-    if workers is None:  # small inputs are not worth starting processes for
-        workers = os.cpu_count() if len(texts) >= 20_000 else 1
-    with tqdm(total=len(texts), desc=desc, unit=' texts', disable=len(texts) < 20_000) as bar:
-        if workers == 1:
-            parts = [encode_chunk(c) for c in chunks]
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                parts = []
-                for part in pool.map(encode_chunk, chunks):
-                    parts.append(part)
-                    bar.update(len(part[1]) - 1)
-    tokens = np.concatenate([t for t, _ in parts])
-    starts = np.cumsum([0] + [len(t) for t, _ in parts[:-1]])
-    offsets = np.concatenate([[0]] + [o[1:] + start for (_, o), start in zip(parts, starts)])
-    return tokens, offsets
 
 
 def ragged(seqs):
@@ -465,7 +392,56 @@ def synthetic_pairs(n_pairs, seed):
     return pairs
 
 
+def synthetic_source(split):
+    """find_source's (identity, read) for the synthetic task's split."""
+    n_pairs, seed = SYNTHETIC[split]
+
+    def read():
+        pairs = synthetic_pairs(n_pairs, seed)
+        for i, pair in enumerate(pairs):
+            pair['where'] = f"synthetic {split} pair {i}"
+        return pairs, Counter()
+    return dict(task_version=TASK_VERSION, pairs=n_pairs, seed=seed), read
+
+
 # -------------------------------------------------------------------- HH-RLHF and JSONL files
+
+def jsonl_source(key, path):
+    """find_source's (identity, read) for a JSONL file, given as setting key."""
+    if not path:
+        raise UserError(f"dataset='jsonl' needs {key}: "
+                        "a JSONL file of prompt/chosen/rejected pairs")
+    if os.path.isdir(path):
+        raise UserError(f"{key}={path!r} is a directory: give the JSONL file itself")
+    if not os.path.exists(path):
+        raise UserError(f"{key}={path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"{key}={path!r} is not a regular file (a device or a pipe): give the "
+                        "JSONL file itself")
+    # the file's content, not its name, size and mtime: a file replaced by another of the same
+    # size with its mtime kept (cp -p, rsync -a) must not be read from the old one's cache
+    return dict(sha256=file_sha256(path)), lambda: read_pairs(path)
+
+
+def hh_source(split, hh_subsets='all', hub_cache_dir=None):
+    """find_source's (identity, read) for HH-RLHF's split of the subsets named (comma-separated)."""
+    subsets = (HH_SUBSETS if hh_subsets == 'all'
+               else tuple(s.strip() for s in hh_subsets.split(',')))
+    unknown = [s for s in subsets if s not in HH_SUBSETS]
+    if unknown:
+        raise UserError(f"unknown hh_subsets {unknown}: "
+                        f"choose from {', '.join(HH_SUBSETS)}, or 'all'")
+    paths = hh_files(split, subsets, hub_cache_dir)  # snapshot paths: they name the dataset's commit
+
+    def read():
+        pairs, dropped = [], Counter()
+        for path in paths:
+            p, d = read_pairs(path, strict=False)
+            pairs += p
+            dropped += d
+        return pairs, dropped
+    return dict(files=paths), read
+
 
 def response_problem(chosen, rejected):
     """Why two responses cannot make a training pair, or None when they can."""
@@ -673,6 +649,34 @@ def encode(text):
     return get_tokenizer().encode_ordinary(text)
 
 
+def encode_chunk(texts):
+    """(tokens, offsets) of a list of texts: a ragged array, cheap to send between processes."""
+    return ragged(get_tokenizer().encode_ordinary_batch(texts, num_threads=1))
+
+
+def encode_all(texts, desc, workers=None):
+    """(tokens, offsets) of many texts, on every core, with a progress bar. Worker processes, not
+    tiktoken's threads, which did not scale (building the Python lists of ids holds the GIL)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm import tqdm
+    chunks = [texts[i:i + 4096] for i in range(0, len(texts), 4096)]
+    if workers is None:  # small inputs are not worth starting processes for
+        workers = os.cpu_count() if len(texts) >= 20_000 else 1
+    with tqdm(total=len(texts), desc=desc, unit=' texts', disable=len(texts) < 20_000) as bar:
+        if workers == 1:
+            parts = [encode_chunk(c) for c in chunks]
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                parts = []
+                for part in pool.map(encode_chunk, chunks):
+                    parts.append(part)
+                    bar.update(len(part[1]) - 1)
+    tokens = np.concatenate([t for t, _ in parts])
+    starts = np.cumsum([0] + [len(t) for t, _ in parts[:-1]])
+    offsets = np.concatenate([[0]] + [o[1:] + start for (_, o), start in zip(parts, starts)])
+    return tokens, offsets
+
+
 def decode(tokens):
     return get_tokenizer().decode(tokens)
 
@@ -680,6 +684,33 @@ def decode(tokens):
 def response_text(tokens):
     """A sampled response as text: its tokens without the <|endoftext|> that ends it."""
     return decode([t for t in tokens if t != EOT_TOKEN])
+
+
+# -------------------------------------------------------------------- the token cache
+
+def cache_path(cache_dir, dataset, split, identity, max_length, max_prompt_length):
+    """The token cache's file for a split of a source (identity, from find_source) tokenized with
+    these settings: any change to one of them is another file."""
+    settings = dict(cache_version=CACHE_VERSION, dataset=dataset, split=split, source=identity,
+                    tokenizer=['gpt2', GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256],
+                    max_length=max_length, max_prompt_length=max_prompt_length)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f'{dataset}-{split}-{key}.npz')
+
+
+def read_cache(path):
+    """The PairData in the token cache's file, or None when there is none or it is unreadable (cut
+    short, overwritten, a disk error: it is only a cache, rebuilt with a warning)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        data = PairData.load(path)
+    except Exception as e:
+        print(f"warning: the token cache {path} is unreadable ({type(e).__name__}: {e}); "
+              "rebuilding it", file=sys.stderr)
+        return None
+    data.stats['cache'] = f"loaded {path}"
+    return data
 
 
 # -------------------------------------------------------------------- a resume's place in the data

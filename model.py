@@ -401,35 +401,10 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     if resuming or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         path = os.path.join(out_dir if resuming else init_from, 'ckpt.pt')
         checkpoint = checkpoint or read_checkpoint(path)  # on the CPU: the weights go to device
-        if 'model_args' not in checkpoint or 'model' not in checkpoint:
-            raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
-                            "this project")
-        if 'lora_base_sha256' in checkpoint['model']:
-            model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
-            if not resuming:
-                merge_lora(model)
-        else:
-            try:
-                model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
-            except (TypeError, ValueError) as e:
-                raise UserError(f"{path}: its model_args do not make a model: {e}") from None
-            try:
-                model.load_state_dict(checkpoint['model'])
-            except RuntimeError as e:
-                raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+        model = model_from_checkpoint(path, checkpoint, dropout, merge_adapters=not resuming)
     else:
-        try:
-            model = from_pretrained(init_from, dropout=dropout)
-        except UserError as e:
-            raise UserError(f"{e}{missing_run_hint(init_from)}") from None
-    for name, t in model.state_dict().items():  # a NaN here would only show as a NaN loss later
-        if not torch.isfinite(t).all():
-            raise UserError(f"the model {init_from} is broken: its weight {name} holds "
-                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
-                            "from another checkpoint")
-    if max_length is not None and max_length > model.config.block_size:
-        raise UserError(f"max_length={max_length} is longer than the model's block_size "
-                        f"{model.config.block_size}")
+        model = from_pretrained(init_from, dropout=dropout)
+    check_weights(model, init_from, max_length)  # no NaN, and block_size holds the longest sequence
     if lora and lora[0] and not lora_layers(model):
         add_lora(model, *lora)
     return model.to(device)
@@ -473,6 +448,39 @@ def read_checkpoint(path):
     return checkpoint
 
 
+def model_from_checkpoint(path, checkpoint, dropout, merge_adapters):
+    """load_model's model from a checkpoint dict (read from path): its model_args and weights, or
+    for a LoRA run its base with the adapters loaded (merged into the base if merge_adapters)."""
+    if 'model_args' not in checkpoint or 'model' not in checkpoint:
+        raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
+                        "this project")
+    if 'lora_base_sha256' in checkpoint['model']:
+        model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
+        return merge_lora(model) if merge_adapters else model
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+    return model
+
+
+def check_weights(model, source, max_length=None):
+    """A UserError for a model with a NaN or infinite weight (which would only show as a NaN loss
+    later), or whose block_size is shorter than the data's longest sequence, max_length."""
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"the model {source} is broken: its weight {name} holds "
+                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
+                            "from another checkpoint")
+    if max_length is not None and max_length > model.config.block_size:
+        raise UserError(f"max_length={max_length} is longer than the model's block_size "
+                        f"{model.config.block_size}")
+
+
 def weights_sha256(model):
     """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
     digest = hashlib.sha256()
@@ -506,7 +514,10 @@ def from_pretrained(name_or_dir, dropout=0.0, cache_dir=None):
     name_or_dir: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub id ('openai-community/gpt2'),
     or a directory. Downloads go to the normal hub cache (or cache_dir) and are reused from it.
     """
-    config_path, weights_path = resolve_pretrained_files(name_or_dir, cache_dir)
+    try:
+        config_path, weights_path = resolve_pretrained_files(name_or_dir, cache_dir)
+    except UserError as e:  # an out_dir not made yet: the hint names the command that makes it
+        raise UserError(f"{e}{missing_run_hint(name_or_dir)}") from None
     model = GPT(config_from_hub_json(config_path, dropout))
     from safetensors.torch import load_file  # safetensors holds only tensors: nothing runs on load
     try:

@@ -287,42 +287,48 @@ class Run:
 # -------------------------------------------------------------------- the model over the ranks
 
 def distribute(model, run, fsdp=False, compile=False, forward_only=False):
-    """The model the forward goes through, in three steps. fsdp under torchrun: rank 0's weights
-    broadcast to every rank, then the model sharded in place, each block's attention and MLP and then
-    the rest (the embeddings, tied to the output layer, and the LayerNorms), so that its parameters are
-    this rank's shards from here on: build the optimizer after distribute(). compile: torch.compile.
-    Training under torchrun without fsdp: DDP around it (forward_only, the reference: no DDP)."""
+    """The model the forward goes through: on one process the model itself (compiled if compile);
+    under torchrun, with fsdp, sharded in place (shard, below: build the optimizer after), else
+    inside DDP, except the reference (forward_only), which has no gradients to all-reduce."""
     if not isinstance(model, torch.nn.Module):  # a LoRA policy's base (BaseOf): where the policy is
         return model
     if fsdp and run.dtype == 'float16':  # (CHECKS refuses it when asked; here 'auto' chose it)
         raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
                         "sharded gradients: use bfloat16 (or float32)")
-    if fsdp and run.ddp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (2 s to import: only here)
-        for t in [*model.parameters(), *model.buffers()]:  # as DDP starts: a model made from scratch
-            dist.broadcast(t.detach(), 0)                  # differs by each rank's seed
-        # Each block's attention and MLP (all its matmul weights) are gathered in the compute dtype,
-        # half the bytes of float32, and autograd saves those gathered weights for backward, freed
-        # after the forward and gathered again for the backward (autocast's casts of float32 weights
-        # would stay, 2 bytes a parameter). Their inputs are not cast: the residual stream stays float32
-        # as under DDP with autocast. The rest, the embeddings and every LayerNorm, is the root's, in
-        # float32: the same computation as DDP's.
-        compute = None if run.dtype == 'float32' else getattr(torch, run.dtype)  # torch.bfloat16
-        matmuls = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
-                                       cast_forward_inputs=False)
-        for block in model.transformer.h:
-            fully_shard(block.attn, mp_policy=matmuls)
-            fully_shard(block.mlp, mp_policy=matmuls)
-        # the root's weights stay gathered from its forward to its backward by default; a model that
-        # only runs forward (the reference) would keep them gathered for good
-        fully_shard(model, reshard_after_forward=True if forward_only else None)
-    if compile:
-        model = compiled(model)
-    if run.ddp and not fsdp and not forward_only:
+    if not run.ddp:
+        return compiled(model) if compile else model
+    if fsdp:
+        shard(model, run.dtype, forward_only)
+    model = compiled(model) if compile else model
+    if not fsdp and not forward_only:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
         model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None,
                     gradient_as_bucket_view=True)
     return model
+
+
+def shard(model, dtype, forward_only=False):
+    """FSDP2 on model, in place: rank 0's weights broadcast to every rank, then each block's
+    attention and MLP sharded, then the rest (the embeddings, tied to the output layer, and the
+    LayerNorms), so that its parameters are this rank's shards from here on."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (2 s to import: only here)
+    for t in [*model.parameters(), *model.buffers()]:  # as DDP starts: a model made from scratch
+        dist.broadcast(t.detach(), 0)                  # differs by each rank's seed
+    # Each block's attention and MLP (all its matmul weights) are gathered in the compute dtype,
+    # half the bytes of float32, and autograd saves those gathered weights for backward, freed
+    # after the forward and gathered again for the backward (autocast's casts of float32 weights
+    # would stay, 2 bytes a parameter). Their inputs are not cast: the residual stream stays float32
+    # as under DDP with autocast. The rest, the embeddings and every LayerNorm, is the root's, in
+    # float32: the same computation as DDP's.
+    compute = None if dtype == 'float32' else getattr(torch, dtype)  # torch.bfloat16
+    matmuls = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False)
+    for block in model.transformer.h:
+        fully_shard(block.attn, mp_policy=matmuls)
+        fully_shard(block.mlp, mp_policy=matmuls)
+    # the root's weights stay gathered from its forward to its backward by default; a model that
+    # only runs forward (the reference) would keep them gathered for good
+    fully_shard(model, reshard_after_forward=True if forward_only else None)
 
 
 def compiled(model):
