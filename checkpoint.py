@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import torch
 
@@ -239,6 +240,7 @@ class MetricLog:
                  wandb_project='', wandb_run_name='', config=None):
         self.out_dir = out_dir
         self.path, self.master, self.wandb = os.path.join(out_dir, 'metrics.jsonl'), master, None
+        self.start_iter, self.started = start_iter, time.perf_counter()  # for speed()'s ETA
         if not master or eval_only:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -269,6 +271,29 @@ class MetricLog:
             raise write_failure(self.path, e, "its lines before this one are kept") from None
         if self.wandb is not None:
             self.wandb.log(metrics, step=iter_num)
+
+    def describe(self, script, model, run, n_train, n_eval, examples, per_step, rest=''):
+        """The run's first line, on the master: the model's size (and what LoRA trains of it),
+        where it runs, the data and the examples a step takes; rest: the script's own words."""
+        if not self.master:
+            return
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = trained < sum(p.numel() for p in model.parameters())  # the adapters train, not it
+        print(f"{script}: {model.num_params() / 1e6:.1f}M parameters"
+              + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora else "")
+              + f", {run.device}, {run.dtype}, {run.world_size} rank(s); {n_train} train / "
+              f"{n_eval} held-out {examples}; {per_step} {rest}")
+
+    def speed(self, iter_num, max_iters, seconds, examples, n_examples, tokens, flops, peak_flops):
+        """A step's speed: it took seconds for n_examples and tokens (all ranks') and flops (this
+        rank's); its MFU where the device's peak is known; and the minutes left at the pace so far,
+        evaluations and saves included."""
+        pace = (time.perf_counter() - self.started) / (iter_num - self.start_iter)
+        speed = {f'{examples}_per_sec': n_examples / seconds, 'tokens_per_sec': tokens / seconds,
+                 'ms_per_iter': 1000 * seconds, 'eta_min': pace * (max_iters - iter_num) / 60}
+        if peak_flops:
+            speed['mfu'] = flops / seconds / peak_flops
+        return speed
 
     def write_eval(self, iter_num, metrics):
         """eval_only: the held-out metrics printed and written to out_dir/eval.json."""

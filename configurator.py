@@ -9,6 +9,9 @@ A config file is plain Python whose top-level assignments become overrides; --ke
 its value read as a Python literal (True, 3, 1e-5, 'text') or else taken as a plain string.
 A key the script does not have, a value of the wrong type or out of its range, or a broken file
 stops the run with one sentence naming the key or the file and line, before any work.
+
+The story is configure() and what follows it down to config_keys; the checks it calls and
+--help follow, and do what their names say.
 """
 
 import ast
@@ -31,12 +34,106 @@ class Settings(dict):
     given = frozenset()
 
 
+def configure(namespace, ranges=None, args=None, checks=()):
+    """For a script's __main__: apply_overrides, then check_ranges and check_combinations; prints
+    what changed and returns the Settings, or prints the one-line error and exits;
+    --help (or -h) prints settings_help and exits."""
+    args = sys.argv[1:] if args is None else args
+    if '--help' in args or '-h' in args:
+        print(settings_help(namespace))
+        sys.exit(0)
+    try:
+        applied = apply_overrides(namespace, args)
+        check_ranges(namespace, ranges or {})
+        check_combinations(namespace, checks)
+    except UserError as e:
+        exit_with_error(e, prefix='config error')
+    if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank speaks for all
+        for key, value in applied.items():
+            print(f"config: {key} = {value!r}")
+    settings = Settings(config_keys(namespace))
+    settings.given = frozenset(applied)
+    return settings
+
+
+def apply_overrides(namespace, args):
+    """Apply config files and --key=value arguments (in order) to namespace, a script's globals().
+    Returns the dict of overrides applied; raises UserError on the first mistake."""
+    known = config_keys(namespace)
+    applied = {}
+    for arg in args:
+        if arg.startswith('--'):
+            if '=' not in arg:
+                raise UserError(f"argument {arg}: expected --key=value")
+            key, text = arg[2:].split('=', 1)
+            if key not in known:
+                raise unknown_key(key, known, f"argument {arg}")
+            overrides, source = {key: parse_value(text, known[key])}, f"argument {arg}"
+        else:
+            overrides, source = read_config_file(arg), f"config file {arg}"
+            for key in overrides:
+                if key not in known:
+                    raise unknown_key(key, known, source)
+        for key, value in overrides.items():
+            applied[key] = namespace[key] = check_value(key, value, known[key], source)
+    return applied
+
+
+def read_config_file(path):
+    """The top-level assignments of a Python config file, as a dict."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        source = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config "
+                        "file is Python source, saved as UTF-8") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except SyntaxError as e:
+        raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except BaseException as e:  # sys.exit() too: a config file cannot end the run
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
+        what = "calls sys.exit(): a config file sets values" if isinstance(e, SystemExit) else \
+            f"{type(e).__name__}: {e}"
+        raise UserError(f"{path}, line {line}: {what}") from None
+    # every top-level name but modules is an override: a value of a type no setting has (a list, a
+    # dict) is refused by check_value, a function or class here, never dropped without a word
+    overrides = {k: v for k, v in namespace.items() if not k.startswith('_') and not inspect.ismodule(v)}
+    for key, value in overrides.items():
+        if inspect.isroutine(value) or inspect.isclass(value):
+            kind = 'class' if inspect.isclass(value) else 'function'
+            raise UserError(f"config file {path}: {key} is a {kind}, and a setting is a value (a "
+                            "number, a string, True/False or None); compute it in the file instead")
+    return overrides
+
+
+def parse_value(text, default):
+    """A --key=value value as users type it: Python literals, true/false in any case, or a string."""
+    if isinstance(default, str) and not (len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"'):
+        return text  # a string key takes the text as it is: --out_dir=123 is the directory '123'
+    if text.lower() in ('true', 'false'):
+        return text.lower() == 'true'
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def config_keys(namespace):
     """The names a script's globals offer as config: plain values in lower case, not modules,
     functions or constants (EOT_TOKEN)."""
     return {k: v for k, v in namespace.items()
             if not k.startswith('_') and k == k.lower() and isinstance(v, (bool, int, float, str, type(None)))}
 
+
+# -------------------------------------------------------------------- the checks
 
 def check_value(key, value, default, source):
     """value as the type of default (an int is accepted for a float key, as 1e-5 and 0 are both
@@ -123,75 +220,7 @@ def unknown_key(key, known, source):
     return UserError(f"{source}: unknown config key '{key}'{hint}")
 
 
-def parse_value(text, default):
-    """A --key=value value as users type it: Python literals, true/false in any case, or a string."""
-    if isinstance(default, str) and not (len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"'):
-        return text  # a string key takes the text as it is: --out_dir=123 is the directory '123'
-    if text.lower() in ('true', 'false'):
-        return text.lower() == 'true'
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def read_config_file(path):
-    """The top-level assignments of a Python config file, as a dict."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist")
-    with open(path, 'rb') as f:
-        raw = f.read()
-    try:
-        source = raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b'\n') + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config "
-                        "file is Python source, saved as UTF-8") from None
-    namespace = {}
-    try:
-        exec(compile(source, path, 'exec'), namespace)
-    except SyntaxError as e:
-        raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
-    except BaseException as e:  # sys.exit() too: a config file cannot end the run
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
-        what = "calls sys.exit(): a config file sets values" if isinstance(e, SystemExit) else \
-            f"{type(e).__name__}: {e}"
-        raise UserError(f"{path}, line {line}: {what}") from None
-    # every top-level name but modules is an override: a value of a type no setting has (a list, a
-    # dict) is refused by check_value, a function or class here, never dropped without a word
-    overrides = {k: v for k, v in namespace.items() if not k.startswith('_') and not inspect.ismodule(v)}
-    for key, value in overrides.items():
-        if inspect.isroutine(value) or inspect.isclass(value):
-            kind = 'class' if inspect.isclass(value) else 'function'
-            raise UserError(f"config file {path}: {key} is a {kind}, and a setting is a value (a "
-                            "number, a string, True/False or None); compute it in the file instead")
-    return overrides
-
-
-def apply_overrides(namespace, args):
-    """Apply config files and --key=value arguments (in order) to namespace, a script's globals().
-    Returns the dict of overrides applied; raises UserError on the first mistake."""
-    known = config_keys(namespace)
-    applied = {}
-    for arg in args:
-        if arg.startswith('--'):
-            if '=' not in arg:
-                raise UserError(f"argument {arg}: expected --key=value")
-            key, text = arg[2:].split('=', 1)
-            if key not in known:
-                raise unknown_key(key, known, f"argument {arg}")
-            overrides, source = {key: parse_value(text, known[key])}, f"argument {arg}"
-        else:
-            overrides, source = read_config_file(arg), f"config file {arg}"
-            for key in overrides:
-                if key not in known:
-                    raise unknown_key(key, known, source)
-        for key, value in overrides.items():
-            applied[key] = namespace[key] = check_value(key, value, known[key], source)
-    return applied
-
+# -------------------------------------------------------------------- --help, and a hint for a missing run
 
 def settings_help(namespace):
     """A script's --help: the first paragraph of its docstring, then every setting with its default
@@ -224,28 +253,6 @@ def settings_help(namespace):
         text = comment[1] if comment and comment[0] > 0 else ''
         lines.append(f"    {f'--{key}={default!r}':<{width}}  {text}".rstrip())
     return '\n'.join(lines)
-
-
-def configure(namespace, ranges=None, args=None, checks=()):
-    """For a script's __main__: apply_overrides, then check_ranges and check_combinations; prints
-    what changed and returns the Settings, or prints the one-line error and exits;
-    --help (or -h) prints settings_help and exits."""
-    args = sys.argv[1:] if args is None else args
-    if '--help' in args or '-h' in args:
-        print(settings_help(namespace))
-        sys.exit(0)
-    try:
-        applied = apply_overrides(namespace, args)
-        check_ranges(namespace, ranges or {})
-        check_combinations(namespace, checks)
-    except UserError as e:
-        exit_with_error(e, prefix='config error')
-    if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank speaks for all
-        for key, value in applied.items():
-            print(f"config: {key} = {value!r}")
-    settings = Settings(config_keys(namespace))
-    settings.given = frozenset(applied)
-    return settings
 
 
 def missing_run_hint(name):

@@ -29,7 +29,8 @@ checkpoint.py, common.py) closed. On one process each is the plain thing:
     checkpoint.load, restore      a resume: ckpt.pt read (its recipe checked), and put back
     checkpoint.write(ckpt, path)  torch.save to a temporary file, fsync, rename over path: a failed
                                   write (a full disk) keeps the old file and says so
-    checkpoint.MetricLog          log(): a line on stdout, one in out_dir/metrics.jsonl (and wandb)
+    checkpoint.MetricLog          log(): a line on stdout, one in out_dir/metrics.jsonl (and wandb);
+                                  describe(): the run's first line; speed(): a step's pace, MFU, ETA
 """
 
 import os
@@ -192,22 +193,15 @@ def main(config):
     log = checkpoint.MetricLog(out_dir, run.master, start_iter, eval_only, wandb_log,
                                wandb_project, wandb_run_name, config)
     examples = 'rows' if kto else 'pairs'
-    examples_per_step = batch_size * gradient_accumulation_steps * run.world_size
-    if run.master:
-        trained = sum(p.numel() for p in raw_policy.parameters() if p.requires_grad)  # LoRA: less
-        print(f"dpo: {raw_policy.num_params() / 1e6:.1f}M parameters"
-              + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora_rank else "")
-              + f", {run.device}, {run.dtype}, "
-              f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
-              f"{examples}; {examples_per_step} per step; loss {loss_type}, beta {beta}"
-              + (f"; online, judge {judge}" if online else ""))
+    log.describe('dpo', raw_policy, run, len(train_data), len(eval_data), examples,
+                 batch_size * gradient_accumulation_steps * run.world_size, f"per step; loss "
+                 f"{loss_type}, beta {beta}" + (f"; online, judge {judge}" if online else ""))
 
     def held_out_totals(indices):  # the totals of a held-out batch's metrics
         return batch_losses(policy, ref, eval_data, indices, eval_ref_logps, run)[1]
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
         run.save_on_signals()
-    t_start = time.perf_counter()  # for the ETA
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out pairs every eval_interval iterations and at the end, then
@@ -215,7 +209,7 @@ def main(config):
         # a new run only evaluates at iteration 0 (nothing is trained yet)
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
-        if evaluate:
+        if evaluate:  # (held_out_means: eval mode, no dropout, then back to train mode)
             metrics = held_out_means(policy, held_out_totals, names, len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
             if eval_only:
@@ -279,13 +273,9 @@ def main(config):
         if iter_num % log_interval == 0:  # the step's means over all ranks, and its speed
             totals = run.sum(totals)
             seconds = time.perf_counter() - t0  # (the .item() above waited for the GPU)
-            speed = {f'{examples}_per_sec': totals[0, 1].item() / seconds,  # the loss's count
-                     'tokens_per_sec': tokens * run.world_size / seconds}  # (this rank's x ranks)
-            speed['ms_per_iter'] = 1000 * seconds  # and the time left at the pace so far:
-            pace = (time.perf_counter() - t_start) / (iter_num - start_iter)  # (evals too)
-            speed['eta_min'] = pace * (max_iters - iter_num) / 60
-            if run.peak_flops:
-                speed['mfu'] = flops / seconds / run.peak_flops
+            # the examples: the loss's count
+            speed = log.speed(iter_num, max_iters, seconds, examples, totals[0, 1].item(),
+                              tokens * run.world_size, flops, run.peak_flops)
             if online:
                 speed = {**means(METRICS['online'], run.sum(online_totals.to(run.device))), **speed}
             log.log(iter_num, {**means(names, totals), **speed, 'grad_norm': grad_norm, 'lr': lr})

@@ -5,7 +5,7 @@ the losses built on them: SFT's negative log-likelihood, the DPO family's prefer
 kto_loss, with the step functions that sft.py and dpo.py train with and tools/bench.py times.
 Settings come in as arguments, never from a script's globals. DPO's path comes first (the batch,
 its log-probs and losses, the held-out means); SFT, KTO and the scoring of samples after it, then
-packing.
+the reference's log-probs computed once (precompute_ref_logps), then packing.
 
 Each step returns its metrics as totals, (M, 2): per metric, the sum of its values and how many
 there were, so that micro-batches and ranks add up before one division (means) gives exact means.
@@ -212,22 +212,7 @@ def dpo_step(policy, ref, batch, ref_logps=None, autocast=nullcontext(), **loss_
                               rejected_logps)
 
 
-# ------------------------------------------------------------ held out, and the reference once
-
-def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
-    """Evaluation's batches on this rank, as (indices, counted): the n held-out examples in order,
-    in batches of batch_size (PairLoader's even=False), the first limit of them (-1: all) shared
-    out over the ranks, batch t to rank t % world_size. So every layout evaluates the same examples
-    in the same batches. same_count, for FSDP, where each forward gathers the weights with every
-    rank: as many batches as rank 0 has (it has the most), the missing ones filled with the first
-    batch, run but not counted."""
-    in_order = PairLoader(np.zeros(n), batch_size, shuffle=False, even=False).epoch_batches(0)
-    evaluated = in_order[:limit if limit > 0 else None]
-    mine = [(indices, True) for indices in evaluated[rank::world_size]]
-    if not same_count:
-        return mine
-    return mine + [(evaluated[0], False)] * (len(evaluated[0::world_size]) - len(mine))
-
+# -------------------------------------------------------------------- the held-out means
 
 @torch.no_grad()
 def held_out_means(model, totals_of, names, n, batch_size, eval_iters, run, same_count=False):
@@ -246,53 +231,20 @@ def held_out_means(model, totals_of, names, n, batch_size, eval_iters, run, same
     return means(names, run.sum(totals), prefix='eval/')
 
 
-@torch.no_grad()
-def reference_logps(ref, ref_sha256, data, batch_size, pack, run):
-    """(N, 2) float32: the reference's summed log-probs of each pair's chosen and rejected response,
-    computed once (each rank its share) and cached next to the token cache on every node, keyed by
-    the reference's weights (ref_sha256) and the dtype; a rank without the file joins the others."""
-    path = f"{data.path[:-len('.npz')]}-ref-{ref_sha256[:12]}-{run.dtype}.npy"
-    out = cached_logps(path, len(data))
-    cached = torch.tensor([float(out is not None)], device=run.device)
-    if run.sum(cached, 'whether the reference log-probs are cached').item() == run.world_size:
-        return out
-    shares = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
-                        shuffle=False).epoch_batches(0)
-    indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
-    values = []
-    progress = tqdm(shares, desc="the reference's log-probs", unit=' batches', disable=not run.master)
-    for share in progress:
-        batch = dpo_batch(data, share, pack).to(run.device)
-        with run.autocast:
-            values.append(torch.stack(chosen_rejected_logps(ref, batch), dim=1).float())  # (b, 2)
-    values = torch.cat(values)
-    if run.ddp:  # every rank holds an equal share: gather them all
-        gathered = [(torch.empty_like(indices), torch.empty_like(values))
-                    for _ in range(run.world_size)]
-        with run.collective("the all-gather of the reference's log-probs"):
-            dist.all_gather([g[0] for g in gathered], indices)
-            dist.all_gather([g[1] for g in gathered], values)
-        indices, values = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-    out = np.zeros((len(data), 2), dtype=np.float32)
-    out[indices.cpu().numpy()] = values.cpu().numpy()
-    if run.local_rank == 0:  # one copy a node
-        try:
-            with atomic_open(path, 'wb') as f:
-                np.save(f, out)
-        except OSError as e:
-            raise write_failure(path, e, CACHE_ELSEWHERE) from None
-    return out
+def eval_batches(n, batch_size, rank=0, world_size=1, limit=-1, same_count=False):
+    """Evaluation's batches on this rank, as (indices, counted): the n held-out examples in order,
+    in batches of batch_size (PairLoader's even=False), the first limit of them (-1: all) shared
+    out over the ranks, batch t to rank t % world_size. So every layout evaluates the same examples
+    in the same batches. same_count, for FSDP, where each forward gathers the weights with every
+    rank: as many batches as rank 0 has (it has the most), the missing ones filled with the first
+    batch, run but not counted."""
+    in_order = PairLoader(np.zeros(n), batch_size, shuffle=False, even=False).epoch_batches(0)
+    evaluated = in_order[:limit if limit > 0 else None]
+    mine = [(indices, True) for indices in evaluated[rank::world_size]]
+    if not same_count:
+        return mine
+    return mine + [(evaluated[0], False)] * (len(evaluated[0::world_size]) - len(mine))
 
-
-
-def cached_logps(path, n):
-    """The (n, 2) float32 log-probs cached at path; None where there is no such file, or one cut
-    short or of another shape (then rebuilt, as the token cache is)."""
-    try:
-        values = np.load(path)
-    except (OSError, ValueError, EOFError):
-        return None
-    return values if values.shape == (n, 2) and values.dtype == np.float32 else None
 
 # -------------------------------------------------------------------- SFT, KTO, and scoring samples
 
@@ -385,6 +337,57 @@ def sequence_logps(model, prompt_ids, responses, ctx=nullcontext(), rows_per_bat
         with ctx:
             out.append(batch.sequence_sums(model(batch.idx, batch.targets)).float().cpu())
     return torch.cat(out).numpy()
+
+
+# -------------------------------------------------------------------- the reference once
+# (precompute_ref_logps=True)
+
+@torch.no_grad()
+def reference_logps(ref, ref_sha256, data, batch_size, pack, run):
+    """(N, 2) float32: the reference's summed log-probs of each pair's chosen and rejected response,
+    computed once (each rank its share) and cached next to the token cache on every node, keyed by
+    the reference's weights (ref_sha256) and the dtype; a rank without the file joins the others."""
+    path = f"{data.path[:-len('.npz')]}-ref-{ref_sha256[:12]}-{run.dtype}.npy"
+    out = cached_logps(path, len(data))
+    cached = torch.tensor([float(out is not None)], device=run.device)
+    if run.sum(cached, 'whether the reference log-probs are cached').item() == run.world_size:
+        return out
+    shares = PairLoader(np.zeros(len(data)), batch_size, rank=run.rank, world_size=run.world_size,
+                        shuffle=False).epoch_batches(0)
+    indices = torch.from_numpy(np.concatenate(shares)).to(run.device)
+    values = []
+    progress = tqdm(shares, desc="the reference's log-probs", unit=' batches', disable=not run.master)
+    for share in progress:
+        batch = dpo_batch(data, share, pack).to(run.device)
+        with run.autocast:
+            values.append(torch.stack(chosen_rejected_logps(ref, batch), dim=1).float())  # (b, 2)
+    values = torch.cat(values)
+    if run.ddp:  # every rank holds an equal share: gather them all
+        gathered = [(torch.empty_like(indices), torch.empty_like(values))
+                    for _ in range(run.world_size)]
+        with run.collective("the all-gather of the reference's log-probs"):
+            dist.all_gather([g[0] for g in gathered], indices)
+            dist.all_gather([g[1] for g in gathered], values)
+        indices, values = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    out = np.zeros((len(data), 2), dtype=np.float32)
+    out[indices.cpu().numpy()] = values.cpu().numpy()
+    if run.local_rank == 0:  # one copy a node
+        try:
+            with atomic_open(path, 'wb') as f:
+                np.save(f, out)
+        except OSError as e:
+            raise write_failure(path, e, CACHE_ELSEWHERE) from None
+    return out
+
+
+def cached_logps(path, n):
+    """The (n, 2) float32 log-probs cached at path; None where there is no such file, or one cut
+    short or of another shape (then rebuilt, as the token cache is)."""
+    try:
+        values = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    return values if values.shape == (n, 2) and values.dtype == np.float32 else None
 
 
 # -------------------------------------------------------------------- packing (pack=True)

@@ -115,20 +115,14 @@ def main(config):
     del resumed  # its tensors live in the model and the optimizer now
     log = checkpoint.MetricLog(out_dir, run.master, start_iter, eval_only, wandb_log,
                                wandb_project, wandb_run_name, config)
-    if run.master:
-        trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # LoRA: less
-        print(f"sft: {raw_model.num_params() / 1e6:.1f}M parameters"
-              + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora_rank else "")
-              + f", {run.device}, {run.dtype}, "
-              f"{run.world_size} rank(s); {len(train_data)} train / {len(eval_data)} held-out "
-              f"sequences; {batch_size * gradient_accumulation_steps * run.world_size} a step")
+    log.describe('sft', raw_model, run, len(train_data), len(eval_data), 'sequences',
+                 batch_size * gradient_accumulation_steps * run.world_size, 'a step')
 
     def held_out_totals(indices):  # the totals of a held-out batch of sequences
         return sft_step(model, sft_batch(eval_data, indices, pack).to(run.device), run.autocast)[1]
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
         run.save_on_signals()
-    t_start = time.perf_counter()  # for the ETA
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out chosen responses every eval_interval iterations and at the end,
@@ -136,7 +130,7 @@ def main(config):
         # there), a new run only evaluates at iteration 0 (nothing is trained yet)
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
-        if evaluate:
+        if evaluate:  # (held_out_means: eval mode, no dropout, then back to train mode)
             metrics = held_out_means(model, held_out_totals, METRICS['sft'], len(eval_data),
                                      batch_size, eval_iters, run, same_count=fsdp)
             if eval_only:
@@ -190,13 +184,9 @@ def main(config):
         if iter_num % log_interval == 0:  # the step's means over all ranks, and its speed
             totals = run.sum(totals)
             seconds = time.perf_counter() - t0  # (the .item() above waited for the GPU)
-            speed = {'sequences_per_sec': totals[1, 1].item() / seconds,  # logps/chosen's count
-                     'tokens_per_sec': tokens * run.world_size / seconds}  # (this rank's x ranks)
-            speed['ms_per_iter'] = 1000 * seconds  # and the time left at the pace so far:
-            pace = (time.perf_counter() - t_start) / (iter_num - start_iter)  # (evals too)
-            speed['eta_min'] = pace * (max_iters - iter_num) / 60
-            if run.peak_flops:
-                speed['mfu'] = flops / seconds / run.peak_flops
+            # the sequences: logps/chosen's count
+            speed = log.speed(iter_num, max_iters, seconds, 'sequences', totals[1, 1].item(),
+                              tokens * run.world_size, flops, run.peak_flops)
             log.log(iter_num, {**means(METRICS['sft'], totals), **speed, 'grad_norm': grad_norm,
                                'lr': lr})
     log.close()
