@@ -221,15 +221,22 @@ class GPT(nn.Module):
 
     def flops(self, n_tokens, n_targets, seq_len, backward=True):
         """Matmul FLOPs (PaLM appendix B, as in nanoGPT) of a forward, and with backward also the
-        backward (twice the forward), over n_tokens tokens in sequences of seq_len, of which
-        n_targets have a target: per token 2 per weight of the blocks plus
-        4 * n_layer * n_embd * seq_len for attention's QK^T and AV; per target 2 * vocab * n_embd
-        for the vocabulary projection."""
+        backward, over n_tokens tokens in sequences of seq_len, of which n_targets have a target:
+        per token 2 per weight of the blocks plus 4 * n_layer * n_embd * seq_len for attention's
+        QK^T and AV; per target 2 * vocab * n_embd for the vocabulary projection. The backward is
+        twice the forward when every weight trains (the gradients of each matmul's input and of its
+        weight); with frozen weights (LoRA) it is the inputs' gradients (the forward again, and
+        attention's a second time: both its operands are activations) plus 2 per trained weight."""
         c = self.config
         head = 2 * c.vocab_size * c.n_embd
-        body = 2 * self.num_params() - head + 4 * c.n_layer * c.n_embd * seq_len
-        forward = n_tokens * body + n_targets * head
-        return 3 * forward if backward else forward
+        attention = 4 * c.n_layer * c.n_embd * seq_len
+        forward = n_tokens * (2 * self.num_params() - head + attention) + n_targets * head
+        if not backward:
+            return forward
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if trained == sum(p.numel() for p in self.parameters()):
+            return 3 * forward
+        return 2 * forward + n_tokens * (attention + 2 * trained)
 
     # ---------------------------------------------------------------- generation
     # (sample.py, evaluate.py, online DPO: a training step never calls it; get_lr is below it)

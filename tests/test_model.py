@@ -328,6 +328,22 @@ def test_param_count_and_flops_by_hand():
     assert model.flops(10, 3, T, backward=False) == 10 * (2 * (N - V * C) + 4 * L * C * T) + 3 * 2 * V * C
 
 
+def test_flops_of_a_lora_step_by_hand():
+    """With the base frozen, the backward computes the inputs' gradients (the forward again, and
+    attention's twice) and weight gradients for the adapters only: 4N + 12 L C T + 2R for a token
+    with a target, where a full step is 6N + 12 L C T."""
+    from model import add_lora
+    model = add_lora(tiny_gpt(), rank=2, alpha=4.0, targets='c_attn')
+    V, C, L, T = 96, 16, 2, 32
+    R = L * 2 * (C + 3 * C)  # each layer's c_attn: A (2, C) and B (3C, 2)
+    N = model.num_params()  # the base's and the adapters'
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == R
+    assert model.flops(1, 1, T) == 4 * N + 12 * L * C * T + 2 * R
+    assert model.flops(1, 1, T, backward=False) == 2 * N + 4 * L * C * T
+    model.requires_grad_(True)  # every weight trains: the full count again
+    assert model.flops(1, 1, T) == 6 * N + 12 * L * C * T
+
+
 def test_optimizer_groups_decay_only_matrices():
     model = tiny_gpt()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu')
