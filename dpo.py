@@ -8,10 +8,10 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/online_synthetic.py  # online DPO: pairs sampled from the policy, judged
 
 Read it top to bottom: the settings, the losses of a batch, then main(): the models, the data,
-and the loop (what each setting may be, RANGES and CHECKS, is at the end, beside configure). What
-it calls in model.py, data.py and losses.py is the story too. The guard rails it calls do what
-their names and these lines say, so a first read can leave their files (parallel.py,
-checkpoint.py, common.py) closed. On one process each is the plain thing:
+and the loop. What it calls in model.py, data.py and losses.py is the story too; what each setting
+may be (RANGES and CHECKS, at the end, beside configure) is not, and a first read can skip it. The
+guard rails it calls do what their names and these lines say, so a first read can leave their
+files (parallel.py, checkpoint.py, common.py) closed. On one process each is the plain thing:
     configure(globals(), ...)     each config file named on the command line run (it sets these
                                   settings), then each --key=value; all checked (RANGES, CHECKS)
     parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
@@ -205,7 +205,7 @@ def main(config):
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out pairs every eval_interval iterations and at the end, then
-        # save ckpt.pt; a resumed run does neither where it starts (its stopped run did both there),
+        # save ckpt.pt; a resumed run does neither where it starts (the stopped run saved there),
         # a new run only evaluates at iteration 0 (nothing is trained yet)
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
@@ -218,8 +218,9 @@ def main(config):
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
         if (evaluate or stop) and iter_num > start_iter:  # ckpt.pt: all a resume needs to go on
-            # exactly: whole tensors (under FSDP gathered from the shards), and every rank's place
-            # in the data and its random stream: collectives, so every rank builds it
+            # exactly: whole tensors on the CPU (under FSDP gathered from the shards; under LoRA
+            # the adapters only), and every rank's place in the data and its torch RNG state (for
+            # dropout): collectives, so every rank builds it
             model_state, optimizer_state = run.full_state(raw_policy, optimizer)
             ckpt = {'script': 'dpo', 'model': model_state,
                     'model_args': asdict(raw_policy.config), 'optimizer': optimizer_state,
@@ -254,6 +255,7 @@ def main(config):
                 data, indices = train_data, next(loader)
             losses, batch_totals, batch, forward_only = batch_losses(policy, ref, data, indices,
                                                                      train_ref_logps, run)
+            # the mean over the step's pairs (kto: rows; online: a tied prompt, dropped, counts 0)
             scaler.scale(losses.sum() / (batch_size * gradient_accumulation_steps)).backward()
             totals = totals + batch_totals
             shape = batch.flops_shape()  # (tokens, with a target, attended length): no padding
@@ -273,7 +275,7 @@ def main(config):
         if iter_num % log_interval == 0:  # the step's means over all ranks, and its speed
             totals = run.sum(totals)
             seconds = time.perf_counter() - t0  # (the .item() above waited for the GPU)
-            # the examples: the loss's count
+            # totals[0, 1]: the loss's count, the pairs (kto: rows) of the step
             speed = log.speed(iter_num, max_iters, seconds, examples, totals[0, 1].item(),
                               tokens * run.world_size, flops, run.peak_flops)
             if online:

@@ -43,17 +43,16 @@ METRICS = {'sft': SFT_METRICS, 'dpo': DPO_METRICS, 'kto': KTO_METRICS, 'online':
 # -------------------------------------------------------------------- the rows of a batch
 
 class Batch(NamedTuple):
-    """Rows for one forward pass over n response sequences, padded or packed.
+    """Rows for one forward pass over n response sequences: padded, sequence i in row i, or packed,
+    several a row (the last section, packing).
 
     idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
     sequence's log-probs over its targets gives exactly log p(response | prompt).
-    position_ids, attn_mask: None for padded rows (one sequence a row from position 0: plain
-    causal attention); for packed rows (R, T) positions and a (R, 1, T, T) causal mask that lets a
-    token see only its own unit (below).
-    segments: (R, T) which of the n sequences each cell belongs to (prompt cells included), -1 on
-    padding.
-    lengths: numpy, the tokens of each unit: a unit is a sequence without its last token, or, packed
-    for DPO, a pair: its prompt once, then both responses, each seeing the prompt but not the other.
+    segments: (R, T) the sequence each cell belongs to, prompt included; -1 on padding.
+    lengths: numpy, the cells of each unit: a sequence without its last token (padded: a row, its
+    padding left out), or, packed for DPO, a pair: its prompt once, then both responses.
+    position_ids, attn_mask: None for padded rows (causal attention from position 0); packed, the
+    positions and the block-diagonal mask (R, 1, T, T) of the units.
     """
     idx: torch.Tensor
     targets: torch.Tensor

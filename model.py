@@ -9,6 +9,7 @@ against it); the sections, after the first:
 - the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
   frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
+- reading a checkpoint and checking a loaded model (the guard rails of the two above);
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
   draw);
@@ -163,12 +164,8 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)  # (T,), broadcast over B
-        if attn_mask is None and past > 0:
-            if T > 1:  # a chunk after cached positions: causal, shifted by the cache (bottom-right)
-                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
-            else:  # one new token may look at everything before it; the mask spans every key, since
-                # CUDA's memory-efficient kernel refuses a mask broadcast along its last dimension
-                attn_mask = torch.ones(1, past + 1, dtype=torch.bool, device=idx.device)
+        if attn_mask is None and past > 0:  # generation: new tokens after cached ones
+            attn_mask = self._after_cache_mask(T, past, idx.device)
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
@@ -193,16 +190,16 @@ class GPT(nn.Module):
 
     # not compiled (parallel.compiled leaves it eager): the number of targets changes every batch
     def target_logprobs(self, x, targets):
-        """(B, T) log-probs of targets (B, T) from final hidden states x (B, T, C); 0 where
-        targets == -1."""
+        """(B, T) log-probs of targets (B, T) from final hidden states x (B, T, C):
+        log_softmax(x @ lm_head.weight.T) at each target, 0 where targets == -1."""
         keep = targets != -1  # (B, T)
         x, weight = x[keep], self.lm_head.weight  # (N, C) for the N positions with a target
         if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would give the projection
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
-        # log_softmax(x @ weight.T) at each target, as plain_target_logprobs computes it, but with
-        # one low-precision copy of the logits and no float32 one (section "memory-lean log-probs");
-        # logp is float32 (float64 for a float64 model)
+        # that, as plain_target_logprobs computes it, but with one low-precision copy of the logits
+        # and no float32 one (tested equal; section "memory-lean log-probs"); logp is float32
+        # (float64 for a float64 model)
         logp = TargetLogProbs.apply(x, weight, targets[keep])  # (N,)
         out = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
         return out.masked_scatter(keep, logp)  # (B, T)
@@ -239,7 +236,7 @@ class GPT(nn.Module):
         return 2 * forward + n_tokens * (attention + 2 * trained)
 
     # ---------------------------------------------------------------- generation
-    # (sample.py, evaluate.py, online DPO: a training step never calls it; get_lr is below it)
+    # (sample.py, tools/evaluate.py, online DPO: a training step never calls it; get_lr is below)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -298,6 +295,15 @@ class GPT(nn.Module):
             if finished.all():
                 break
         return out
+
+    @staticmethod
+    def _after_cache_mask(T, past, device):
+        """(T, past + T) bool: causal attention for T new tokens after past cached positions."""
+        if T > 1:  # a chunk after cached positions: causal, shifted by the cache (bottom-right)
+            return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+        # one new token may look at everything before it; the mask spans every key, since CUDA's
+        # memory-efficient kernel refuses a mask broadcast along its last dimension
+        return torch.ones(1, past + 1, dtype=torch.bool, device=device)
 
     @staticmethod
     def _positions_and_mask(valid, past):
@@ -408,6 +414,7 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     if resuming or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         path = os.path.join(out_dir if resuming else init_from, 'ckpt.pt')
         checkpoint = checkpoint or read_checkpoint(path)  # on the CPU: the weights go to device
+        # GPT(GPTConfig(**model_args)) with the saved weights (a LoRA run: its base and adapters)
         model = model_from_checkpoint(path, checkpoint, dropout, merge_adapters=not resuming)
     else:
         model = from_pretrained(init_from, dropout=dropout)
@@ -434,67 +441,6 @@ def load_reference(source, policy, device, resumed=None):
                         "weights changed since the run started (sha256 differs); resume with the same "
                         "reference")
     return ref, sha256
-
-
-def read_checkpoint(path):
-    """A ckpt.pt's dict, as torch.save wrote it: only tensors and plain values are unpickled, and
-    the tensors are memory-mapped (a node's ranks share the pages)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        size = os.path.getsize(path)
-        raise UserError(f"{path} is not a readable checkpoint: " + ("the file is empty" if size == 0
-                        else f"its {size} bytes are not the zip archive that torch.save writes"))
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: "
-                        f"{first_line(e)}") from None
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
-    return checkpoint
-
-
-def model_from_checkpoint(path, checkpoint, dropout, merge_adapters):
-    """load_model's model from a checkpoint dict (read from path): its model_args and weights, or
-    for a LoRA run its base with the adapters loaded (merged into the base if merge_adapters)."""
-    if 'model_args' not in checkpoint or 'model' not in checkpoint:
-        raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
-                        "this project")
-    if 'lora_base_sha256' in checkpoint['model']:
-        model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
-        return merge_lora(model) if merge_adapters else model
-    try:
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its model_args do not make a model: {e}") from None
-    try:
-        model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
-    return model
-
-
-def check_weights(model, source, max_length=None):
-    """A UserError for a model with a NaN or infinite weight (which would only show as a NaN loss
-    later), or whose block_size is shorter than the data's longest sequence, max_length."""
-    for name, t in model.state_dict().items():
-        if not torch.isfinite(t).all():
-            raise UserError(f"the model {source} is broken: its weight {name} holds "
-                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
-                            "from another checkpoint")
-    if max_length is not None and max_length > model.config.block_size:
-        raise UserError(f"max_length={max_length} is longer than the model's block_size "
-                        f"{model.config.block_size}")
-
-
-def weights_sha256(model):
-    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
-    digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- loading and saving the hub layout
@@ -647,6 +593,70 @@ def config_from_hub_json(path, dropout=0.0):
                          dropout=dropout, bias=True)
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------ a checkpoint read, a model checked
+# (what load_model and load_reference call; each check stops with one line naming the file)
+
+def read_checkpoint(path):
+    """A ckpt.pt's dict, as torch.save wrote it: only tensors and plain values are unpickled, and
+    the tensors are memory-mapped (a node's ranks share the pages)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        size = os.path.getsize(path)
+        raise UserError(f"{path} is not a readable checkpoint: " + ("the file is empty" if size == 0
+                        else f"its {size} bytes are not the zip archive that torch.save writes"))
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: "
+                        f"{first_line(e)}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    return checkpoint
+
+
+def model_from_checkpoint(path, checkpoint, dropout, merge_adapters):
+    """load_model's model from a checkpoint dict (read from path): its model_args and weights, or
+    for a LoRA run its base with the adapters loaded (merged into the base if merge_adapters)."""
+    if 'model_args' not in checkpoint or 'model' not in checkpoint:
+        raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
+                        "this project")
+    if 'lora_base_sha256' in checkpoint['model']:
+        model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
+        return merge_lora(model) if merge_adapters else model
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+    return model
+
+
+def check_weights(model, source, max_length=None):
+    """A UserError for a model with a NaN or infinite weight (which would only show as a NaN loss
+    later), or whose block_size is shorter than the data's longest sequence, max_length."""
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"the model {source} is broken: its weight {name} holds "
+                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
+                            "from another checkpoint")
+    if max_length is not None and max_length > model.config.block_size:
+        raise UserError(f"max_length={max_length} is longer than the model's block_size "
+                        f"{model.config.block_size}")
+
+
+def weights_sha256(model):
+    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- memory-lean log-probs of targets

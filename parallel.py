@@ -348,7 +348,8 @@ def is_sharded(t):
 
 def full_state(model, optimizer, keep):
     """The model's and the optimizer's state dicts with whole tensors on the CPU, as a one-process
-    run has them (of a model with frozen parameters, LoRA's, only the trained ones and the buffers), on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
+    run has them (of a model with frozen parameters, LoRA's, only the trained ones and the
+    buffers), on the rank that keeps them (keep: rank 0, which saves); None on the others. Under
     FSDP every rank takes part in each gather, one tensor at a time, in the same order, so that a
     GPU never holds more than one whole tensor beyond its shards."""
     def gathered(t):

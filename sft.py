@@ -126,7 +126,7 @@ def main(config):
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out chosen responses every eval_interval iterations and at the end,
-        # then save ckpt.pt; a resumed run does neither where it starts (its stopped run did both
+        # then save ckpt.pt; a resumed run does neither where it starts (the stopped run saved
         # there), a new run only evaluates at iteration 0 (nothing is trained yet)
         evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
                                  and (iter_num > start_iter or start_iter == 0))
@@ -139,8 +139,9 @@ def main(config):
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
         if (evaluate or stop) and iter_num > start_iter:  # ckpt.pt: all a resume needs to go on
-            # exactly: whole tensors (under FSDP gathered from the shards), and every rank's place
-            # in the data and its random stream: collectives, so every rank builds it
+            # exactly: whole tensors on the CPU (under FSDP gathered from the shards; under LoRA
+            # the adapters only), and every rank's place in the data and its torch RNG state (for
+            # dropout): collectives, so every rank builds it
             model_state, optimizer_state = run.full_state(raw_model, optimizer)
             ckpt = {'script': 'sft', 'model': model_state,
                     'model_args': asdict(raw_model.config), 'optimizer': optimizer_state,

@@ -106,7 +106,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_needs_its_base(tmp_path):
     idx = torch.randint(0, 64, (2, 16))
     resumed = load_model('resume', out_dir=str(run))
     assert torch.equal(resumed(idx), model(idx)) and lora_base_sha256(resumed) == lora_base_sha256(model)
-    merged = load_model(str(run))  # as sample.py and evaluate.py take it: a plain GPT
+    merged = load_model(str(run))  # as sample.py and tools/evaluate.py take it: a plain GPT
     assert not any(p.requires_grad is False for p in merged.parameters())
     torch.testing.assert_close(merged(idx), model(idx), atol=1e-5, rtol=0)
     for wrong, what in (({'lora_rank': 2}, "size mismatch"), ({'lora_targets': 'c_attn'}, "attn.c_proj.lora.A is not one of them")):
