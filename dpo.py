@@ -19,8 +19,11 @@ files (parallel.py, checkpoint.py, common.py) closed. On one process each is the
     run.sum(t)                    t summed over the ranks (t itself on one process)
     run.node_first()              the block on one rank of each node first (it writes the cache)
     run.stop_unless_finite(x)     UserError on every rank if x is NaN or infinite
-    run.full_tensor, full_state   whole tensors: state dicts as torch.save wants them (FSDP gathers)
-    run.gather(values), rng_states  every rank's list of ints, and RNG states: [rank 0's, ...]
+    run.full_state(model, opt)    (model.state_dict(), opt.state_dict()), tensors on the CPU (LoRA:
+                                  the adapters only); under FSDP gathered whole from the shards
+    run.full_tensor(t)            t (under FSDP a whole tensor gathered from the shards)
+    run.gather(values), rng_states  every rank's list of ints, and [torch.get_rng_state() (and
+                                  CUDA's)]: rank 0's first
     run.save_on_signals, stop_signal, exit_stopped: SIGTERM/SIGINT noted, then saved, and the end
     run.exit_together()           all ranks end together (nothing on one process)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
@@ -140,20 +143,22 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
 
 def main(config):
     run = parallel.start(device, dtype, seed)  # this process's device, dtype and rank
-    # the models: the policy, and the frozen reference it is held close to
+    # the models: the policy, and the frozen reference it is held close to. A resume goes on with
+    # its own recipe, ckpt.pt's settings, but for those given now (init_from, out_dir and how it
+    # runs are never taken from it: checkpoint.FRESH_ON_RESUME), from the models it started from
     resuming, resumed = init_from == 'resume', None
-    if resuming:  # the run goes on with its own recipe: ckpt.pt's settings, but those given now
+    if resuming:
         resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'), 'dpo', config)
         globals().update(resumed['recipe'])
         config = {**config, **resumed['recipe']}
     policy_from = resumed['config']['init_from'] if resumed else init_from
     reference_from = ref_from or (resumed['config']['ref_from'] if resumed else init_from)
+    # saved in ckpt.pt: the models the run started from, which a resume loads again (init_from
+    # itself stays 'resume' there: the policy is out_dir's ckpt.pt, read above as resumed)
+    config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
     if not eval_only:  # one run at a time in out_dir, never over another run or a model it reads
         checkpoint.claim_out_dir(out_dir, run, resuming, overwrite,
                                  {'init_from': policy_from, 'ref_from': reference_from})
-    # saved in ckpt.pt: the models the run started from, which a resume loads again
-    config = {**config, 'init_from': policy_from, 'ref_from': reference_from}
-    # (on a resume, init_from is 'resume': the policy is out_dir's ckpt.pt, read above as resumed)
     # with lora_rank > 0 the policy is the model, frozen, with new adapters (LoRA), and the
     # reference that same model with its adapters off: one copy of the weights in memory
     lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)
