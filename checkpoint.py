@@ -278,7 +278,7 @@ class MetricLog:
         if not self.master:
             return
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lora = trained < sum(p.numel() for p in model.parameters())  # the adapters train, not it
+        lora = trained < model.num_params(non_embedding=False)  # the adapters train, not it
         print(f"{script}: {model.num_params() / 1e6:.1f}M parameters"
               + (f" ({trained / 1e6:.2f}M trained: LoRA)" if lora else "")
               + f", {run.device}, {run.dtype}, {run.world_size} rank(s); {n_train} train / "

@@ -231,7 +231,7 @@ class GPT(nn.Module):
         if not backward:
             return forward
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        if trained == sum(p.numel() for p in self.parameters()):
+        if trained == self.num_params(non_embedding=False):
             return 3 * forward
         return 2 * forward + n_tokens * (attention + 2 * trained)
 

@@ -295,12 +295,10 @@ def distribute(model, run, fsdp=False, compile=False, forward_only=False):
     if fsdp and run.dtype == 'float16':  # (CHECKS refuses it when asked; here 'auto' chose it)
         raise UserError("fsdp=True does not go with dtype=float16, whose loss scaler does not take "
                         "sharded gradients: use bfloat16 (or float32)")
-    if not run.ddp:
-        return compiled(model) if compile else model
-    if fsdp:
+    if fsdp and run.ddp:
         shard(model, run.dtype, forward_only)
     model = compiled(model) if compile else model
-    if not fsdp and not forward_only:
+    if run.ddp and not fsdp and not forward_only:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
         model = DDP(model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None,
                     gradient_as_bucket_view=True)
