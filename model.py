@@ -1,16 +1,16 @@
 """
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
 forward pass (logits, or the log-probs of targets), the training helpers (AdamW's groups, FLOPs),
-generation with a KV cache (which training never calls), and the learning-rate schedule get_lr. A
-reader who stops at the end of that first section has all of GPT-2's math. Three calls in it
-lead to a later section (TargetLogProbs in target_logprobs, onednn_off and inverse_cdf_draw in
-generation), each doing what its plain form beside it does, only faster or leaner (and tested
-against it); the sections, after the first:
+generation (which training never calls), and the learning-rate schedule get_lr. A reader who stops
+at the end of that first section has all of GPT-2's math. TargetLogProbs (in target_logprobs) and
+onednn_off (in generate) lead to later sections, each doing what its plain form beside it does,
+only faster or leaner (and tested against it); the sections, after the first:
 - the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
   frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
 - reading a checkpoint and checking a loaded model (the guard rails of the two above);
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
+- what generate uses: the KV cache, and the next token's choice (top-k, top-p, temperature);
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
   draw);
 - LoRA: adapters on a frozen GPT, and load_adapted (a LoRA run's model from its checkpoint).
@@ -338,67 +338,6 @@ def get_lr(it, learning_rate, warmup_iters, decay_lr, lr_decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-# the pieces generate uses: the KV cache, and the choice of the next token
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
-
-    k, v: (n_layer, B, n_head, max_len, head_dim), allocated on the first write, in the dtype the
-    attention computes in (so it follows autocast or a bf16 model).
-    """
-
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len = n_layer, max_len
-        self.k = self.v = None
-        self.pos = 0  # positions filled so far; GPT.hidden_states advances it after the last layer
-
-    def update(self, layer, k, v):
-        # k, v: (B, n_head, T, head_dim) for the T new positions
-        B, H, T, D = k.shape
-        if self.k is None:
-            shape = (self.n_layer, B, H, self.max_len, D)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, pos+T, D) each
-
-
-def top_k_filter(logits, k):
-    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th
-    kept)."""
-    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float('-inf'))
-
-
-def top_p_filter(logits, p):
-    """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability
-    reaches p (nucleus sampling); the likeliest token is always kept."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of the tokens ranked above
-    drop_sorted = mass_before >= p  # the set already reached p without this token
-    drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float('-inf'))
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V): greedy at temperature 0, else drawn from the
-    temperature-scaled distribution after the top-k and top-p filters."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    # torch.multinomial(probs, 1)'s draw, faster (last section)
-    return inverse_cdf_draw(probs, generator)
-
-
 # ---------------------------------------------------------------- the models a script starts from
 
 def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=None,
@@ -715,6 +654,67 @@ class TargetLogProbs(torch.autograd.Function):
                 # g * (onehot - softmax)
                 grad_logits[i:i + rows] = chunk.scatter_add_(1, targets[i:i + rows, None], g)
             return grad_logits @ weight, grad_logits.T @ x, None  # (N, C), (V, C)
+
+
+# -------------------------------------------------------- what generate uses: KV cache, next token
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated up to max_len.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim), allocated on the first write, in the dtype the
+    attention computes in (so it follows autocast or a bf16 model).
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.pos = 0  # positions filled so far; GPT.hidden_states advances it after the last layer
+
+    def update(self, layer, k, v):
+        # k, v: (B, n_head, T, head_dim) for the T new positions
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, H, self.max_len, D)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, pos+T, D) each
+
+
+def top_k_filter(logits, k):
+    """logits (B, V) with all but the k largest of each row set to -inf (ties with the k-th
+    kept)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p_filter(logits, p):
+    """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability
+    reaches p (nucleus sampling); the likeliest token is always kept."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float('-inf'))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): greedy at temperature 0, else drawn from the
+    temperature-scaled distribution after the top-k and top-p filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    # torch.multinomial(probs, 1)'s draw, faster (next section)
+    return inverse_cdf_draw(probs, generator)
 
 
 # ---------------------------------------------------------------- CPU decoding speed-ups
