@@ -1,14 +1,15 @@
 """
 GPT-2 in one file, in a learner's order: the config, attention, the MLP, the block, the GPT with its
 forward pass (logits, or the log-probs of targets), the training helpers (AdamW's groups, FLOPs),
-generation (which training never calls), and the learning-rate schedule get_lr. A reader who stops
-at the end of that first section has all of GPT-2's math. TargetLogProbs (in target_logprobs) and
-onednn_off (in generate) lead to later sections, each doing what its plain form beside it does,
-only faster or leaner (and tested against it); the sections, after the first:
-- the model a script starts from (load_model: a run's ckpt.pt, or a GPT-2 from the hub), and the
-  frozen reference (load_reference);
+generation (GPT.generate: sample.py, evaluation and online DPO's sampling; an offline step never
+calls it), and the learning-rate schedule get_lr. That first section is all of GPT-2's math.
+TargetLogProbs (in target_logprobs) and onednn_off (in generate) lead to later sections, each
+doing what its plain form beside it does, only faster or leaner (and tested against it). The
+sections, after the first:
+- the model a script starts from (load_model: a run's ckpt.pt, model_from_checkpoint, or a GPT-2
+  from the hub), and the frozen reference (load_reference);
 - loading and saving the official weights in the Hugging Face hub layout;
-- reading a checkpoint and checking a loaded model (the guard rails of the two above);
+- reading a checkpoint and checking a loaded model (the guard rails of load_model);
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
 - what generate uses: the KV cache, and the next token's choice (top-k, top-p, temperature);
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
@@ -236,7 +237,8 @@ class GPT(nn.Module):
         return 2 * forward + n_tokens * (attention + 2 * trained)
 
     # ---------------------------------------------------------------- generation
-    # (sample.py, tools/evaluate.py, online DPO: a training step never calls it; get_lr is below)
+    # (sample.py, tools/evaluate.py, online DPO's sampling: an offline step never calls it; get_lr
+    # is below)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -353,7 +355,6 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     if resuming or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         path = os.path.join(out_dir if resuming else init_from, 'ckpt.pt')
         checkpoint = checkpoint or read_checkpoint(path)  # on the CPU: the weights go to device
-        # GPT(GPTConfig(**model_args)) with the saved weights (a LoRA run: its base and adapters)
         model = model_from_checkpoint(path, checkpoint, dropout, merge_adapters=not resuming)
     else:
         model = from_pretrained(init_from, dropout=dropout)
@@ -361,6 +362,26 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=0.0, checkpoint=N
     if lora and lora[0] and not lora_layers(model):
         add_lora(model, *lora)
     return model.to(device)
+
+
+def model_from_checkpoint(path, checkpoint, dropout, merge_adapters):
+    """load_model's model from a checkpoint dict (read from path): its model_args and weights, or
+    for a LoRA run its base with the adapters loaded (merged into the base if merge_adapters)."""
+    if 'model_args' not in checkpoint or 'model' not in checkpoint:
+        raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
+                        "this project")
+    if 'lora_base_sha256' in checkpoint['model']:
+        model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
+        return merge_lora(model) if merge_adapters else model
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_args do not make a model: {e}") from None
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
+    return model
 
 
 def load_reference(source, policy, device, resumed=None):
@@ -554,26 +575,6 @@ def read_checkpoint(path):
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
     return checkpoint
-
-
-def model_from_checkpoint(path, checkpoint, dropout, merge_adapters):
-    """load_model's model from a checkpoint dict (read from path): its model_args and weights, or
-    for a LoRA run its base with the adapters loaded (merged into the base if merge_adapters)."""
-    if 'model_args' not in checkpoint or 'model' not in checkpoint:
-        raise UserError(f"{path} has no 'model_args' and 'model' entries: not a checkpoint of "
-                        "this project")
-    if 'lora_base_sha256' in checkpoint['model']:
-        model = load_adapted(path, checkpoint, dropout)  # (in the LoRA section, last)
-        return merge_lora(model) if merge_adapters else model
-    try:
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], 'dropout': dropout}))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its model_args do not make a model: {e}") from None
-    try:
-        model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit its model_args: {e}") from e
-    return model
 
 
 def check_weights(model, source, max_length=None):
