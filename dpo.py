@@ -19,12 +19,13 @@ files (parallel.py, checkpoint.py, common.py) closed. On one process each is the
     run.sum(t)                    t summed over the ranks (t itself on one process)
     run.node_first()              the block on one rank of each node first (it writes the cache)
     run.stop_unless_finite(x)     UserError on every rank if x is NaN or infinite
-    run.full_state(model, opt)    (model.state_dict(), opt.state_dict()), tensors on the CPU (LoRA:
-                                  the adapters only); under FSDP gathered whole from the shards
+    run.full_state(model, opt)    (model.state_dict(), opt.state_dict()) on rank 0 (None elsewhere),
+                                  tensors on the CPU (LoRA: the adapters); FSDP: gathered whole
     run.full_tensor(t)            t (under FSDP a whole tensor gathered from the shards)
     run.gather(values), rng_states  every rank's list of ints, and [torch.get_rng_state() (and
                                   CUDA's)]: rank 0's first
     run.save_on_signals, stop_signal, exit_stopped: SIGTERM/SIGINT noted, then saved, and the end
+    run.raise_stopped(error, ...) error, the iteration it stopped at and how to resume, as UserError
     run.exit_together()           all ranks end together (nothing on one process)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
     checkpoint.claim_out_dir      lock out_dir while the run lives; never write over another run
@@ -51,7 +52,7 @@ from data import PairLoader, load_dataset
 from losses import (METRICS, dpo_batch, dpo_step, held_out_means, kto_batch, kto_step, means,
                     reference_logps)
 from model import get_lr, load_model, load_reference
-from online import load_judge, sample_pairs  # (not `import online`: a setting has that name)
+from online import load_judge, step_pairs  # (not `import online`: a setting has that name)
 
 # -----------------------------------------------------------------------------
 # the models
@@ -162,6 +163,7 @@ def main(config):
     # with lora_rank > 0 the policy is the model, frozen, with new adapters (LoRA), and the
     # reference that same model with its adapters off: one copy of the weights in memory
     lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)
+    # (init_from 'resume': the weights are ckpt.pt's, read above as resumed)
     policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
     ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node; the loader gives this
@@ -184,7 +186,7 @@ def main(config):
     train_ref_logps = eval_ref_logps = None
     if precompute_ref_logps and ref is not None:  # then trained without the reference in memory
         train_ref_logps, eval_ref_logps = (
-            reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)
+            reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)  # no graph: 4x fits
             for data in (train_data, eval_data))
         ref = None
     # after distribute: under FSDP the optimizer holds this rank's shards of the weights and moments
@@ -207,13 +209,15 @@ def main(config):
 
     if not eval_only:  # SIGTERM, SIGINT: finish the step, save, stop (run.stop_signal)
         run.save_on_signals()
+    judge_error = None  # online: the judge failed mid-step; the step's start saved, the run stops
     while True:
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out pairs every eval_interval iterations and at the end, then
         # save ckpt.pt; a resumed run does neither where it starts (the stopped run saved there),
         # a new run only evaluates at iteration 0 (nothing is trained yet)
-        evaluate = eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters)
-                                 and (iter_num > start_iter or start_iter == 0))
+        evaluate = not judge_error and (eval_only or (
+            (iter_num % eval_interval == 0 or iter_num == max_iters)
+            and (iter_num > start_iter or start_iter == 0)))
         if evaluate:  # (held_out_means: eval mode, no dropout, then back to train mode)
             metrics = held_out_means(policy, held_out_totals, names, len(eval_data), batch_size,
                                      eval_iters, run, same_count=fsdp)
@@ -222,10 +226,10 @@ def main(config):
                 break
             log.log(iter_num, metrics)
             run.stop_unless_finite(metrics['eval/loss'], iter_num, 'held-out loss')  # never save it
-        if (evaluate or stop) and iter_num > start_iter:  # ckpt.pt: all a resume needs to go on
-            # exactly: whole tensors on the CPU (under FSDP gathered from the shards; under LoRA
-            # the adapters only), and every rank's place in the data and its torch RNG state (for
-            # dropout): collectives, so every rank builds it
+        if (evaluate or stop or judge_error) and iter_num > start_iter:
+            # ckpt.pt, all a resume needs to go on exactly: whole tensors on the CPU (under FSDP
+            # gathered from the shards; under LoRA the adapters only), and every rank's place in the
+            # data and its torch RNG state (for dropout): collectives, so every rank builds it
             model_state, optimizer_state = run.full_state(raw_policy, optimizer)
             ckpt = {'script': 'dpo', 'model': model_state,
                     'model_args': asdict(raw_policy.config), 'optimizer': optimizer_state,
@@ -235,6 +239,8 @@ def main(config):
                     'rng': run.rng_states()}
             if run.master:  # written whole or not at all: a failed write keeps the old file
                 checkpoint.write(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        if judge_error:  # the step under way is dropped: a resume goes on with the prompts after it
+            run.raise_stopped(judge_error, iter_num, out_dir, 'dpo.py')
         if stop:  # after SIGTERM or SIGINT: ckpt.pt holds this iteration; say how to go on
             log.close()
             run.exit_stopped(stop, iter_num, out_dir, 'dpo.py')
@@ -251,10 +257,12 @@ def main(config):
                 # others add to them locally, for free (FSDP reduce-scatters every micro-step)
                 policy.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             if online:  # batch_size new pairs: two samples of the policy a prompt, judged
-                data, sampled_totals = sample_pairs(
+                data, sampled_totals, judge_error = step_pairs(
                     raw_policy, train_data, lambda: next(loader), batch_size, judge_scores, run,
                     max_length, max_new_tokens=online_max_new_tokens,
                     temperature=online_temperature)
+                if judge_error:  # (on every rank at once) back to the top: save, then stop
+                    break
                 indices, online_totals = np.arange(len(data)), online_totals + sampled_totals
             else:
                 data, indices = train_data, next(loader)
@@ -267,6 +275,8 @@ def main(config):
             tokens += shape[0]
             flops += raw_policy.flops(*shape) + sum(  # and the forwards without a graph
                 raw_policy.flops(*b.flops_shape(), backward=False) for b in forward_only)
+        if judge_error:
+            continue
         run.stop_unless_finite(totals[0, 0], iter_num)  # the loss's sum: no NaN reaches the weights
         # clip the gradient norm (float16: unscaled first), step (skipped on an overflow), zero
         scaler.unscale_(optimizer)

@@ -146,6 +146,19 @@ def load_judge(spec, device='cpu', autocast=nullcontext()):
 
 # -------------------------------------------------------------------- pairs
 
+def step_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, **sampling):
+    """sample_pairs, below, for a micro-step of dpo.py: (pairs, totals, None); or, where it failed on
+    any rank (the judge raised, or tied too often), (None, None, error) on every rank at once, so
+    that the run saves where the step began before error ends it. Under DDP a collective."""
+    try:
+        pairs, totals = sample_pairs(policy, data, next_indices, n_pairs, judge, run, max_length,
+                                     **sampling)
+        error = None
+    except UserError as e:
+        pairs, totals, error = None, None, e
+    return pairs, totals, run.error_on_any_rank(error, "online DPO's sampling")
+
+
 def rank_pairs(scores_a, scores_b):
     """For two samples of each prompt, (a_is_chosen, kept): the higher score is chosen, and a tie
     gives no pair. Both (N,) bool."""

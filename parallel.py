@@ -274,14 +274,35 @@ class Run:
         """The end of a run that a signal stopped, its ckpt.pt saved: one line on the master that
         says how to go on, and the exit status the signal itself gives (128 + its number)."""
         name = signal.Signals(signum).name
-        saved = (f"{out_dir}/ckpt.pt holds iteration {iter_num}" if iter_num > 0 else
-                 "before the first step, so nothing was saved")
-        how = ((f"the same torchrun command with {script}" if self.ddp else f"python {script}")
-               + f" --init_from=resume --out_dir={out_dir}")
         if self.master:
-            print(f"stopped: {name} at iteration {iter_num}; {saved}" +
-                  (f"; to go on: {how}" if iter_num > 0 else ""), file=sys.stderr, flush=True)
+            print(f"stopped: {name} at iteration {iter_num}; "
+                  f"{self.how_to_go_on(iter_num, out_dir, script)}", file=sys.stderr, flush=True)
         self.exit_together(128 + signum)
+
+    def raise_stopped(self, error, iter_num, out_dir, script):
+        """Raise the UserError error, with where the run stopped and how to go on (how_to_go_on)."""
+        raise UserError(f"{error}; stopped at iteration {iter_num}: "
+                        f"{self.how_to_go_on(iter_num, out_dir, script)}")
+
+    def how_to_go_on(self, iter_num, out_dir, script):
+        """What a run that stopped at iter_num (its ckpt.pt saved there) tells its user."""
+        if iter_num == 0:
+            return "before the first step, so nothing was saved"
+        how = (f"the same torchrun command with {script}" if self.ddp else f"python {script}")
+        how += f" --init_from=resume --out_dir={out_dir}"
+        return f"{out_dir}/ckpt.pt holds iteration {iter_num}; to go on: {how}"
+
+    def error_on_any_rank(self, error, what):
+        """This rank's error (a UserError, or None) where it has one, else a UserError naming the
+        ranks that had one, else None: every rank learns of one together. what: what failed, for
+        the line. Under DDP a collective: every rank calls it."""
+        table = self.every_rank(torch.tensor([error is not None]), f"the all-reduce of {what}'s "
+                                "errors")
+        failed = table[:, 0].nonzero()[:, 0].tolist()  # the ranks that had one
+        if error is None and failed:
+            return UserError(f"{what} failed on rank {', '.join(map(str, failed))} (that rank's "
+                             "own line says why)")
+        return error
 
 
 # -------------------------------------------------------------------- the model over the ranks

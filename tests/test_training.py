@@ -367,6 +367,43 @@ def test_kto_and_online_dpo_on_two_ddp_ranks(sft_dir, tmp_path):
         assert torch.allclose(t, params(stopped)[name], rtol=0, atol=1e-7), name
 
 
+@pytest.mark.parametrize('launcher', [None, TORCHRUN], ids=['one process', 'two ranks'])
+def test_a_judge_failing_mid_step_saves_the_steps_start_then_stops(launcher, sft_dir, tmp_path, monkeypatch):
+    """The judge raises in the second micro-step of step 3 (on rank 1 of two): every rank stops
+    there together, ckpt.pt holds iteration 2 with the weights of a run stopped at 2, the line says
+    what failed and how to go on, and the resume goes on."""
+    judges = tmp_path / 'judges.py'
+    judges.write_text(
+        "import itertools, os\n"
+        "calls = itertools.count()\n"
+        "def flaky(prompts, responses):\n"
+        "    if os.environ.get('RANK', '0') == os.environ.get('FAIL_ON_RANK') and next(calls) == 5:\n"
+        "        raise ConnectionError('the judge service is down')\n"
+        "    return [1.0 + i for i in range(len(responses))]  # never a tie: one call a micro-step\n")
+    args = [f'--init_from={sft_dir}', '--online=True', f'--judge={judges}:flaky', '--online_max_new_tokens=8',
+            '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_interval=100']
+    straight, failed = str(tmp_path / 'straight'), str(tmp_path / 'failed')
+    ok(run('dpo.py', *args, '--max_iters=2', f'--out_dir={straight}', launcher=launcher))
+    monkeypatch.setenv('FAIL_ON_RANK', '1' if launcher else '0')
+    result = run('dpo.py', *args, '--max_iters=6', f'--out_dir={failed}', launcher=launcher)
+    assert result.returncode == 1, result.stderr[-3000:]
+    how = 'the same torchrun command with dpo.py' if launcher else 'python dpo.py'
+    end = f"; stopped at iteration 2: {failed}/ckpt.pt holds iteration 2; to go on: {how} --init_from=resume --out_dir={failed}"
+    own = (f"error: {'rank 1: ' if launcher else ''}judge='{judges}:flaky' raised ConnectionError: the judge "
+           f"service is down (at {judges}, line 5){end}")
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert own in lines, result.stderr[-3000:]
+    if launcher:  # rank 0 names the rank whose line says why
+        assert f"error: online DPO's sampling failed on rank 1 (that rank's own line says why){end}" in lines
+    saved = torch.load(os.path.join(failed, 'ckpt.pt'), weights_only=True)
+    assert saved['iter_num'] == 2
+    for name, t in params(straight).items():
+        assert torch.equal(t, saved['model'][name]), name
+    monkeypatch.delenv('FAIL_ON_RANK')
+    ok(run('dpo.py', *args[1:], '--init_from=resume', '--max_iters=3', f'--out_dir={failed}', launcher=launcher))
+    assert torch.load(os.path.join(failed, 'ckpt.pt'), weights_only=True)['iter_num'] == 3
+
+
 def test_fsdp_resume_is_exact_and_a_nan_stops_before_saving(sft_dir, tmp_path):
     args = [f'--init_from={sft_dir}', '--learning_rate=1e-3', '--warmup_iters=0', '--batch_size=4', '--fsdp=True',
             '--eval_interval=2']
