@@ -214,7 +214,7 @@ def main(config):
         stop = run.stop_signal()  # a signal any rank was sent, else 0
         # evaluate on the held-out pairs every eval_interval iterations and at the end, then
         # save ckpt.pt; a resumed run does neither where it starts (the stopped run saved there),
-        # a new run only evaluates at iteration 0 (nothing is trained yet)
+        # and a new run evaluates at iteration 0 but saves nothing there (nothing is trained yet)
         evaluate = not judge_error and (eval_only or (
             (iter_num % eval_interval == 0 or iter_num == max_iters)
             and (iter_num > start_iter or start_iter == 0)))

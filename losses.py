@@ -49,8 +49,9 @@ class Batch(NamedTuple):
     idx, targets: (R, T) int64; targets are the next tokens, -1 on prompts and padding, so summing a
     sequence's log-probs over its targets gives exactly log p(response | prompt).
     segments: (R, T) the sequence each cell belongs to, prompt included; -1 on padding.
-    lengths: numpy, the tokens each unit runs: padded, a row's, padding left out (a sequence
-    without its last token); packed for DPO, a pair's prompt once and then both responses.
+    lengths: numpy, the tokens the forward runs for each unit, padding not counted. Padded, a unit
+    is a row: prompt + response less its last token (which predicts nothing). Packed for DPO, a
+    unit is a pair: its prompt once, then both responses.
     position_ids, attn_mask: None for padded rows (causal attention from position 0); packed, the
     positions and the block-diagonal mask (R, 1, T, T) of the units.
     """
