@@ -32,6 +32,17 @@ def test_the_padding_report_by_hand(tmp_path):
     assert f"padded rows: {1 - sum(rows) / (4 * max(rows)):.1%} padding" in result.stdout
 
 
+def test_a_padding_report_of_data_it_cannot_get_says_so_in_one_line(tmp_path):
+    """HH without internet (and its hub cache empty): the hub's error in one line, no traceback."""
+    result = subprocess.run([sys.executable, 'tools/bench.py', '--padding=True', '--dataset=hh',
+                             f'--cache_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')})
+    assert result.returncode == 1
+    assert ("\nerror: could not get harmless-base/train.jsonl.gz of the dataset Anthropic/hh-rlhf from the "
+            "Hugging Face hub or its cache\n") in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('pack', [False, True])
 def test_bench_reports_every_step(pack, tmp_path):

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 import parallel
-from common import atomic_open
+from common import atomic_open, one_line_errors
 from configurator import configure
 from data import DATA_CACHE_DIR, PairData, PairLoader, load_dataset
 from losses import dpo_batch, dpo_step, pack_bins, sft_batch, sft_step
@@ -447,7 +447,5 @@ def report(results, rows, run):
 
 if __name__ == '__main__':
     configure(globals(), RANGES)
-    if padding:
-        print_padding()
-    else:
-        main()
+    with one_line_errors():  # a missing file, no internet for HH: one line, not a traceback
+        print_padding() if padding else main()

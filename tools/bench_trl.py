@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
+from common import one_line_errors
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -145,4 +146,5 @@ def main():
 
 if __name__ == '__main__':
     configure(globals())
-    main()
+    with one_line_errors():
+        main()
