@@ -614,8 +614,9 @@ class TargetLogProbs(torch.autograd.Function):
     """log_softmax(x @ weight.T)[n, targets[n]] for N rows, keeping one copy of the (N, vocab)
     logits in the compute dtype and nothing else of that size: the log-sum-exp is taken in float32
     a chunk of rows at a time, and the backward pass turns the saved logits into the log-prob's
-    gradient, onehot - softmax, chunk by chunk. F.cross_entropy would keep a float32 log-softmax (twice the
-    bytes of bf16 logits) for its backward, and make float32 copies on the way in and out."""
+    gradient, onehot - softmax, chunk by chunk. F.cross_entropy would keep a float32 log-softmax
+    (twice the bytes of bf16 logits) for its backward, and make float32 copies on the way in and
+    out."""
 
     # float32 elements per chunk of rows: 64 MB, a few chunks (few kernel launches) at most
     CHUNK = 2 ** 24
