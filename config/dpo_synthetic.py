@@ -1,7 +1,7 @@
 # DPO on the embedded task, starting from (and against) the SFT model of config/sft_synthetic.py.
 #   python sft.py config/sft_synthetic.py && python dpo.py config/dpo_synthetic.py
 # The SFT run above trained a GPT from scratch (4 layers, 4 heads, n_embd 128, block_size 64;
-# 7M parameters) for one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
+# 7M parameters) for about one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
 init_from = 'out-sft-synthetic'  # the policy starts as that model, and is the reference
 dataset = 'synthetic'
 max_length = 64
