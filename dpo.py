@@ -19,7 +19,7 @@ files (parallel.py, checkpoint.py, common.py) closed. On one process each is the
     run.sum(t)                    t summed over the ranks (t itself on one process)
     run.node_first()              the block on one rank of each node first (it writes the cache)
     run.stop_unless_finite(x)     UserError on every rank if x is NaN or infinite
-    run.full_state(model, opt)    (model.state_dict(), opt.state_dict()) on rank 0, (None, None) else;
+    run.full_state(model, opt)    (model.state_dict(), opt.state_dict()) on rank 0, else None, None;
                                   tensors on the CPU (LoRA: the adapters); FSDP: gathered whole
     run.full_tensor(t)            t (under FSDP a whole tensor gathered from the shards)
     run.gather(values), rng_states  every rank's list of ints, and [torch.get_rng_state() (and
@@ -186,7 +186,7 @@ def main(config):
     train_ref_logps = eval_ref_logps = None
     if precompute_ref_logps and ref is not None:  # then trained without the reference in memory
         train_ref_logps, eval_ref_logps = (
-            reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)  # no graph, 4x the batch
+            reference_logps(ref, ref_sha256, data, batch_size * 4, pack, run)  # no graph: 4x batch
             for data in (train_data, eval_data))
         ref = None
     # after distribute: under FSDP the optimizer holds this rank's shards of the weights and moments
