@@ -296,9 +296,8 @@ class Run:
         """This rank's error (a UserError, or None) where it has one, else a UserError naming the
         ranks that had one, else None: every rank learns of one together. what: what failed, for
         the line. Under DDP a collective: every rank calls it."""
-        table = self.every_rank(torch.tensor([error is not None]), f"the all-reduce of {what}'s "
-                                "errors")
-        failed = table[:, 0].nonzero()[:, 0].tolist()  # the ranks that had one
+        had = self.gather([error is not None], f"the all-reduce of {what}'s errors")  # [[0|1], ...]
+        failed = [rank for rank, (one,) in enumerate(had) if one]
         if error is None and failed:
             return UserError(f"{what} failed on rank {', '.join(map(str, failed))} (that rank's "
                              "own line says why)")

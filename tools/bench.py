@@ -448,4 +448,7 @@ def report(results, rows, run):
 if __name__ == '__main__':
     configure(globals(), RANGES)
     with one_line_errors():  # a missing file, no internet for HH: one line, not a traceback
-        print_padding() if padding else main()
+        if padding:
+            print_padding()
+        else:
+            main()
