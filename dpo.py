@@ -28,8 +28,8 @@ files (parallel.py, checkpoint.py, common.py) closed. On one process each is the
     run.raise_stopped(error, ...) error, the iteration it stopped at and how to resume, as UserError
     run.exit_together()           all ranks end together (nothing on one process)
     parallel.distribute(model)    DDP or FSDP around it under torchrun; compiled if asked
-    checkpoint.claim_out_dir      lock out_dir while the run lives; never write over another run
-                                  (overwrite: remove it) or over a model the run reads
+    checkpoint.claim_out_dir      make out_dir, lock it while the run lives; never write over
+                                  another run (overwrite: remove it) or over a model the run reads
     checkpoint.load, restore      a resume: ckpt.pt read (its recipe checked), and put back
     checkpoint.write(ckpt, path)  torch.save to a temporary file, fsync, rename over path: a failed
                                   write (a full disk) keeps the old file and says so
@@ -163,7 +163,7 @@ def main(config):
     # with lora_rank > 0 the policy is the model, frozen, with new adapters (LoRA), and the
     # reference that same model with its adapters off: one copy of the weights in memory
     lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)
-    # (init_from 'resume': the weights are ckpt.pt's, read above as resumed)
+    # init_from, not policy_from: on a resume the policy is ckpt.pt's weights (resumed)
     policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
     ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node; the loader gives this

@@ -8,8 +8,8 @@ doing what its plain form beside it does, only faster or leaner (and tested agai
 sections, after the first:
 - the model a script starts from (load_model: a run's ckpt.pt, model_from_checkpoint, or a GPT-2
   from the hub), and the frozen reference (load_reference);
+- reading a checkpoint and checking a loaded model (the guard rails of load_model, just below it);
 - loading and saving the official weights in the Hugging Face hub layout;
-- reading a checkpoint and checking a loaded model (the guard rails of load_model);
 - the memory-lean log-probs of targets (TargetLogProbs), beside the plain form;
 - what generate uses: the KV cache, and the next token's choice (top-k, top-p, temperature);
 - the CPU decoding speed-ups (onednn_off for one-row steps; inverse_cdf_draw, torch.multinomial's
@@ -403,6 +403,50 @@ def load_reference(source, policy, device, resumed=None):
     return ref, sha256
 
 
+# ------------------------------------------------------------ a checkpoint read, a model checked
+# (what load_model and load_reference call; each check stops with one line naming the file)
+
+def read_checkpoint(path):
+    """A ckpt.pt's dict, as torch.save wrote it: only tensors and plain values are unpickled, and
+    the tensors are memory-mapped (a node's ranks share the pages)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        size = os.path.getsize(path)
+        raise UserError(f"{path} is not a readable checkpoint: " + ("the file is empty" if size == 0
+                        else f"its {size} bytes are not the zip archive that torch.save writes"))
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: "
+                        f"{first_line(e)}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    return checkpoint
+
+
+def check_weights(model, source, max_length=None):
+    """A UserError for a model with a NaN or infinite weight (which would only show as a NaN loss
+    later), or whose block_size is shorter than the data's longest sequence, max_length."""
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"the model {source} is broken: its weight {name} holds "
+                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
+                            "from another checkpoint")
+    if max_length is not None and max_length > model.config.block_size:
+        raise UserError(f"max_length={max_length} is longer than the model's block_size "
+                        f"{model.config.block_size}")
+
+
+def weights_sha256(model):
+    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------- loading and saving the hub layout
 
 # the four official sizes, by their short names, and where the hub keeps them
@@ -553,50 +597,6 @@ def config_from_hub_json(path, dropout=0.0):
                          dropout=dropout, bias=True)
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
-
-
-# ------------------------------------------------------------ a checkpoint read, a model checked
-# (what load_model and load_reference call; each check stops with one line naming the file)
-
-def read_checkpoint(path):
-    """A ckpt.pt's dict, as torch.save wrote it: only tensors and plain values are unpickled, and
-    the tensors are memory-mapped (a node's ranks share the pages)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        size = os.path.getsize(path)
-        raise UserError(f"{path} is not a readable checkpoint: " + ("the file is empty" if size == 0
-                        else f"its {size} bytes are not the zip archive that torch.save writes"))
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: "
-                        f"{first_line(e)}") from None
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
-    return checkpoint
-
-
-def check_weights(model, source, max_length=None):
-    """A UserError for a model with a NaN or infinite weight (which would only show as a NaN loss
-    later), or whose block_size is shorter than the data's longest sequence, max_length."""
-    for name, t in model.state_dict().items():
-        if not torch.isfinite(t).all():
-            raise UserError(f"the model {source} is broken: its weight {name} holds "
-                            f"{(~torch.isfinite(t)).sum().item()} NaN or infinite values; start "
-                            "from another checkpoint")
-    if max_length is not None and max_length > model.config.block_size:
-        raise UserError(f"max_length={max_length} is longer than the model's block_size "
-                        f"{model.config.block_size}")
-
-
-def weights_sha256(model):
-    """A fingerprint of a model's weights: the sha256 of its state dict's names and bytes."""
-    digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- memory-lean log-probs of targets
