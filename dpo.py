@@ -8,15 +8,17 @@ preference pairs against a frozen reference, usually both the SFT model.
     python dpo.py config/online_synthetic.py  # online DPO: pairs sampled from the policy, judged
 
 Read it top to bottom: the settings, the losses of a batch, then main(): the models, the data,
-and the loop. What it calls in model.py, data.py and losses.py is the story too; what each setting
-may be (RANGES and CHECKS, at the end, beside configure) is not, and a first read can skip it. The
-guard rails it calls do what their names and these lines say, so a first read can leave their
-files (parallel.py, checkpoint.py, common.py) closed. On one process each is the plain thing:
-    configure(globals(), ...)     each config file named on the command line run (it sets these
-                                  settings), then each --key=value; all checked (RANGES, CHECKS)
+and the loop. What it calls in model.py, data.py and losses.py is the story too; what each
+setting may be (RANGES and CHECKS, at the end, which configure reads) is not, and a first read
+can skip it. The guard rails it calls do what their names and these lines say, so a first read
+can leave their files (parallel.py, checkpoint.py, common.py, configurator.py) closed. On one
+process each is the plain thing:
+    configure(globals(), ...)     each config file named on the command line exec'd (its lines
+                                  set these settings), then each --key=value; all checked
     parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
                                   with seed + rank; run.ddp, run.rank, run.master (rank 0)
-    run.sum(t)                    t summed over the ranks (t itself on one process)
+    run.sum(t, what)              t summed over the ranks (t itself on one process); what: named
+                                  in the error if a rank never joins
     run.node_first()              the block on one rank of each node first (it writes the cache)
     run.stop_unless_finite(x)     UserError on every rank if x is NaN or infinite
     run.full_state(model, opt)    (model.state_dict(), opt.state_dict()) on rank 0, else None, None;
