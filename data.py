@@ -1,10 +1,10 @@
 """
-Preference data, in the order a run meets it: load_dataset (a split's tokenized pairs, from the
-on-disk token cache or read and tokenized with truncation: tokenize_pairs, PairData), PairLoader
-(which pairs each step takes), and the sources: the embedded synthetic task with its true reward,
-Anthropic HH-RLHF and local JSONL files, then the GPT-2 tokenizer and the token cache's files
-(cache_path, read_cache: under data_cache/, or NANODPO_DATA_CACHE). losses.py makes the rows
-of a batch from the pairs.
+Preference data, from what a script calls to what that calls: load_dataset (a split's tokenized
+pairs, from the on-disk token cache or read and tokenized with truncation: tokenize_pairs,
+PairData), PairLoader (which pairs each step takes), and the sources load_dataset reads
+(find_source): the embedded synthetic task with its true reward, Anthropic HH-RLHF and local JSONL
+files, then the GPT-2 tokenizer and the token cache's files (cache_path, read_cache: under
+data_cache/, or NANODPO_DATA_CACHE). losses.py makes the rows of a batch from the pairs.
 
     python data.py --dataset=hh      # prepare the token cache only, and print what is in it
     python tools/bench.py --padding=True --dataset=hh   # how much padding each way of batching leaves

@@ -16,7 +16,8 @@ process each is the plain thing:
     configure(globals(), ...)     each config file named on the command line exec'd (its lines
                                   set these settings), then each --key=value; all checked
     parallel.start() -> run       device, dtype (run.autocast: the autocast context), torch seeded
-                                  with seed + rank; run.ddp, run.rank, run.master (rank 0)
+                                  with seed + rank; run.ddp, run.rank, run.world_size, run.master
+                                  (rank 0), run.device_type ('cpu', 'cuda'), run.peak_flops (MFU)
     run.sum(t, what)              t summed over the ranks (t itself on one process); what: named
                                   in the error if a rank never joins
     run.node_first()              the block on one rank of each node first (it writes the cache)

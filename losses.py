@@ -33,7 +33,7 @@ from model import EOT_TOKEN
 LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'simpo')
 DPO_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins',
                'rewards/accuracies', 'logps/chosen', 'logps/rejected')
-# TRL's names
+# TRL's names; 'loss' is the one trained on (with rpo_alpha, the NLL term included)
 KTO_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'kl', 'logps/chosen', 'logps/rejected')
 SFT_METRICS = ('loss', 'logps/chosen')  # NLL per response token; log-prob per chosen response
 ONLINE_METRICS = ('online/score', 'online/ties')  # the judge's mean score; tied prompts' share

@@ -2,10 +2,12 @@
 #   python sft.py config/sft_synthetic.py && python dpo.py config/dpo_synthetic.py
 # The SFT run above trained a GPT from scratch (4 layers, 4 heads, n_embd 128, block_size 64;
 # 7M parameters) for about one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
-# This run's path through the code: data.synthetic_source -> tokenize_pairs (nothing is cut:
-# prompts are <= 28 tokens, responses <= 22) -> PairLoader -> losses.dpo_batch (pad_rows) ->
-# dpo_step -> preference_loss (sigmoid, + rpo_alpha) -> AdamW -> checkpoint.write; no KTO, online,
-# LoRA, packing or precomputed reference.
+# This run's path through the code, in dpo.py's main(): model.load_model and load_reference (the
+# policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source,
+# tokenize_pairs: truncate cuts nothing, prompts are <= 28 tokens, responses <= 22) -> PairLoader
+# (grouped by length) -> losses.dpo_batch (pad_rows) -> dpo_step -> preference_loss (sigmoid,
+# + rpo_alpha) -> AdamW; losses.held_out_means; checkpoint.write. No KTO, online, LoRA, packing or
+# precomputed reference. The logged loss includes RPO's NLL, so it does not start at ln 2.
 init_from = 'out-sft-synthetic'  # the policy starts as that model, and is the reference
 dataset = 'synthetic'
 max_length = 64
