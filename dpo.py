@@ -126,7 +126,7 @@ def batch_losses(model, ref, data, indices, ref_logps, run):
     """The losses (B,) of the examples indices (pairs; kto: rows), the totals of their metrics, the
     batch trained on, and the batches that run forward only (for the FLOPs). ref_logps: the split's
     precomputed reference log-probs (N, 2), or None."""
-    if loss_type != 'kto':  # B pairs' chosen and rejected rows in one batch: one forward a model
+    if loss_type != 'kto':  # B pairs' chosen and rejected rows in one batch: one forward per model
         batch = dpo_batch(data, indices, pack).to(run.device)
         ref_rows = None  # the reference's log-probs of these pairs, where precomputed: (B, 2)
         if ref_logps is not None:

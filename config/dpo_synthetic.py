@@ -6,8 +6,9 @@
 # policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source,
 # tokenize_pairs: truncate cuts nothing, prompts are <= 28 tokens, responses <= 22) -> PairLoader
 # (grouped by length) -> losses.dpo_batch (pad_rows) -> dpo_step -> preference_loss (sigmoid,
-# + rpo_alpha) -> AdamW; losses.held_out_means; checkpoint.write. No KTO, online, LoRA, packing or
-# precomputed reference. The logged loss includes RPO's NLL, so it does not start at ln 2.
+# + rpo_alpha) -> AdamW (GPT.configure_optimizers, model.get_lr); losses.held_out_means;
+# checkpoint.write. No KTO, online, LoRA, packing or precomputed reference. The logged loss
+# includes RPO's NLL, so it does not start at ln 2.
 init_from = 'out-sft-synthetic'  # the policy starts as that model, and is the reference
 dataset = 'synthetic'
 max_length = 64
