@@ -97,8 +97,9 @@ held_locks = {}  # out_dir's real path -> this process's open lock file (closing
 def claim_out_dir(out_dir, run, resuming, overwrite, sources):
     """Make out_dir if it is missing (lock_out_dir) and take it for this run, then
     clear_out_dir_or_refuse. Rank 0 holds an exclusive lock on out_dir/.lock (flock: the OS drops
-    it when the process ends, however it ends) until it exits, so that a second run into out_dir, or a resume while the run lives, stops here in one line that
-    names the holder, before anything is written. A collective under DDP: every rank calls it."""
+    it when the process ends, however it ends) until it exits, so that a second run into out_dir,
+    or a resume while the run lives, stops here in one line that names the holder, before anything
+    is written. A collective under DDP: every rank calls it."""
     problem = lock_out_dir(out_dir) if run.master else ''
     taken = torch.tensor([float(bool(problem))], device=run.device)
     if run.sum(taken, 'whether out_dir is free').item():

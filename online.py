@@ -147,9 +147,9 @@ def load_judge(spec, device='cpu', autocast=nullcontext()):
 # -------------------------------------------------------------------- pairs
 
 def step_pairs(policy, data, next_indices, n_pairs, judge, run, max_length, **sampling):
-    """sample_pairs, below, for a micro-step of dpo.py: (pairs, totals, None); or, where it failed on
-    any rank (the judge raised, or tied too often), (None, None, error) on every rank at once, so
-    that the run saves where the step began before error ends it. Under DDP a collective."""
+    """sample_pairs, below, for a micro-step of dpo.py: (pairs, totals, None); or, where it failed
+    on any rank (the judge raised, or tied too often), (None, None, error) on every rank at once,
+    so that the run saves where the step began before error ends it. Under DDP a collective."""
     try:
         pairs, totals = sample_pairs(policy, data, next_indices, n_pairs, judge, run, max_length,
                                      **sampling)

@@ -296,7 +296,7 @@ class Run:
         """This rank's error (a UserError, or None) where it has one, else a UserError naming the
         ranks that had one, else None: every rank learns of one together. what: what failed, for
         the line. Under DDP a collective: every rank calls it."""
-        had = self.gather([error is not None], f"the all-reduce of {what}'s errors")  # [[0|1], ...]
+        had = self.gather([error is not None], f"{what}'s errors")  # a [0|1] row per rank
         failed = [rank for rank, (one,) in enumerate(had) if one]
         if error is None and failed:
             return UserError(f"{what} failed on rank {', '.join(map(str, failed))} (that rank's "
