@@ -106,7 +106,7 @@ beta1 = 0.9
 beta2 = 0.999
 grad_clip = 10.0  # clip the gradient norm to this; 0 turns clipping off
 # evaluation, logging, saving
-eval_interval = 100  # evaluate on the held-out pairs, save ckpt.pt: every this many, and at the end
+eval_interval = 100  # evaluate on the held-out pairs this often and at the end, then save ckpt.pt
 eval_iters = 20  # held-out batches per evaluation, all ranks together; -1: all of them
 eval_only = False  # evaluate once, write the metrics, and stop: no training, no checkpoint
 log_interval = 10

@@ -237,8 +237,8 @@ class GPT(nn.Module):
         return 2 * forward + n_tokens * (attention + 2 * trained)
 
     # ---------------------------------------------------------------- generation
-    # (sample.py, tools/evaluate.py, online DPO's sampling: an offline step never calls it; get_lr
-    # is below)
+    # (sample.py, tools/evaluate.py, online DPO's sampling: an offline step never calls it; get_lr,
+    # the schedule, follows the class)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

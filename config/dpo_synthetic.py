@@ -4,12 +4,13 @@
 # 7M parameters) for about one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
 # This run's path through the code, in dpo.py's main(): model.load_model and load_reference (the
 # policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source,
-# tokenize_pairs: truncate cuts nothing, prompts are <= 28 tokens, responses <= 22) -> PairLoader
-# (grouped by length) -> losses.dpo_batch (pad_rows) -> dpo_step -> preference_loss (sigmoid,
-# + rpo_alpha) -> AdamW (GPT.configure_optimizers, model.get_lr); losses.held_out_means;
-# checkpoint.write. No KTO, online, LoRA, packing or precomputed reference. The logged loss
-# includes RPO's NLL, so it does not start at ln 2.
-init_from = 'out-sft-synthetic'  # the policy starts as that model, and is the reference
+# tokenize_pairs: truncate cuts nothing, prompts are <= 28 tokens, responses <= 22, as python
+# data.py --dataset=synthetic prints) -> PairLoader (grouped by length) -> losses.dpo_batch
+# (pad_rows) -> dpo_step -> preference_loss (sigmoid, + rpo_alpha) -> AdamW
+# (GPT.configure_optimizers, model.get_lr); losses.held_out_means; checkpoint.write. No KTO,
+# online, LoRA, packing or precomputed reference. The logged loss includes RPO's NLL, so it does
+# not start at ln 2.
+init_from = 'out-sft-synthetic'  # the policy starts as that model; the reference: a frozen copy
 dataset = 'synthetic'
 max_length = 64
 max_prompt_length = 32
