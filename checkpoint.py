@@ -274,7 +274,7 @@ class MetricLog:
             self.wandb.log(metrics, step=iter_num)
 
     def describe(self, script, model, run, n_train, n_eval, examples, per_step, rest=''):
-        """The run's first line, on the master: the model's size (and what LoRA trains of it),
+        """The run's summary line, on the master: the model's size (and what LoRA trains of it),
         where it runs, the data and the examples a step takes; rest: the script's own words."""
         if not self.master:
             return

@@ -37,7 +37,7 @@ process each is the plain thing:
     checkpoint.write(ckpt, path)  torch.save to a temporary file, fsync, rename over path: a failed
                                   write (a full disk) keeps the old file and says so
     checkpoint.MetricLog          log(): a line on stdout, one in out_dir/metrics.jsonl (and wandb);
-                                  describe(): the run's first line; speed(): a step's pace, MFU, ETA
+                                  describe(): the run's summary; speed(): a step's pace, MFU, ETA
 """
 
 import os

@@ -551,6 +551,10 @@ def resolve_pretrained_files(name_or_dir, cache_dir=None):
     fetched with huggingface_hub (only these two files, into the normal hub cache)."""
     if os.path.isdir(name_or_dir):
         paths = tuple(os.path.join(name_or_dir, f) for f in ('config.json', 'model.safetensors'))
+        if not any(os.path.isfile(p) for p in paths):  # load_model found no ckpt.pt there either
+            raise UserError(f"{name_or_dir} holds no model: neither a run's ckpt.pt (sft.py and "
+                            "dpo.py write it at their first eval_interval) nor config.json and "
+                            "model.safetensors (the Hugging Face hub layout)")
         for p in paths:
             if not os.path.isfile(p):
                 raise UserError(f"{p} does not exist: a model directory needs config.json and "

@@ -4,12 +4,12 @@
 # 7M parameters) for about one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
 # This run's path through the code, in dpo.py's main(): model.load_model and load_reference (the
 # policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source,
-# tokenize_pairs: truncate cuts nothing, prompts are <= 28 tokens, responses <= 22, as python
-# data.py --dataset=synthetic prints) -> PairLoader (grouped by length) -> losses.dpo_batch
-# (pad_rows) -> dpo_step -> preference_loss (sigmoid, + rpo_alpha) -> AdamW
-# (GPT.configure_optimizers, model.get_lr); losses.held_out_means; checkpoint.write. No KTO,
-# online, LoRA, packing or precomputed reference. The logged loss includes RPO's NLL, so it does
-# not start at ln 2.
+# tokenize_pairs on the first run, the token cache after it; truncate cuts nothing, prompts are
+# <= 28 tokens, responses <= 22, as python data.py --dataset=synthetic prints) -> PairLoader
+# (grouped by length) -> AdamW (GPT.configure_optimizers, model.get_lr) -> batch_losses:
+# losses.dpo_batch (pad_rows) -> dpo_step -> preference_loss (sigmoid, + rpo_alpha);
+# losses.held_out_means; checkpoint.write. No KTO, online, LoRA, packing or precomputed reference.
+# The logged loss includes RPO's NLL, so it does not start at ln 2.
 init_from = 'out-sft-synthetic'  # the policy starts as that model; the reference: a frozen copy
 dataset = 'synthetic'
 max_length = 64
@@ -28,6 +28,7 @@ gradient_accumulation_steps = 1  # 32 pairs = 64 rows of ~36 tokens per step
 max_iters = 300                  # 9,600 pairs: about half an epoch of the 20,000
 learning_rate = 1e-4
 warmup_iters = 20
-eval_interval = 100              # evaluated at 0, 100, 200, 300; ckpt.pt saved at 100, 200, 300
+eval_interval = 100              # evaluated at 0, 100, 200, 300; ckpt.pt (one file) written at
+                                 # 100, 200 and 300
 eval_iters = -1                  # all 1,000 held-out pairs
 log_interval = 25

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from conftest import TINY, edit_json
-from model import GPT, GPTConfig, TargetLogProbs, from_pretrained, plain_target_logprobs, sample_next_token, save_pretrained, top_k_filter, top_p_filter
+from model import GPT, GPTConfig, TargetLogProbs, from_pretrained, load_model, plain_target_logprobs, sample_next_token, save_pretrained, top_k_filter, top_p_filter
 
 
 def tiny_gpt(seed=0, **kw):
@@ -166,6 +166,14 @@ def test_missing_file_and_unknown_name(hf_dir, tmp_path):
         from_pretrained(path)
     with pytest.raises(UserError, match="'./no/such/dir' is not a directory"):
         from_pretrained('./no/such/dir')
+
+
+def test_a_run_directory_without_its_checkpoint_says_so(tmp_path):
+    run_dir = tmp_path / 'out-sft'  # a run stopped before its first save: metrics, no ckpt.pt
+    run_dir.mkdir()
+    (run_dir / 'metrics.jsonl').write_text('{}\n')
+    with pytest.raises(UserError, match=rf"^{run_dir} holds no model: neither a run's ckpt\.pt"):
+        load_model(str(run_dir))
 
 
 def test_unsupported_config_is_refused(hf_dir, tmp_path):
