@@ -167,7 +167,8 @@ def main(config):
     # reference that same model with its adapters off: one copy of the weights in memory
     lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)
     # init_from, not policy_from: on a resume the policy is ckpt.pt's weights (resumed)
-    policy = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
+    policy = load_model(init_from, out_dir, run.device, dropout, checkpoint=resumed,
+                        max_length=max_length, lora=lora)
     ref, ref_sha256 = load_reference(reference_from, policy, run.device, resumed)
     # the data: tokenized once into the token cache, by one process a node; the loader gives this
     # rank's pairs (kto: rows) of each micro-step, in an order set by the seed and the step's size

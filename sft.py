@@ -94,7 +94,8 @@ def main(config):
                               dropout=dropout)).to(run.device)
     else:  # a wrong init_from stops here, before any data is read
         lora = (lora_rank, lora_alpha, lora_dropout, lora_targets)  # rank 0: no adapters
-        model = load_model(init_from, out_dir, run.device, dropout, resumed, max_length, lora)
+        model = load_model(init_from, out_dir, run.device, dropout, checkpoint=resumed,
+                       max_length=max_length, lora=lora)
     # the data: tokenized once into the token cache, by one process a node
     with run.node_first():
         train_data = load_dataset(dataset, 'train', data_path, eval_data_path, max_length,

@@ -3,12 +3,13 @@
 # The SFT run above trained a GPT from scratch (4 layers, 4 heads, n_embd 128, block_size 64;
 # 7M parameters) for about one epoch of the 20,000 chosen responses; its out_dir holds ckpt.pt.
 # This run's path through the code, in dpo.py's main(): model.load_model and load_reference (the
-# policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source,
-# tokenize_pairs on the first run, the token cache after it; truncate cuts nothing, prompts are
-# <= 28 tokens, responses <= 22, as python data.py --dataset=synthetic prints) -> PairLoader
-# (grouped by length) -> AdamW (GPT.configure_optimizers, model.get_lr) -> batch_losses:
-# losses.dpo_batch (pad_rows) -> dpo_step -> preference_loss (sigmoid, + rpo_alpha);
-# losses.held_out_means; checkpoint.write. No KTO, online, LoRA, packing or precomputed reference.
+# policy and the reference: two copies of that ckpt.pt) -> data.load_dataset (synthetic_source;
+# the token cache the SFT run wrote with these lengths, else tokenize_pairs; truncate cuts nothing,
+# prompts are <= 28 tokens, responses <= 22, as python data.py --dataset=synthetic prints) ->
+# PairLoader (grouped by length) -> AdamW (GPT.configure_optimizers, model.get_lr) ->
+# batch_losses: losses.dpo_batch (pad_rows) -> dpo_step (chosen_rejected_logps: GPT.forward,
+# target_logprobs) -> preference_loss (sigmoid, + rpo_alpha); losses.held_out_means;
+# run.full_state, checkpoint.write. No KTO, online, LoRA, packing or precomputed reference.
 # The logged loss includes RPO's NLL, so it does not start at ln 2.
 init_from = 'out-sft-synthetic'  # the policy starts as that model; the reference: a frozen copy
 dataset = 'synthetic'
